@@ -1,0 +1,54 @@
+"""NetherLink: the Flask application factory (REST API, health, WebSocket gateway)."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from app.config import Settings
+from app.errors import ChatError
+from app.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    """Build the app from the environment; `test_config` overrides settings by name."""
+    settings = Settings.from_env(**(test_config or {}))
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Flask(__name__)
+    app.config["SETTINGS"] = settings
+    app.config["JSON_SORT_KEYS"] = False
+    # simple-websocket closes a connection whose frame exceeds this (close code 1009).
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.ws_max_frame_bytes, "ping_interval": 25}
+    app.extensions["netherlink.storage"] = Storage(settings)
+
+    from app.api.auth import bp as auth_bp
+    from app.api.health import bp as health_bp
+    from app.cli import register_commands
+    from ws import init_gateway
+
+    app.register_blueprint(auth_bp)
+    app.register_blueprint(health_bp)
+    init_gateway(app)
+    register_commands(app)
+    _register_error_handlers(app)
+    return app
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ChatError)
+    def _chat_error(err: ChatError):
+        return jsonify(error=err.code, message=err.message), err.http_status
+
+    @app.errorhandler(HTTPException)
+    def _http_error(err: HTTPException):
+        code = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed", 409: "conflict", 413: "too_large", 429: "rate_limited"}.get(err.code, "error")
+        return jsonify(error=code, message=err.description), err.code
+
+    @app.errorhandler(Exception)
+    def _unexpected(err: Exception):
+        log.exception("unhandled error")
+        return jsonify(error="internal", message="internal error; it has been logged"), 500

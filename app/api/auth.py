@@ -1,0 +1,31 @@
+"""POST /api/auth/register and /api/auth/login."""
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, jsonify
+
+from app.api import json_body, settings, storage
+from app.auth import authenticate, issue_token, register_user
+
+log = logging.getLogger(__name__)
+bp = Blueprint("auth", __name__, url_prefix="/api/auth")
+
+
+@bp.post("/register")
+def register():
+    body = json_body()
+    with storage().session() as session:
+        user_id = register_user(session, settings(), body.get("username"), body.get("password"))
+    log.info("user %s registered", user_id)
+    return jsonify(user_id=str(user_id)), 201
+
+
+@bp.post("/login")
+def login():
+    body = json_body()
+    with storage().sessions() as session:
+        user = authenticate(session, settings(), body.get("username"), body.get("password"))
+    token = issue_token(settings(), user.id)
+    return jsonify(access_token=token, token_type="Bearer", user_id=str(user.id),
+                   expires_in=settings().jwt_ttl_seconds)

@@ -1,0 +1,89 @@
+"""Accounts and tokens: registration, password check, JWT issue and verify."""
+from __future__ import annotations
+
+import re
+import time
+
+import jwt
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import Conflict, InvalidInput, Unauthorized
+from models import User
+
+JWT_ALGORITHM = "HS256"  # pinned: a token naming any other algorithm (or "none") is refused
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
+MIN_PASSWORD, MAX_PASSWORD = 8, 256
+
+_HASHERS = {
+    "default": PasswordHasher(),  # argon2id, RFC 9106 low-memory profile
+    # Tests register hundreds of users; this profile is refused in production.
+    "fast": PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1),
+}
+# Verifying an unknown user still costs one hash, so timing does not reveal which usernames exist.
+_DUMMY_HASH = _HASHERS["default"].hash("not-a-real-password")
+
+
+def _hasher(settings: Settings) -> PasswordHasher:
+    return _HASHERS.get(settings.password_hash_profile, _HASHERS["default"])
+
+
+def validate_credentials(username, password) -> tuple[str, str]:
+    if not isinstance(username, str) or not USERNAME_RE.match(username):
+        raise InvalidInput("username must be 3-32 characters of letters, digits, '_', '.' or '-'")
+    if not isinstance(password, str) or not (MIN_PASSWORD <= len(password) <= MAX_PASSWORD):
+        raise InvalidInput(f"password must be a string of {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    return username, password
+
+
+def register_user(session: Session, settings: Settings, username, password) -> int:
+    """Create an account; raises Conflict if the username is taken."""
+    username, password = validate_credentials(username, password)
+    user = User(username=username, password_hash=_hasher(settings).hash(password))
+    session.add(user)
+    try:
+        session.flush()
+    except IntegrityError:
+        raise Conflict(f"username {username!r} is already taken") from None
+    return user.id
+
+
+def authenticate(session: Session, settings: Settings, username, password) -> User:
+    """Return the user whose credentials these are, or raise Unauthorized."""
+    if not isinstance(username, str) or not isinstance(password, str):
+        raise InvalidInput("username and password must be strings")
+    user = session.scalar(select(User).where(User.username == username))
+    hasher = _hasher(settings)
+    try:
+        hasher.verify(user.password_hash if user else _DUMMY_HASH, password)
+    except (VerificationError, InvalidHashError):
+        raise Unauthorized("wrong username or password") from None
+    if user is None:
+        raise Unauthorized("wrong username or password")
+    return user
+
+
+def issue_token(settings: Settings, user_id: int, now: float | None = None) -> str:
+    now = int(time.time() if now is None else now)
+    claims = {"sub": str(user_id), "iat": now, "exp": now + settings.jwt_ttl_seconds}
+    return jwt.encode(claims, settings.jwt_secret, algorithm=JWT_ALGORITHM)
+
+
+def verify_token(settings: Settings, token: str | None) -> int:
+    """The user id a valid token names; Unauthorized for anything else."""
+    if not token:
+        raise Unauthorized("missing token")
+    try:
+        claims = jwt.decode(
+            token, settings.jwt_secret, algorithms=[JWT_ALGORITHM],
+            options={"require": ["exp", "iat", "sub"]},
+        )
+        return int(claims["sub"])
+    except jwt.ExpiredSignatureError:
+        raise Unauthorized("token expired: log in again") from None
+    except (jwt.InvalidTokenError, ValueError, TypeError):
+        raise Unauthorized("invalid token") from None

@@ -1,0 +1,36 @@
+"""Operator commands: `flask --app wsgi migrate`, `flask --app wsgi create-admin NAME`."""
+from __future__ import annotations
+
+import click
+from flask import Flask, current_app
+from sqlalchemy import select
+
+from app.auth import register_user
+from app.errors import ChatError
+from app.storage import upgrade_schema
+from models import User
+
+
+def register_commands(app: Flask) -> None:
+    @app.cli.command("migrate")
+    def migrate():
+        """Create or upgrade the database schema (Alembic, idempotent)."""
+        upgrade_schema(current_app.config["SETTINGS"].database_url)
+        click.echo("schema is up to date")
+
+    @app.cli.command("create-admin")
+    @click.argument("username")
+    @click.password_option()
+    def create_admin(username, password):
+        """Create an admin account, or make an existing user an admin."""
+        storage = current_app.extensions["netherlink.storage"]
+        settings = current_app.config["SETTINGS"]
+        with storage.session() as session:
+            user = session.scalar(select(User).where(User.username == username))
+            if user is None:
+                try:
+                    user = session.get(User, register_user(session, settings, username, password))
+                except ChatError as err:
+                    raise click.ClickException(err.message) from None
+            user.is_admin = True
+        click.echo(f"user {username} (id {user.id}) is an admin")

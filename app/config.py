@@ -1,0 +1,118 @@
+"""Typed settings read once from the environment.
+
+Every key has a documented default (docs/configuration.md). Production refuses
+to start on insecure defaults so a forgotten variable cannot ship a guessable
+JWT secret or an open Flower.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+DEV_JWT_SECRET = "dev-only-insecure-jwt-secret-change-me"
+ENVIRONMENTS = ("dev", "test", "production")
+
+
+class ConfigError(RuntimeError):
+    """The environment asks for something we refuse to run with."""
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    env: str = "dev"
+    database_url: str = "sqlite:///var/netherlink.db"
+    database_replica_url: str = ""
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    jwt_secret: str = DEV_JWT_SECRET
+    jwt_ttl_seconds: int = 86400
+    gateway_id: str = "gw1"
+    gateway_port: int = 8000
+    ws_max_frame_bytes: int = 65536
+    message_max_content_bytes: int = 16384
+    heartbeat_interval_seconds: int = 30
+    presence_ttl_seconds: int = 300
+    dedupe_ttl_seconds: int = 86400
+    publish_timeout_seconds: float = 5.0
+    password_hash_profile: str = "default"
+    apns_base_url: str = "https://api.push.apple.com"
+    apns_key_file: str = ""
+    apns_key_id: str = ""
+    apns_team_id: str = ""
+    apns_topic: str = ""
+    apns_ca_file: str = ""
+    fcm_base_url: str = "https://fcm.googleapis.com"
+    fcm_credentials_file: str = ""
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    smtp_user: str = ""
+    smtp_password: str = field(default="", repr=False)
+    smtp_from: str = "NetherLink <noreply@localhost>"
+    smtp_starttls: bool = False
+    push_max_retries: int = 5
+    push_retry_base_seconds: float = 2.0
+    flower_basic_auth: str = field(default="", repr=False)
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Build settings from upper-case environment variables of the same names."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            key = "NETHERLINK_ENV" if f.name == "env" else f.name.upper()
+            if f.name in overrides:
+                values[f.name] = overrides[f.name]
+                continue
+            raw = environ.get(key)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _parse(f.type, raw)
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.env not in ENVIRONMENTS:
+            raise ConfigError(f"NETHERLINK_ENV must be one of {', '.join(ENVIRONMENTS)}, got {self.env!r}")
+        if self.env != "production":
+            return
+        problems = []
+        if self.jwt_secret == DEV_JWT_SECRET or len(self.jwt_secret) < 32:
+            problems.append("JWT_SECRET must be set to a random value of at least 32 characters")
+        if self.database_url.startswith("sqlite"):
+            problems.append("DATABASE_URL must point at MySQL, not the embedded SQLite file")
+        if not self.flower_basic_auth or ":" not in self.flower_basic_auth:
+            problems.append("FLOWER_BASIC_AUTH must be set as user:password")
+        if self.password_hash_profile != "default":
+            problems.append("PASSWORD_HASH_PROFILE must be 'default' (the fast profile is for tests)")
+        if problems:
+            raise ConfigError("refusing to start in production: " + "; ".join(problems))
+
+    @property
+    def broker_is_amqp(self) -> bool:
+        return self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+
+def _parse(type_name, raw: str):
+    type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    if type_name == "int":
+        return int(raw)
+    if type_name == "float":
+        return float(raw)
+    if type_name == "bool":
+        return _bool(raw)
+    return raw

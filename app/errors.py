@@ -1,0 +1,45 @@
+"""Domain errors. Each maps to one WebSocket error code and one HTTP status."""
+from __future__ import annotations
+
+
+class ChatError(Exception):
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ChatError):
+    code, http_status = "invalid_frame", 400
+
+
+class Unauthorized(ChatError):
+    code, http_status = "unauthorized", 401
+
+
+class Forbidden(ChatError):
+    code, http_status = "forbidden", 403
+
+
+class NotFound(ChatError):
+    code, http_status = "not_found", 404
+
+
+class Conflict(ChatError):
+    code, http_status = "conflict", 409
+
+
+class TooLarge(ChatError):
+    code, http_status = "too_large", 413
+
+
+class RateLimited(ChatError):
+    code, http_status = "rate_limited", 429
+
+
+class Unavailable(ChatError):
+    """A backing service is down; the client should retry (with the same client_msg_id)."""
+
+    code, http_status = "internal", 503

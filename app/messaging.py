@@ -1,0 +1,329 @@
+"""The private-message path: accept at the gateway, persist, dispatch.
+
+Plain functions over Storage; the gateway and the Celery tasks are thin
+adapters around them. Every step is safe to run twice (redelivery).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.errors import InvalidInput, NotFound, Unavailable
+from app.presence import Presence
+from app.snowflake import SnowflakeIds
+from app.storage import Storage
+from models import Message, OfflineMessageIndex, User
+
+log = logging.getLogger(__name__)
+
+DEDUPE_KEY = "dedupe:{}:{}"  # sender, client_msg_id -> "p:<msg_id>" while publishing, then the ack JSON
+DEDUPE_SINCE_KEY = "dedupe:since"  # when this Redis started remembering sends
+UNREAD_KEY = "unread:{}"
+UNREAD_MARK_KEY = "unread:counted:{}"  # msg_id -> set of user ids already counted
+PENDING_WAIT_SECONDS = 5.0
+PREVIEW_CHARS = 200
+
+# Counts a message once per recipient, however often dispatch runs.
+_COUNT_UNREAD_SCRIPT = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+  return 1
+end
+return 0
+"""
+
+
+def private_conversation_id(a: int, b: int) -> str:
+    low, high = sorted((a, b))
+    return f"p_{low}_{high}"
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    """A validated `send` frame (private chat)."""
+
+    client_msg_id: str
+    to: int
+    content: str
+    message_type: str = "text"
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Ack:
+    client_msg_id: str
+    msg_id: int
+    conversation_id: str
+    timestamp: int
+
+    def to_json(self) -> str:
+        return json.dumps({"m": str(self.msg_id), "c": self.conversation_id, "t": self.timestamp})
+
+    @classmethod
+    def from_json(cls, client_msg_id: str, raw: str) -> "Ack":
+        data = json.loads(raw)
+        return cls(client_msg_id, int(data["m"]), data["c"], int(data["t"]))
+
+
+class MessageIntake:
+    """Gateway side of a send: validate, dedupe, id, durable publish, ack.
+
+    `publish(payload)` must return only once the broker confirmed the message
+    and raise Unavailable otherwise.
+    """
+
+    def __init__(self, storage: Storage, ids: SnowflakeIds, publish: Callable[[dict], None],
+                 clock: Callable[[], float] = time.time):
+        self.storage = storage
+        self.redis = storage.redis
+        self.ids = ids
+        self.publish = publish
+        self.clock = clock
+        self.dedupe_ttl = storage.settings.dedupe_ttl_seconds
+        self._known_users: set[int] = set()
+
+    def accept(self, sender_id: int, origin_conn: str, req: SendRequest) -> Ack:
+        if req.to == sender_id:
+            raise InvalidInput("'to' is yourself: messages to oneself are not supported")
+        self._require_user(req.to)
+        key = DEDUPE_KEY.format(sender_id, req.client_msg_id)
+        try:
+            earlier = self._earlier_ack(sender_id, req, key)
+            if earlier:
+                return earlier
+            msg_id = self.ids.next_id()
+            if not self.redis.set(key, f"p:{msg_id}", nx=True, ex=self.dedupe_ttl):
+                return self._wait_for_pending(req, key)  # a concurrent retry won the race
+        except Exception as exc:  # Redis down: refuse rather than risk a second copy
+            if isinstance(exc, (InvalidInput, NotFound, Unavailable)):
+                raise
+            log.warning("send refused, Redis unavailable: %s", exc.__class__.__name__)
+            raise Unavailable("message not accepted (dedupe store unavailable); retry with the same client_msg_id") from None
+        ack = Ack(req.client_msg_id, msg_id, private_conversation_id(sender_id, req.to), int(self.clock() * 1000))
+        payload = {
+            "msg_id": str(msg_id), "conversation_id": ack.conversation_id, "sender_id": sender_id,
+            "to": req.to, "group_id": None, "client_msg_id": req.client_msg_id,
+            "message_type": req.message_type, "content": req.content, "extra": req.extra,
+            "timestamp": ack.timestamp, "origin_conn": origin_conn,
+        }
+        try:
+            self.publish(payload)
+        except Exception:
+            self._forget_pending(key, msg_id)
+            raise
+        self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
+        return ack
+
+    def _require_user(self, user_id: int) -> None:
+        if user_id in self._known_users:
+            return
+        with self.storage.sessions() as session:
+            if session.get(User, user_id) is None:
+                raise NotFound(f"user {user_id} does not exist")
+        if len(self._known_users) > 100_000:
+            self._known_users.clear()
+        self._known_users.add(user_id)
+
+    def _earlier_ack(self, sender_id: int, req: SendRequest, key: str) -> Ack | None:
+        value = self.redis.get(key)
+        if value is not None:
+            return self._wait_for_pending(req, key) if value.startswith("p:") else Ack.from_json(req.client_msg_id, value)
+        if self._redis_may_have_forgotten():
+            # Redis lost its memory (flush or restart) within the dedupe window:
+            # the durable guard in MySQL answers for sends it has persisted.
+            with self.storage.sessions() as session:
+                row = session.scalar(select(Message).where(
+                    Message.sender_id == sender_id, Message.client_msg_id == req.client_msg_id))
+            if row is not None:
+                ack = Ack(req.client_msg_id, row.id, row.conversation_id, row.timestamp)
+                self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
+                return ack
+        return None
+
+    def _redis_may_have_forgotten(self) -> bool:
+        now_ms = int(self.clock() * 1000)
+        self.redis.set(DEDUPE_SINCE_KEY, now_ms, nx=True)
+        since = int(self.redis.get(DEDUPE_SINCE_KEY) or now_ms)
+        return now_ms - since < self.dedupe_ttl * 1000
+
+    def _wait_for_pending(self, req: SendRequest, key: str) -> Ack:
+        """Another copy of this send is being published: answer with its outcome."""
+        deadline = self.clock() + PENDING_WAIT_SECONDS
+        while self.clock() < deadline:
+            value = self.redis.get(key)
+            if value is None:
+                break  # the other copy failed to publish
+            if not value.startswith("p:"):
+                return Ack.from_json(req.client_msg_id, value)
+            time.sleep(0.01)
+        raise Unavailable("an earlier copy of this message is still being accepted; retry with the same client_msg_id")
+
+    def _forget_pending(self, key: str, msg_id: int) -> None:
+        try:
+            if self.redis.get(key) == f"p:{msg_id}":
+                self.redis.delete(key)
+        except Exception:  # the key expires by itself
+            log.warning("could not clear pending dedupe key for msg %s", msg_id)
+
+
+# --- persist -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PersistOutcome:
+    msg_id: int
+    stored: bool  # False: this copy was a duplicate and nothing new was written
+    dispatch: bool  # whether the message should (still) be dispatched
+
+
+def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
+    """Store the message and both conversation rows in one transaction.
+
+    Idempotent: a redelivered payload finds its row and only asks for dispatch
+    again; a second copy of the same (sender, client_msg_id) under another id
+    (possible only after Redis lost the dedupe key) is dropped.
+    """
+    msg_id = int(payload["msg_id"])
+    sender, to = int(payload["sender_id"]), int(payload["to"])
+    try:
+        with storage.session() as session:
+            session.add(Message(
+                id=msg_id, conversation_id=payload["conversation_id"], sender_id=sender, receiver_id=to,
+                group_id=None, client_msg_id=payload["client_msg_id"], message_type=payload["message_type"],
+                content=payload["content"], extra=payload.get("extra") or None, is_group=False,
+                timestamp=int(payload["timestamp"]),
+            ))
+            session.flush()
+            preview = _preview(payload)
+            for user_id, peer in sorted([(sender, to), (to, sender)]):  # fixed lock order: no deadlocks
+                _upsert_conversation(session, storage.is_mysql, user_id, peer, payload, preview)
+        return PersistOutcome(msg_id, stored=True, dispatch=True)
+    except IntegrityError:
+        with storage.sessions() as session:
+            existing = session.get(Message, msg_id)
+            if existing is not None:
+                log.info("msg %s already persisted (redelivery)", msg_id)
+                return PersistOutcome(msg_id, stored=False, dispatch=True)
+            original = session.scalar(select(Message.id).where(
+                Message.sender_id == sender, Message.client_msg_id == payload["client_msg_id"]))
+        if original is not None:
+            log.warning("msg %s is a second copy of msg %s (same client_msg_id); dropped", msg_id, original)
+            return PersistOutcome(original, stored=False, dispatch=False)
+        raise
+
+
+def _preview(payload: dict) -> str:
+    if payload["message_type"] != "text":
+        return f"[{payload['message_type']}]"
+    return payload["content"][:PREVIEW_CHARS]
+
+
+_UPSERT_SQL = {
+    # MySQL evaluates the assignments left to right: last_msg_id must change last.
+    "mysql": """
+        INSERT INTO conversation (conversation_id, user_id, target_id, is_group, last_message,
+                                  last_message_time, last_msg_id, unread_count)
+        VALUES (:cid, :uid, :target, 0, :preview, :ts, :mid, 0)
+        ON DUPLICATE KEY UPDATE
+          last_message = IF(:mid > COALESCE(last_msg_id, 0), VALUES(last_message), last_message),
+          last_message_time = IF(:mid > COALESCE(last_msg_id, 0), VALUES(last_message_time), last_message_time),
+          updated_at = IF(:mid > COALESCE(last_msg_id, 0), NOW(), updated_at),
+          last_msg_id = GREATEST(COALESCE(last_msg_id, 0), :mid)""",
+    "sqlite": """
+        INSERT INTO conversation (conversation_id, user_id, target_id, is_group, last_message,
+                                  last_message_time, last_msg_id, unread_count, created_at, updated_at)
+        VALUES (:cid, :uid, :target, 0, :preview, :ts, :mid, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)
+        ON CONFLICT (user_id, conversation_id) DO UPDATE SET
+          last_message = excluded.last_message, last_message_time = excluded.last_message_time,
+          last_msg_id = excluded.last_msg_id, updated_at = CURRENT_TIMESTAMP
+        WHERE excluded.last_msg_id > COALESCE(conversation.last_msg_id, 0)""",
+}
+
+
+def _upsert_conversation(session: Session, is_mysql: bool, user_id: int, peer: int, payload: dict, preview: str):
+    """Create the user's row for this conversation or move it to this message if newer.
+
+    Commits land out of id order, so an older message never overwrites a newer one.
+    """
+    session.execute(text(_UPSERT_SQL["mysql" if is_mysql else "sqlite"]), {
+        "cid": payload["conversation_id"], "uid": user_id, "target": peer, "preview": preview,
+        "ts": int(payload["timestamp"]), "mid": int(payload["msg_id"]),
+    })
+
+
+# --- dispatch ----------------------------------------------------------------
+
+def message_frame(msg: Message) -> dict:
+    """The live `message` frame (docs/protocol.md); ids as strings."""
+    return {
+        "type": "message", "msg_id": str(msg.id), "client_msg_id": msg.client_msg_id,
+        "conversation_id": msg.conversation_id, "from": str(msg.sender_id),
+        "to": str(msg.receiver_id) if msg.receiver_id is not None else None,
+        "group_id": str(msg.group_id) if msg.group_id is not None else None,
+        "message_type": msg.message_type, "content": msg.content if msg.status != 2 else "",
+        "extra": msg.extra or {}, "timestamp": msg.timestamp, "status": msg.status,
+    }
+
+
+@dataclass
+class DispatchOutcome:
+    msg_id: int
+    live_connections: int = 0
+    offline_users: list[int] = field(default_factory=list)
+
+
+def deliver_to_gateways(client, frame: dict, targets: dict[str, list[str]]) -> None:
+    """Publish one frame to each gateway's delivery channel, naming its connections."""
+    from app.presence import DELIVERY_CHANNEL
+
+    body = json.dumps(frame, ensure_ascii=False)
+    pipe = client.pipeline(transaction=False)
+    for gateway_id, conn_ids in targets.items():
+        pipe.publish(DELIVERY_CHANNEL.format(gateway_id), json.dumps({"conns": conn_ids, "frame": body}))
+    pipe.execute()
+
+
+def dispatch_private_message(storage: Storage, msg_id: int, origin_conn: str | None) -> DispatchOutcome:
+    """Live delivery to every connection of both parties (not the sending one),
+    unread for the recipient, offline index + push for an offline recipient.
+
+    Returns which users are offline; the caller enqueues their pushes.
+    """
+    with storage.sessions() as session:
+        msg = session.get(Message, msg_id)
+    if msg is None:
+        raise LookupError(f"msg {msg_id} is not persisted")
+    outcome = DispatchOutcome(msg_id)
+    presence = Presence(storage.redis, storage.settings.presence_ttl_seconds)
+    recipient = msg.receiver_id
+    live = presence.live_connections([recipient, msg.sender_id])
+    targets: dict[str, list[str]] = {}
+    for conn in live[recipient] + live[msg.sender_id]:
+        if conn.conn_id != origin_conn:
+            targets.setdefault(conn.gateway_id, []).append(conn.conn_id)
+            outcome.live_connections += 1
+    if targets:
+        deliver_to_gateways(storage.redis, message_frame(msg), targets)
+    storage.redis.register_script(_COUNT_UNREAD_SCRIPT)(
+        keys=[UNREAD_MARK_KEY.format(msg_id), UNREAD_KEY.format(recipient)],
+        args=[recipient, msg.conversation_id, storage.settings.dedupe_ttl_seconds],
+    )
+    if not live[recipient]:
+        _index_offline(storage, recipient, msg)
+        outcome.offline_users.append(recipient)
+    return outcome
+
+
+def _index_offline(storage: Storage, user_id: int, msg: Message) -> None:
+    try:
+        with storage.session() as session:
+            session.add(OfflineMessageIndex(user_id=user_id, message_id=msg.id, conversation_id=msg.conversation_id))
+    except IntegrityError:
+        pass  # redelivery: the row is there

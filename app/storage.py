@@ -1,0 +1,79 @@
+"""Connections to MySQL (or the embedded SQLite file) and Redis.
+
+One `Storage` per process, built from Settings. It holds no request state, so
+the gateway, the workers and the tests can each build their own.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import redis
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_engine(url: str) -> Engine:
+    """Engine with utf8mb4 on MySQL and WAL + busy timeout on SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # several worker processes share the file
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    if parsed.get_backend_name() == "mysql" and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return create_engine(parsed, pool_pre_ping=True, pool_recycle=3600, pool_size=10, max_overflow=20)
+
+
+class Storage:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = make_engine(settings.database_url)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3,
+            health_check_interval=30,
+        )
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session whose transaction commits on success and rolls back on error."""
+        with self.sessions() as session:
+            with session.begin():
+                yield session
+
+    @property
+    def is_mysql(self) -> bool:
+        return self.engine.dialect.name == "mysql"
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        self.redis.close()
+
+
+def upgrade_schema(database_url: str) -> None:
+    """Bring the database to the newest Alembic revision (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("script_location", str(ROOT / "models" / "migrations"))
+    cfg.attributes["database_url"] = database_url
+    os.environ.setdefault("NETHERLINK_ALEMBIC_QUIET", "1")
+    command.upgrade(cfg, "head")

@@ -1,0 +1,73 @@
+"""Celery configuration: the seed's exchanges, queues and routes.
+
+chat.direct   (direct) private.message -> private_messages   persist_message
+chat.direct   (direct) group.message   -> group_messages     persist_message (groups)
+chat.topic    (topic)  offline.#       -> offline_messages   dispatch_message
+notification.direct    push.task       -> push_tasks         send_push (x-max-priority 10)
+"""
+from kombu import Exchange, Queue
+
+from app.config import Settings
+
+_settings = Settings.from_env()
+
+chat_direct = Exchange("chat.direct", type="direct", durable=True)
+chat_topic = Exchange("chat.topic", type="topic", durable=True)
+notification_direct = Exchange("notification.direct", type="direct", durable=True)
+
+broker_url = _settings.broker_url
+result_backend = _settings.redis_url
+# Results are only for Flower and operators; nothing waits on them.
+result_expires = 3600
+task_ignore_result = False
+
+task_queues = (
+    Queue("private_messages", chat_direct, routing_key="private.message", durable=True),
+    Queue("group_messages", chat_direct, routing_key="group.message", durable=True),
+    Queue("offline_messages", chat_topic, routing_key="offline.#", durable=True),
+    Queue("push_tasks", notification_direct, routing_key="push.task", durable=True,
+          queue_arguments={"x-max-priority": 10}),
+)
+task_routes = {
+    "tasks.pipeline.persist_message": {"exchange": "chat.direct", "routing_key": "private.message"},
+    "tasks.pipeline.dispatch_message": {"exchange": "chat.topic", "routing_key": "offline.private"},
+    "tasks.pipeline.send_push": {"exchange": "notification.direct", "routing_key": "push.task"},
+    "tasks.pipeline.sweep_presence": {"exchange": "chat.topic", "routing_key": "offline.maintenance"},
+}
+task_default_queue = "offline_messages"
+task_default_exchange = "chat.topic"
+task_default_routing_key = "offline.default"
+
+# A message is acknowledged only after its task finished; a worker that dies
+# mid-task (even SIGKILL) leaves it to be redelivered. Tasks are idempotent.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# One message in flight per process: a crash redelivers little, and a slow
+# task does not hold others hostage behind it.
+worker_prefetch_multiplier = 1
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+task_default_delivery_mode = "persistent"
+
+# Flower sees every task.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+broker_connection_retry_on_startup = True
+broker_connection_timeout = 4
+broker_heartbeat = 30
+broker_pool_limit = 16
+if _settings.broker_is_amqp:
+    # The gateway's ack means durable: each publish waits for RabbitMQ's confirm.
+    broker_transport_options = {"confirm_publish": True}
+else:
+    # Embedded default (bundled Redis as broker): emulate priorities and give
+    # unacked messages back after an hour.
+    broker_transport_options = {"visibility_timeout": 3600, "priority_steps": list(range(11)), "sep": ":", "queue_order_strategy": "priority"}
+
+beat_schedule = {
+    "sweep-presence": {"task": "tasks.pipeline.sweep_presence", "schedule": 60.0},
+}
+timezone = "UTC"

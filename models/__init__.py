@@ -1,0 +1,204 @@
+"""SQLAlchemy 2.x models: the storage layer.
+
+Tables keep the seed's names, columns and meanings (docs/schema.md lists the
+deliberate changes). Every table is utf8mb4 on MySQL so emoji round-trip.
+Times that travel on the wire are integer milliseconds since the epoch.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; MySQL gets BIGINT.
+AutoId = BigInteger().with_variant(Integer, "sqlite")
+
+
+def ExactString(length: int):
+    """VARCHAR compared byte for byte: "abc" and "ABC" are different client ids or tokens."""
+    return String(length).with_variant(mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql")
+
+
+MYSQL_TABLE_ARGS = {"mysql_engine": "InnoDB", "mysql_charset": "utf8mb4", "mysql_collate": "utf8mb4_unicode_ci"}
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Message status values (seed: 0 unread, 1 read, 2 recalled).
+STATUS_UNREAD, STATUS_READ, STATUS_RECALLED = 0, 1, 2
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class User(Base):
+    __tablename__ = "user"
+    __table_args__ = (MYSQL_TABLE_ARGS,)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class Message(Base):
+    __tablename__ = "message"
+    __table_args__ = (
+        UniqueConstraint("sender_id", "client_msg_id"),  # the durable duplicate guard
+        Index("idx_conversation", "conversation_id", "timestamp"),
+        Index("idx_receiver", "receiver_id", "status"),
+        Index("idx_sender", "sender_id", "timestamp"),
+        MYSQL_TABLE_ARGS,
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)  # snowflake from the gateway
+    conversation_id: Mapped[str] = mapped_column(String(100))
+    sender_id: Mapped[int] = mapped_column(BigInteger)
+    receiver_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # NULL for group messages
+    group_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    client_msg_id: Mapped[str] = mapped_column(ExactString(64))
+    message_type: Mapped[str] = mapped_column(String(20), default="text", server_default="text")
+    content: Mapped[str] = mapped_column(Text)
+    extra: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    is_group: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    timestamp: Mapped[int] = mapped_column(BigInteger)  # ms since epoch, assigned at the gateway
+    status: Mapped[int] = mapped_column(SmallInteger, default=STATUS_UNREAD, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class Conversation(Base):
+    """One row per (user, conversation): the user's conversation list."""
+
+    __tablename__ = "conversation"
+    __table_args__ = (
+        UniqueConstraint("user_id", "conversation_id", name="uk_user_conversation"),
+        Index("idx_user", "user_id", "updated_at"),
+        MYSQL_TABLE_ARGS,
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(String(100))
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    target_id: Mapped[int] = mapped_column(BigInteger)  # the peer, or the group
+    is_group: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    last_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_message_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    unread_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
+
+
+class OfflineMessageIndex(Base):
+    __tablename__ = "offline_message_index"
+    __table_args__ = (
+        UniqueConstraint("user_id", "message_id"),  # makes dispatch redelivery harmless
+        Index("idx_user_synced", "user_id", "synced", "created_at"),
+        Index("idx_offline_message", "message_id"),
+        MYSQL_TABLE_ARGS,
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    message_id: Mapped[int] = mapped_column(BigInteger)
+    conversation_id: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    synced: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    synced_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class PushLog(Base):
+    """One row per push target (device or email) per message."""
+
+    __tablename__ = "push_log"
+    __table_args__ = (
+        UniqueConstraint("message_id", "user_id", "target"),  # send_push redelivery writes no second row
+        Index("idx_user_status", "user_id", "push_status"),
+        Index("idx_push_message", "message_id"),
+        MYSQL_TABLE_ARGS,
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    message_id: Mapped[int] = mapped_column(BigInteger)
+    push_type: Mapped[str] = mapped_column(String(20))  # apns / fcm / email
+    push_status: Mapped[str] = mapped_column(String(20))  # pending / success / failed
+    target: Mapped[str] = mapped_column(String(64))  # "device:<id>" or "email"
+    device_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    priority: Mapped[int] = mapped_column(SmallInteger, default=5, server_default="5")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    push_time: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    error_msg: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class Device(Base):
+    __tablename__ = "device"
+    __table_args__ = (Index("idx_device_user", "user_id"), MYSQL_TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    platform: Mapped[str] = mapped_column(String(16))  # ios / android / web
+    token: Mapped[str] = mapped_column(ExactString(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
+
+
+class PushSetting(Base):
+    __tablename__ = "push_setting"
+    __table_args__ = (MYSQL_TABLE_ARGS,)
+
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    channels: Mapped[list] = mapped_column(JSON)  # subset of ["apns", "fcm", "email"]
+    email: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    muted_conversations: Mapped[list] = mapped_column(JSON)
+    dnd_start: Mapped[str | None] = mapped_column(String(5), nullable=True)  # "22:00", user's local time
+    dnd_end: Mapped[str | None] = mapped_column(String(5), nullable=True)
+    time_zone: Mapped[str] = mapped_column(String(64), default="UTC", server_default="UTC")
+    preview: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
+
+
+class ChatGroup(Base):
+    __tablename__ = "chat_group"
+    __table_args__ = (MYSQL_TABLE_ARGS,)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100))
+    owner_id: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+class GroupMember(Base):
+    __tablename__ = "group_member"
+    __table_args__ = (
+        UniqueConstraint("group_id", "user_id"),
+        Index("idx_member_user", "user_id"),
+        MYSQL_TABLE_ARGS,
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    group_id: Mapped[int] = mapped_column(BigInteger)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    role: Mapped[str] = mapped_column(String(16), default="member", server_default="member")  # owner/admin/member
+    joined_at: Mapped[int] = mapped_column(BigInteger)  # ms; history is visible from here on

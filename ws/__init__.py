@@ -1,0 +1,37 @@
+"""The WebSocket gateway: Flask-Sock route /ws bound in the app factory."""
+from __future__ import annotations
+
+from flask import Flask, current_app, g, request
+from flask_sock import Sock
+
+from app.auth import verify_token
+from app.errors import Unauthorized
+
+sock = Sock()
+
+
+def init_gateway(app: Flask) -> None:
+    from ws.gateway import Gateway
+
+    app.extensions["netherlink.gateway"] = Gateway(app.config["SETTINGS"], app.extensions["netherlink.storage"])
+    sock.init_app(app)
+
+    @app.before_request
+    def _authenticate_upgrade():
+        # Refuse before the upgrade: an unauthenticated socket never opens.
+        if request.path != "/ws":
+            return None
+        token = request.args.get("token")
+        header = request.headers.get("Authorization", "")
+        if not token and header.startswith("Bearer "):
+            token = header[len("Bearer "):].strip()
+        try:
+            g.ws_user_id = verify_token(app.config["SETTINGS"], token)
+        except Unauthorized as err:
+            raise Unauthorized(err.message) from None
+        return None
+
+
+@sock.route("/ws")
+def gateway_socket(ws):
+    current_app.extensions["netherlink.gateway"].serve(ws, g.ws_user_id, request.remote_addr)

@@ -1,0 +1,231 @@
+"""One gateway process: its sockets, its delivery channel, its presence.
+
+Threads here are greenlets under gunicorn's gevent worker (monkey-patched);
+the code also runs with real threads under a plain WSGI server.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+
+from simple_websocket import ConnectionClosed
+
+from app.config import Settings
+from app.errors import ChatError, InvalidInput
+from app.messaging import MessageIntake
+from app.presence import DELIVERY_CHANNEL, Presence, now_ms
+from app.snowflake import NodeLease, SnowflakeIds
+from app.storage import Storage
+from ws.frames import client_msg_id_of, parse_frame, parse_send
+
+log = logging.getLogger(__name__)
+
+OUTBOX_LIMIT = 1000  # frames queued for one slow client before we drop it (it will resync)
+CLOSE_HEARTBEAT_TIMEOUT = 4408
+CLOSE_TOO_SLOW = 4429
+GATEWAY_ALIVE_EVERY = 5
+LEASE_RENEW_EVERY = 20
+
+
+class Connection:
+    """One client socket. Every outgoing frame goes through its outbox and writer."""
+
+    def __init__(self, ws, user_id: int, conn_id: str, gateway_id: str):
+        self.ws = ws
+        self.user_id = user_id
+        self.conn_id = conn_id
+        self.gateway_id = gateway_id
+        self.connected_at = now_ms()
+        self.last_presence_refresh = 0.0
+        self._outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_LIMIT)
+        self._writer = threading.Thread(target=self._write_loop, daemon=True, name=f"writer-{conn_id}")
+        self._writer.start()
+
+    def send(self, frame: dict | str) -> None:
+        data = frame if isinstance(frame, str) else json.dumps(frame, ensure_ascii=False)
+        try:
+            self._outbox.put_nowait(data)
+        except queue.Full:
+            log.warning("conn %s: client too slow, %d frames queued; closing", self.conn_id, OUTBOX_LIMIT)
+            self.close(CLOSE_TOO_SLOW, "too slow: reconnect and sync")
+
+    def close(self, code: int, reason: str) -> None:
+        try:
+            self.ws.close(reason=code, message=reason)
+        except Exception:  # already closed
+            pass
+
+    def stop(self) -> None:
+        try:
+            self._outbox.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def _write_loop(self) -> None:
+        while True:
+            data = self._outbox.get()
+            if data is None or not self.ws.connected:
+                return
+            try:
+                self.ws.send(data)
+            except (ConnectionClosed, OSError):
+                return
+
+
+class Gateway:
+    def __init__(self, settings: Settings, storage: Storage):
+        self.settings = settings
+        self.storage = storage
+        self.gateway_id = settings.gateway_id
+        self.presence = Presence(storage.redis, settings.presence_ttl_seconds)
+        self.connections: dict[str, Connection] = {}
+        self._lock = threading.Lock()
+        self._started = False
+        self.lease: NodeLease | None = None
+        self.ids: SnowflakeIds | None = None
+        self.intake: MessageIntake | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _ensure_started(self) -> None:
+        """Start background work in the serving process (after gunicorn forked)."""
+        with self._lock:
+            if self._started:
+                return
+            from tasks.pipeline import publish_persist
+
+            self.lease = NodeLease(self.storage.redis)
+            self.ids = SnowflakeIds(self.lease.acquire())
+            timeout = self.settings.publish_timeout_seconds
+            self.intake = MessageIntake(self.storage, self.ids, lambda payload: publish_persist(payload, timeout))
+            self.presence.mark_gateway_alive(self.gateway_id)
+            threading.Thread(target=self._delivery_loop, daemon=True, name="delivery").start()
+            threading.Thread(target=self._maintenance_loop, daemon=True, name="maintenance").start()
+            self._started = True
+            log.info("gateway %s serving (snowflake node %d)", self.gateway_id, self.ids.node_id)
+
+    def _delivery_loop(self) -> None:
+        """Frames that dispatch addressed to this gateway's connections."""
+        channel = DELIVERY_CHANNEL.format(self.gateway_id)
+        while True:
+            pubsub = self.storage.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(channel)
+                self._refresh_presence()  # Redis may have been flushed while we were away
+                for item in pubsub.listen():
+                    if item.get("type") == "message":
+                        self._deliver(item["data"])
+            except Exception as exc:
+                log.warning("gateway %s: delivery channel lost (%s); resubscribing", self.gateway_id,
+                            exc.__class__.__name__)
+                time.sleep(1)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:
+                    pass
+
+    def _deliver(self, raw: str) -> None:
+        try:
+            envelope = json.loads(raw)
+            frame, conn_ids = envelope["frame"], envelope["conns"]
+        except (ValueError, KeyError, TypeError):
+            log.error("gateway %s: malformed delivery envelope dropped", self.gateway_id)
+            return
+        for conn_id in conn_ids:
+            conn = self.connections.get(conn_id)
+            if conn is not None:
+                conn.send(frame)
+
+    def _maintenance_loop(self) -> None:
+        last_lease = last_presence = time.monotonic()
+        while True:
+            time.sleep(GATEWAY_ALIVE_EVERY)
+            try:
+                self.presence.mark_gateway_alive(self.gateway_id)
+                now = time.monotonic()
+                if now - last_lease >= LEASE_RENEW_EVERY:
+                    self.ids.set_node(self.lease.renew())
+                    last_lease = now
+                if now - last_presence >= self.settings.heartbeat_interval_seconds:
+                    self._refresh_presence()
+                    last_presence = now
+            except Exception as exc:
+                log.warning("gateway %s: maintenance failed (%s); retrying", self.gateway_id, exc.__class__.__name__)
+
+    def _refresh_presence(self) -> None:
+        conns = list(self.connections.values())
+        if conns:
+            self.presence.refresh([(c.user_id, c.conn_id, c.gateway_id, c.connected_at) for c in conns])
+        self.presence.mark_gateway_alive(self.gateway_id)
+
+    # -- one socket -----------------------------------------------------------
+
+    def serve(self, ws, user_id: int, remote_addr: str | None) -> None:
+        """Run one authenticated connection until it closes."""
+        self._ensure_started()
+        conn = Connection(ws, user_id, f"{self.gateway_id}-{uuid.uuid4().hex[:16]}", self.gateway_id)
+        self.connections[conn.conn_id] = conn
+        try:
+            self.presence.connect(user_id, conn.conn_id, self.gateway_id, conn.connected_at)
+            log.info("conn %s opened: user %s from %s", conn.conn_id, user_id, remote_addr)
+            conn.send({"type": "hello", "user_id": str(user_id), "conn_id": conn.conn_id,
+                       "gateway_id": self.gateway_id, "heartbeat_interval": self.settings.heartbeat_interval_seconds})
+            idle_limit = self.settings.heartbeat_interval_seconds * 3
+            while True:
+                raw = ws.receive(timeout=idle_limit)
+                if raw is None:
+                    log.info("conn %s: no frame for %ds; closing", conn.conn_id, idle_limit)
+                    conn.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
+                    break
+                self.handle_frame(conn, raw)
+        except ConnectionClosed as closed:
+            log.info("conn %s closed by peer (%s)", conn.conn_id, getattr(closed, "reason", ""))
+        finally:
+            self.connections.pop(conn.conn_id, None)
+            conn.stop()
+            try:
+                self.presence.disconnect(user_id, conn.conn_id)
+            except Exception:  # the entry expires with its TTL
+                log.warning("conn %s: presence entry not removed (Redis unavailable)", conn.conn_id)
+
+    def handle_frame(self, conn: Connection, raw) -> None:
+        frame: dict = {}
+        try:
+            frame = parse_frame(raw)
+            kind = frame["type"]
+            if kind == "ping":
+                self._on_ping(conn)
+            elif kind == "send":
+                self._on_send(conn, frame)
+            else:
+                raise InvalidInput(f"unknown frame type {kind!r}")
+        except ChatError as err:
+            reply = {"type": "error", "code": err.code, "message": err.message}
+            cmid = client_msg_id_of(frame)
+            if cmid:
+                reply["client_msg_id"] = cmid
+            conn.send(reply)
+        except Exception:
+            log.exception("conn %s: frame handling failed", conn.conn_id)
+            conn.send({"type": "error", "code": "internal", "message": "internal error; retry later",
+                       **({"client_msg_id": client_msg_id_of(frame)} if client_msg_id_of(frame) else {})})
+
+    def _on_ping(self, conn: Connection) -> None:
+        conn.send({"type": "pong"})
+        now = time.monotonic()
+        if now - conn.last_presence_refresh >= 10:  # a ping storm must not become a Redis storm
+            conn.last_presence_refresh = now
+            self.presence.refresh([(conn.user_id, conn.conn_id, conn.gateway_id, conn.connected_at)])
+
+    def _on_send(self, conn: Connection, frame: dict) -> None:
+        req = parse_send(frame, self.settings.message_max_content_bytes)
+        ack = self.intake.accept(conn.user_id, conn.conn_id, req)
+        log.info("conn %s: msg %s acked", conn.conn_id, ack.msg_id)
+        conn.send({"type": "ack", "client_msg_id": ack.client_msg_id, "msg_id": str(ack.msg_id),
+                   "conversation_id": ack.conversation_id, "timestamp": ack.timestamp})
+
