@@ -28,11 +28,14 @@ task_queues = (
     Queue("push_tasks", notification_direct, routing_key="push.task", durable=True,
           queue_arguments={"x-max-priority": 10}),
 )
+# Routes name the queue (its exchange and type come with it) so the embedded
+# Redis broker, which only matches topic keys for declared exchanges, routes
+# exactly like RabbitMQ.
 task_routes = {
-    "tasks.pipeline.persist_message": {"exchange": "chat.direct", "routing_key": "private.message"},
-    "tasks.pipeline.dispatch_message": {"exchange": "chat.topic", "routing_key": "offline.private"},
-    "tasks.pipeline.send_push": {"exchange": "notification.direct", "routing_key": "push.task"},
-    "tasks.pipeline.sweep_presence": {"exchange": "chat.topic", "routing_key": "offline.maintenance"},
+    "tasks.pipeline.persist_message": {"queue": "private_messages", "routing_key": "private.message"},
+    "tasks.pipeline.dispatch_message": {"queue": "offline_messages", "routing_key": "offline.private"},
+    "tasks.pipeline.send_push": {"queue": "push_tasks", "routing_key": "push.task"},
+    "tasks.pipeline.sweep_presence": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
 }
 task_default_queue = "offline_messages"
 task_default_exchange = "chat.topic"
@@ -65,7 +68,7 @@ if _settings.broker_is_amqp:
 else:
     # Embedded default (bundled Redis as broker): emulate priorities and give
     # unacked messages back after an hour.
-    broker_transport_options = {"visibility_timeout": 3600, "priority_steps": list(range(11)), "sep": ":", "queue_order_strategy": "priority"}
+    broker_transport_options = {"visibility_timeout": 3600, "priority_steps": list(range(11)), "queue_order_strategy": "priority"}
 
 beat_schedule = {
     "sweep-presence": {"task": "tasks.pipeline.sweep_presence", "schedule": 60.0},

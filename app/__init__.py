@@ -7,7 +7,7 @@ from flask import Flask, jsonify
 from werkzeug.exceptions import HTTPException
 
 from app.config import Settings
-from app.errors import ChatError
+from app.errors import ChatError, InvalidInput
 from app.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ def create_app(test_config: dict | None = None) -> Flask:
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ChatError)
     def _chat_error(err: ChatError):
-        return jsonify(error=err.code, message=err.message), err.http_status
+        # REST bodies are requests, not frames: same error, REST's name for it.
+        code = "invalid_request" if isinstance(err, InvalidInput) else err.code
+        return jsonify(error=code, message=err.message), err.http_status
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):

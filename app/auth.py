@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass
 
 import jwt
 from argon2 import PasswordHasher
@@ -73,8 +74,14 @@ def issue_token(settings: Settings, user_id: int, now: float | None = None) -> s
     return jwt.encode(claims, settings.jwt_secret, algorithm=JWT_ALGORITHM)
 
 
-def verify_token(settings: Settings, token: str | None) -> int:
-    """The user id a valid token names; Unauthorized for anything else."""
+@dataclass(frozen=True)
+class TokenClaims:
+    user_id: int
+    expires_at: int  # seconds since the epoch
+
+
+def verify_token(settings: Settings, token: str | None) -> TokenClaims:
+    """The claims of a valid token; Unauthorized for anything else."""
     if not token:
         raise Unauthorized("missing token")
     try:
@@ -82,7 +89,7 @@ def verify_token(settings: Settings, token: str | None) -> int:
             token, settings.jwt_secret, algorithms=[JWT_ALGORITHM],
             options={"require": ["exp", "iat", "sub"]},
         )
-        return int(claims["sub"])
+        return TokenClaims(int(claims["sub"]), int(claims["exp"]))
     except jwt.ExpiredSignatureError:
         raise Unauthorized("token expired: log in again") from None
     except (jwt.InvalidTokenError, ValueError, TypeError):

@@ -43,6 +43,7 @@ class Settings:
     heartbeat_interval_seconds: int = 30
     presence_ttl_seconds: int = 300
     dedupe_ttl_seconds: int = 86400
+    dedupe_recovery_seconds: int = 600
     publish_timeout_seconds: float = 5.0
     password_hash_profile: str = "default"
     apns_base_url: str = "https://api.push.apple.com"

@@ -28,6 +28,7 @@ DEDUPE_SINCE_KEY = "dedupe:since"  # when this Redis started remembering sends
 UNREAD_KEY = "unread:{}"
 UNREAD_MARK_KEY = "unread:counted:{}"  # msg_id -> set of user ids already counted
 PENDING_WAIT_SECONDS = 5.0
+RECOVERY_ACK_WAIT_SECONDS = 10.0
 PREVIEW_CHARS = 200
 
 # Counts a message once per recipient, however often dispatch runs.
@@ -78,6 +79,12 @@ class MessageIntake:
 
     `publish(payload)` must return only once the broker confirmed the message
     and raise Unavailable otherwise.
+
+    Dedupe lives in Redis (fast path). Redis may forget (flush, restart), so
+    for DEDUPE_TTL after it last did, a miss is checked against MySQL's
+    UNIQUE(sender_id, client_msg_id); and for DEDUPE_RECOVERY after it, when a
+    first copy may still be queued, the ack waits until the message is stored
+    and carries the id that was stored, whichever copy won.
     """
 
     def __init__(self, storage: Storage, ids: SnowflakeIds, publish: Callable[[dict], None],
@@ -88,6 +95,9 @@ class MessageIntake:
         self.publish = publish
         self.clock = clock
         self.dedupe_ttl = storage.settings.dedupe_ttl_seconds
+        self.recovery_seconds = storage.settings.dedupe_recovery_seconds
+        # A pending marker outlives a publish attempt but not a crashed gateway for long.
+        self.pending_ttl = int(storage.settings.publish_timeout_seconds * 3) + 5
         self._known_users: set[int] = set()
 
     def accept(self, sender_id: int, origin_conn: str, req: SendRequest) -> Ack:
@@ -96,15 +106,17 @@ class MessageIntake:
         self._require_user(req.to)
         key = DEDUPE_KEY.format(sender_id, req.client_msg_id)
         try:
-            earlier = self._earlier_ack(sender_id, req, key)
+            value, since = self.redis.mget(key, DEDUPE_SINCE_KEY)
+            memory_age = self._memory_age_seconds(since)
+            earlier = self._earlier_ack(sender_id, req, key, value, check_mysql=memory_age < self.dedupe_ttl)
             if earlier:
                 return earlier
             msg_id = self.ids.next_id()
-            if not self.redis.set(key, f"p:{msg_id}", nx=True, ex=self.dedupe_ttl):
+            if not self.redis.set(key, f"p:{msg_id}", nx=True, ex=self.pending_ttl):
                 return self._wait_for_pending(req, key)  # a concurrent retry won the race
+        except (InvalidInput, NotFound, Unavailable):
+            raise
         except Exception as exc:  # Redis down: refuse rather than risk a second copy
-            if isinstance(exc, (InvalidInput, NotFound, Unavailable)):
-                raise
             log.warning("send refused, Redis unavailable: %s", exc.__class__.__name__)
             raise Unavailable("message not accepted (dedupe store unavailable); retry with the same client_msg_id") from None
         ack = Ack(req.client_msg_id, msg_id, private_conversation_id(sender_id, req.to), int(self.clock() * 1000))
@@ -119,6 +131,8 @@ class MessageIntake:
         except Exception:
             self._forget_pending(key, msg_id)
             raise
+        if memory_age < self.recovery_seconds:
+            ack = self._stored_ack(sender_id, req)
         self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
         return ack
 
@@ -132,27 +146,40 @@ class MessageIntake:
             self._known_users.clear()
         self._known_users.add(user_id)
 
-    def _earlier_ack(self, sender_id: int, req: SendRequest, key: str) -> Ack | None:
-        value = self.redis.get(key)
+    def _earlier_ack(self, sender_id: int, req: SendRequest, key: str, value: str | None,
+                     check_mysql: bool) -> Ack | None:
         if value is not None:
             return self._wait_for_pending(req, key) if value.startswith("p:") else Ack.from_json(req.client_msg_id, value)
-        if self._redis_may_have_forgotten():
-            # Redis lost its memory (flush or restart) within the dedupe window:
-            # the durable guard in MySQL answers for sends it has persisted.
-            with self.storage.sessions() as session:
-                row = session.scalar(select(Message).where(
-                    Message.sender_id == sender_id, Message.client_msg_id == req.client_msg_id))
-            if row is not None:
-                ack = Ack(req.client_msg_id, row.id, row.conversation_id, row.timestamp)
+        if check_mysql:
+            ack = self._lookup_stored(sender_id, req.client_msg_id)
+            if ack is not None:
                 self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
                 return ack
         return None
 
-    def _redis_may_have_forgotten(self) -> bool:
-        now_ms = int(self.clock() * 1000)
-        self.redis.set(DEDUPE_SINCE_KEY, now_ms, nx=True)
-        since = int(self.redis.get(DEDUPE_SINCE_KEY) or now_ms)
-        return now_ms - since < self.dedupe_ttl * 1000
+    def _lookup_stored(self, sender_id: int, client_msg_id: str) -> Ack | None:
+        with self.storage.sessions() as session:
+            row = session.scalar(select(Message).where(
+                Message.sender_id == sender_id, Message.client_msg_id == client_msg_id))
+        return Ack(client_msg_id, row.id, row.conversation_id, row.timestamp) if row is not None else None
+
+    def _stored_ack(self, sender_id: int, req: SendRequest) -> Ack:
+        """Wait until this send is stored; the ack names the copy that was kept."""
+        deadline = self.clock() + RECOVERY_ACK_WAIT_SECONDS
+        while self.clock() < deadline:
+            ack = self._lookup_stored(sender_id, req.client_msg_id)
+            if ack is not None:
+                return ack
+            time.sleep(0.02)
+        raise Unavailable("message queued but not yet confirmed stored; retry with the same client_msg_id")
+
+    def _memory_age_seconds(self, since: str | None) -> float:
+        """How long this Redis has remembered sends (since its last flush or restart)."""
+        now = self.clock()
+        if since is None:
+            self.redis.set(DEDUPE_SINCE_KEY, int(now * 1000), nx=True)
+            return 0.0
+        return max(0.0, now - int(since) / 1000)
 
     def _wait_for_pending(self, req: SendRequest, key: str) -> Ack:
         """Another copy of this send is being published: answer with its outcome."""

@@ -40,6 +40,7 @@ class Presence:
 
     def connect(self, user_id: int, conn_id: str, gateway_id: str, connected_at: int) -> None:
         self.refresh([(user_id, conn_id, gateway_id, connected_at)])
+        self.mark_gateway_alive(gateway_id)
 
     def refresh(self, conns: Iterable[tuple[int, str, str, int]]) -> None:
         """Write (or re-write after a Redis flush) the entries of live connections."""
@@ -58,8 +59,10 @@ class Presence:
         pipe.set(LAST_SEEN_KEY.format(user_id), now_ms())
         pipe.execute()
 
-    def mark_gateway_alive(self, gateway_id: str) -> None:
-        self.redis.set(GATEWAY_ALIVE_KEY.format(gateway_id), now_ms(), ex=GATEWAY_ALIVE_TTL)
+    def mark_gateway_alive(self, gateway_id: str) -> bool:
+        """Refresh the gateway's liveness; False if Redis had forgotten it (expired or flushed)."""
+        previous = self.redis.set(GATEWAY_ALIVE_KEY.format(gateway_id), now_ms(), ex=GATEWAY_ALIVE_TTL, get=True)
+        return previous is not None
 
     def mark_gateway_gone(self, gateway_id: str) -> None:
         self.redis.delete(GATEWAY_ALIVE_KEY.format(gateway_id))

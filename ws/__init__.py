@@ -6,6 +6,7 @@ from flask_sock import Sock
 
 from app.auth import verify_token
 from app.errors import Unauthorized
+from models import User
 
 sock = Sock()
 
@@ -25,13 +26,15 @@ def init_gateway(app: Flask) -> None:
         header = request.headers.get("Authorization", "")
         if not token and header.startswith("Bearer "):
             token = header[len("Bearer "):].strip()
-        try:
-            g.ws_user_id = verify_token(app.config["SETTINGS"], token)
-        except Unauthorized as err:
-            raise Unauthorized(err.message) from None
+        claims = verify_token(app.config["SETTINGS"], token)
+        with app.extensions["netherlink.storage"].sessions() as session:
+            if session.get(User, claims.user_id) is None:
+                raise Unauthorized("invalid token: the account does not exist")
+        g.ws_claims = claims
         return None
 
 
 @sock.route("/ws")
 def gateway_socket(ws):
-    current_app.extensions["netherlink.gateway"].serve(ws, g.ws_user_id, request.remote_addr)
+    claims = g.ws_claims
+    current_app.extensions["netherlink.gateway"].serve(ws, claims.user_id, claims.expires_at, request.remote_addr)

@@ -7,8 +7,9 @@ import re
 from app.errors import InvalidInput, NotFound, TooLarge
 from app.messaging import SendRequest
 
-CLIENT_MSG_ID_RE = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable ASCII, no spaces
-MESSAGE_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,19}$")
+CLIENT_MSG_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces (fullmatch)
+MESSAGE_TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,19}")
+ID_RE = re.compile(r"[0-9]{1,19}")
 MAX_EXTRA_BYTES = 4096
 
 
@@ -31,19 +32,19 @@ def parse_id(value, name: str) -> int:
         raise InvalidInput(f"'{name}' must be an id string")
     if isinstance(value, int) and value > 0:
         return value
-    if isinstance(value, str) and value.isdigit() and 0 < len(value) <= 19 and int(value) < 2**63:
+    if isinstance(value, str) and ID_RE.fullmatch(value) and 0 < int(value) < 2**63:
         return int(value)
     raise InvalidInput(f"'{name}' must be an id string of digits")
 
 
 def client_msg_id_of(frame: dict) -> str | None:
     value = frame.get("client_msg_id")
-    return value if isinstance(value, str) and CLIENT_MSG_ID_RE.match(value) else None
+    return value if isinstance(value, str) and CLIENT_MSG_ID_RE.fullmatch(value) else None
 
 
 def parse_send(frame: dict, max_content_bytes: int) -> SendRequest:
     cmid = frame.get("client_msg_id")
-    if not isinstance(cmid, str) or not CLIENT_MSG_ID_RE.match(cmid):
+    if not isinstance(cmid, str) or not CLIENT_MSG_ID_RE.fullmatch(cmid):
         raise InvalidInput("'client_msg_id' must be 1-64 printable ASCII characters without spaces")
     has_to, has_group = frame.get("to") is not None, frame.get("group_id") is not None
     if has_to == has_group:
@@ -55,16 +56,23 @@ def parse_send(frame: dict, max_content_bytes: int) -> SendRequest:
     content = frame.get("content")
     if not isinstance(content, str) or not content:
         raise InvalidInput("'content' must be a non-empty string")
-    if len(content.encode("utf-8")) > max_content_bytes:
+    if _utf8_size(content, "content") > max_content_bytes:
         raise TooLarge(f"'content' is larger than {max_content_bytes} bytes")
     message_type = frame.get("message_type", "text")
-    if not isinstance(message_type, str) or not MESSAGE_TYPE_RE.match(message_type):
+    if not isinstance(message_type, str) or not MESSAGE_TYPE_RE.fullmatch(message_type):
         raise InvalidInput("'message_type' must be lower-case letters, digits or '_' (at most 20), e.g. 'text'")
     extra = frame.get("extra")
     if extra is None:
         extra = {}
     if not isinstance(extra, dict):
         raise InvalidInput("'extra' must be a JSON object")
-    if len(json.dumps(extra, ensure_ascii=False).encode("utf-8")) > MAX_EXTRA_BYTES:
+    if _utf8_size(json.dumps(extra, ensure_ascii=False), "extra") > MAX_EXTRA_BYTES:
         raise TooLarge(f"'extra' is larger than {MAX_EXTRA_BYTES} bytes")
     return SendRequest(client_msg_id=cmid, to=to, content=content, message_type=message_type, extra=extra)
+
+
+def _utf8_size(text: str, name: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800" from a JSON escape
+        raise InvalidInput(f"'{name}' is not valid Unicode text") from None

