@@ -43,3 +43,7 @@ class Unavailable(ChatError):
     """A backing service is down; the client should retry (with the same client_msg_id)."""
 
     code, http_status = "internal", 503
+
+
+class RecallExpired(ChatError):
+    code, http_status = "recall_expired", 409

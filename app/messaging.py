@@ -15,32 +15,22 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.conversations import invalidate_conversation_lists
+from app.delivery import deliver_to_users
 from app.errors import InvalidInput, NotFound, Unavailable
-from app.presence import Presence
 from app.snowflake import SnowflakeIds
 from app.storage import Storage
-from models import Message, OfflineMessageIndex, User
+from app.sync import append_entries
+from app.unread import count_unread
+from models import ENTRY_MESSAGE, STATUS_RECALLED, Message, OfflineMessageIndex, SyncEntry, User
 
 log = logging.getLogger(__name__)
 
 DEDUPE_KEY = "dedupe:{}:{}"  # sender, client_msg_id -> "p:<msg_id>" while publishing, then the ack JSON
 DEDUPE_SINCE_KEY = "dedupe:since"  # when this Redis started remembering sends
-UNREAD_KEY = "unread:{}"
-UNREAD_MARK_KEY = "unread:counted:{}"  # msg_id -> set of user ids already counted
 PENDING_WAIT_SECONDS = 5.0
 RECOVERY_ACK_WAIT_SECONDS = 10.0
 PREVIEW_CHARS = 200
-
-# Counts a message once per recipient, however often dispatch runs.
-_COUNT_UNREAD_SCRIPT = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-  return 1
-end
-return 0
-"""
-
 
 def private_conversation_id(a: int, b: int) -> str:
     low, high = sorted((a, b))
@@ -231,6 +221,8 @@ def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
             preview = _preview(payload)
             for user_id, peer in sorted([(sender, to), (to, sender)]):  # fixed lock order: no deadlocks
                 _upsert_conversation(session, storage.is_mysql, user_id, peer, payload, preview)
+            append_entries(session, storage.is_mysql, [sender, to], msg_id, payload["conversation_id"])
+        invalidate_conversation_lists(storage, [sender, to])
         return PersistOutcome(msg_id, stored=True, dispatch=True)
     except IntegrityError:
         with storage.sessions() as session:
@@ -294,7 +286,7 @@ def message_frame(msg: Message) -> dict:
         "conversation_id": msg.conversation_id, "from": str(msg.sender_id),
         "to": str(msg.receiver_id) if msg.receiver_id is not None else None,
         "group_id": str(msg.group_id) if msg.group_id is not None else None,
-        "message_type": msg.message_type, "content": msg.content if msg.status != 2 else "",
+        "message_type": msg.message_type, "content": msg.content if msg.status != STATUS_RECALLED else "",
         "extra": msg.extra or {}, "timestamp": msg.timestamp, "status": msg.status,
     }
 
@@ -306,17 +298,6 @@ class DispatchOutcome:
     offline_users: list[int] = field(default_factory=list)
 
 
-def deliver_to_gateways(client, frame: dict, targets: dict[str, list[str]]) -> None:
-    """Publish one frame to each gateway's delivery channel, naming its connections."""
-    from app.presence import DELIVERY_CHANNEL
-
-    body = json.dumps(frame, ensure_ascii=False)
-    pipe = client.pipeline(transaction=False)
-    for gateway_id, conn_ids in targets.items():
-        pipe.publish(DELIVERY_CHANNEL.format(gateway_id), json.dumps({"conns": conn_ids, "frame": body}))
-    pipe.execute()
-
-
 def dispatch_private_message(storage: Storage, msg_id: int, origin_conn: str | None) -> DispatchOutcome:
     """Live delivery to every connection of both parties (not the sending one),
     unread for the recipient, offline index + push for an offline recipient.
@@ -325,23 +306,16 @@ def dispatch_private_message(storage: Storage, msg_id: int, origin_conn: str | N
     """
     with storage.sessions() as session:
         msg = session.get(Message, msg_id)
-    if msg is None:
+        entry_seq = session.scalar(select(SyncEntry.seq).where(
+            SyncEntry.user_id == msg.receiver_id, SyncEntry.message_id == msg_id,
+            SyncEntry.kind == ENTRY_MESSAGE)) if msg is not None else None
+    if msg is None or entry_seq is None:
         raise LookupError(f"msg {msg_id} is not persisted")
     outcome = DispatchOutcome(msg_id)
-    presence = Presence(storage.redis, storage.settings.presence_ttl_seconds)
     recipient = msg.receiver_id
-    live = presence.live_connections([recipient, msg.sender_id])
-    targets: dict[str, list[str]] = {}
-    for conn in live[recipient] + live[msg.sender_id]:
-        if conn.conn_id != origin_conn:
-            targets.setdefault(conn.gateway_id, []).append(conn.conn_id)
-            outcome.live_connections += 1
-    if targets:
-        deliver_to_gateways(storage.redis, message_frame(msg), targets)
-    storage.redis.register_script(_COUNT_UNREAD_SCRIPT)(
-        keys=[UNREAD_MARK_KEY.format(msg_id), UNREAD_KEY.format(recipient)],
-        args=[recipient, msg.conversation_id, storage.settings.dedupe_ttl_seconds],
-    )
+    live = deliver_to_users(storage, message_frame(msg), [recipient, msg.sender_id], skip_conn=origin_conn)
+    outcome.live_connections = sum(1 for conns in live.values() for c in conns if c.conn_id != origin_conn)
+    count_unread(storage, recipient, msg_id, msg.conversation_id, entry_seq)
     if not live[recipient]:
         _index_offline(storage, recipient, msg)
         outcome.offline_users.append(recipient)

@@ -58,6 +58,8 @@ class User(Base):
     username: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # Last sequence number of this user's sync stream; bumped under the row lock in commit order.
+    inbox_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
@@ -83,6 +85,7 @@ class Message(Base):
     is_group: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     timestamp: Mapped[int] = mapped_column(BigInteger)  # ms since epoch, assigned at the gateway
     status: Mapped[int] = mapped_column(SmallInteger, default=STATUS_UNREAD, server_default="0")
+    recalled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
@@ -105,8 +108,31 @@ class Conversation(Base):
     last_message_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     unread_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_read_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # this user's read position
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
+
+
+ENTRY_MESSAGE, ENTRY_RECALL = 0, 1
+
+
+class SyncEntry(Base):
+    """One user's sync stream: every message of every conversation they are in
+    (their own included), and recall events, numbered in commit order."""
+
+    __tablename__ = "sync_entry"
+    __table_args__ = (
+        UniqueConstraint("user_id", "message_id", "kind"),
+        Index("idx_sync_message", "message_id"),
+        MYSQL_TABLE_ARGS,
+    )
+
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    message_id: Mapped[int] = mapped_column(BigInteger)
+    conversation_id: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[int] = mapped_column(SmallInteger, default=ENTRY_MESSAGE, server_default="0")  # 0 message, 1 recall
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
 class OfflineMessageIndex(Base):

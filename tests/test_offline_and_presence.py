@@ -5,6 +5,7 @@ from sqlalchemy import select
 
 from app.messaging import dispatch_private_message
 from app.push import PRIORITY_PRIVATE, record_pending_pushes
+from app.unread import unread_counts
 from models import Device, OfflineMessageIndex, PushLog
 from tests.harness import Gateway, wait_until
 
@@ -43,9 +44,8 @@ def test_an_offline_recipient_gets_unread_an_offline_index_row_and_a_pending_pus
     wait_until(lambda: len(_push_rows(storage, bob.user_id)) == 3, what="push_log rows")
     pushes = _push_rows(storage, bob.user_id)
     assert {(p.push_type, p.push_status, p.priority) for p in pushes} == {("apns", "pending", PRIORITY_PRIVATE)}
-    assert storage.redis.hget(f"unread:{bob.user_id}", conversation) == "3"
-    # The sender's own unread is untouched.
-    assert storage.redis.hget(f"unread:{alice.user_id}", conversation) is None
+    assert unread_counts(storage, int(bob.user_id)) == {conversation: 3}
+    assert unread_counts(storage, int(alice.user_id)) == {}  # one's own messages are never unread
 
 
 def test_running_dispatch_and_push_again_changes_nothing(cluster, make_user, connect, storage):
@@ -53,6 +53,7 @@ def test_running_dispatch_and_push_again_changes_nothing(cluster, make_user, con
     alice, bob = make_user(), make_user()
     with storage.session() as session:
         session.add(Device(user_id=int(bob.user_id), platform="android", token=f"tok-{bob.user_id}"))
+    unread_counts(storage, int(bob.user_id))  # counters built: from now on dispatch counts in Redis
     ack = connect(alice).send_message(bob.user_id, "once")
     wait_until(lambda: _push_rows(storage, bob.user_id), what="push_log row")
     for _ in range(2):
@@ -70,6 +71,7 @@ def test_an_online_recipient_gets_no_offline_index_row_or_push(cluster, make_use
         session.add(Device(user_id=int(bob.user_id), platform="ios", token=f"tok-{bob.user_id}"))
     b = connect(bob, cluster.gw2)
     ack = connect(alice).send_message(bob.user_id, "you're here")
+    unread_counts(storage, int(bob.user_id))
     b.wait_message(ack["msg_id"])
     wait_until(lambda: storage.redis.hget(f"unread:{bob.user_id}", ack["conversation_id"]) == "1", what="unread")
     assert _offline_rows(storage, bob.user_id) == [] and _push_rows(storage, bob.user_id) == []

@@ -10,6 +10,7 @@ from app.messaging import SendRequest
 CLIENT_MSG_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces (fullmatch)
 MESSAGE_TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,19}")
 ID_RE = re.compile(r"[0-9]{1,19}")
+CONVERSATION_ID_RE = re.compile(r"[a-z]_[0-9_]{1,98}")
 MAX_EXTRA_BYTES = 4096
 
 
@@ -76,3 +77,10 @@ def _utf8_size(text: str, name: str) -> int:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError:  # a lone surrogate such as "\ud800" from a JSON escape
         raise InvalidInput(f"'{name}' is not valid Unicode text") from None
+
+
+def parse_read(frame: dict) -> tuple[str, int]:
+    conversation_id = frame.get("conversation_id")
+    if not isinstance(conversation_id, str) or not CONVERSATION_ID_RE.fullmatch(conversation_id):
+        raise InvalidInput("'conversation_id' must be a conversation id string such as 'p_1_2'")
+    return conversation_id, parse_id(frame.get("msg_id"), "msg_id")

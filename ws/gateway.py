@@ -16,11 +16,15 @@ from simple_websocket import ConnectionClosed
 
 from app.config import Settings
 from app.errors import ChatError, InvalidInput
-from app.messaging import MessageIntake
+from app.delivery import deliver_to_users
+from app.messaging import MessageIntake, message_frame
+from app.receipts import mark_read
+from app.recall import recall_message
+from app.sync import parse_cursor, parse_limit, read_stream
 from app.presence import DELIVERY_CHANNEL, Presence, now_ms
 from app.snowflake import NodeLease, SnowflakeIds
 from app.storage import Storage
-from ws.frames import client_msg_id_of, parse_frame, parse_send
+from ws.frames import client_msg_id_of, parse_frame, parse_id, parse_read, parse_send
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,8 @@ class Gateway:
         self.lease: NodeLease | None = None
         self.ids: SnowflakeIds | None = None
         self.intake: MessageIntake | None = None
+        self._handlers = {"ping": self._on_ping, "send": self._on_send, "sync": self._on_sync,
+                          "read": self._on_read, "recall": self._on_recall}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -208,12 +214,10 @@ class Gateway:
         try:
             frame = parse_frame(raw)
             kind = frame["type"]
-            if kind == "ping":
-                self._on_ping(conn)
-            elif kind == "send":
-                self._on_send(conn, frame)
-            else:
+            handler = self._handlers.get(kind)
+            if handler is None:
                 raise InvalidInput(f"unknown frame type {kind!r}")
+            handler(conn, frame)
         except ChatError as err:
             reply = {"type": "error", "code": err.code, "message": err.message}
             cmid = client_msg_id_of(frame)
@@ -225,7 +229,7 @@ class Gateway:
             conn.send({"type": "error", "code": "internal", "message": "internal error; retry later",
                        **({"client_msg_id": client_msg_id_of(frame)} if client_msg_id_of(frame) else {})})
 
-    def _on_ping(self, conn: Connection) -> None:
+    def _on_ping(self, conn: Connection, frame: dict) -> None:
         conn.send({"type": "pong"})
         now = time.monotonic()
         if now - conn.last_presence_refresh >= 10:  # a ping storm must not become a Redis storm
@@ -242,3 +246,26 @@ class Gateway:
         conn.send({"type": "ack", "client_msg_id": ack.client_msg_id, "msg_id": str(ack.msg_id),
                    "conversation_id": ack.conversation_id, "timestamp": ack.timestamp})
 
+
+    def _on_sync(self, conn: Connection, frame: dict) -> None:
+        page = read_stream(self.storage, conn.user_id, parse_cursor(frame.get("cursor")),
+                           parse_limit(frame.get("limit")), message_frame)
+        conn.send({"type": "sync_batch", "messages": page.entries, "cursor": page.cursor, "has_more": page.has_more})
+
+    def _on_read(self, conn: Connection, frame: dict) -> None:
+        conversation_id, msg_id = parse_read(frame)
+        outcome = mark_read(self.storage, conn.user_id, conversation_id, msg_id)
+        read_ok = {"type": "read_ok", "conversation_id": conversation_id, "msg_id": str(msg_id)}
+        conn.send(read_ok)
+        deliver_to_users(self.storage, read_ok, [conn.user_id], skip_conn=conn.conn_id)  # the reader's other devices
+        if outcome.peer is not None:
+            deliver_to_users(self.storage, {"type": "receipt", "conversation_id": conversation_id,
+                                            "reader": str(conn.user_id), "msg_id": str(msg_id)}, [outcome.peer])
+        log.info("conn %s: read %s up to msg %s", conn.conn_id, conversation_id, msg_id)
+
+    def _on_recall(self, conn: Connection, frame: dict) -> None:
+        outcome = recall_message(self.storage, conn.user_id, parse_id(frame.get("msg_id"), "msg_id"))
+        recalled = {"type": "recalled", "msg_id": str(outcome.msg_id), "conversation_id": outcome.conversation_id}
+        conn.send(recalled)
+        deliver_to_users(self.storage, recalled, outcome.parties, skip_conn=conn.conn_id)
+        log.info("conn %s: msg %s recalled", conn.conn_id, outcome.msg_id)

@@ -1,0 +1,81 @@
+"""Conversation list (cached in `conversations:{uid}`), history, membership."""
+from __future__ import annotations
+
+import json
+
+from sqlalchemy import select
+
+from app.errors import Forbidden, InvalidInput, NotFound
+from app.storage import Storage
+from app.unread import unread_counts
+from models import Conversation, Message, User
+
+CACHE_KEY = "conversations:{}"
+CACHE_TTL = 3600
+HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT = 50, 200
+
+
+def invalidate_conversation_lists(storage: Storage, user_ids) -> None:
+    keys = [CACHE_KEY.format(uid) for uid in set(user_ids)]
+    if keys:
+        storage.redis.delete(*keys)
+
+
+def list_conversations(storage: Storage, user_id: int) -> list[dict]:
+    """The user's conversations, most recent first, with live unread counts."""
+    key = CACHE_KEY.format(user_id)
+    cached = storage.redis.get(key)
+    if cached is not None:
+        items = json.loads(cached)
+    else:
+        items = _load_conversations(storage, user_id)
+        storage.redis.set(key, json.dumps(items, ensure_ascii=False), ex=CACHE_TTL)
+    unread = unread_counts(storage, user_id)  # not cached with the list: it changes with every message
+    return [dict(item, unread=unread.get(item["conversation_id"], 0)) for item in items]
+
+
+def _load_conversations(storage: Storage, user_id: int) -> list[dict]:
+    with storage.sessions() as session:
+        rows = session.execute(
+            select(Conversation, User.username).outerjoin(User, User.id == Conversation.target_id)
+            .where(Conversation.user_id == user_id)
+            .order_by(Conversation.last_message_time.desc(), Conversation.id.desc())).all()
+    return [{
+        "conversation_id": conv.conversation_id,
+        "is_group": conv.is_group,
+        "peer": None if conv.is_group else {"user_id": str(conv.target_id), "username": username},
+        "group_id": str(conv.target_id) if conv.is_group else None,
+        "last_message": conv.last_message,
+        "last_message_time": conv.last_message_time,
+        "last_msg_id": str(conv.last_msg_id) if conv.last_msg_id else None,
+        "last_read_msg_id": str(conv.last_read_msg_id) if conv.last_read_msg_id else None,
+    } for conv, username in rows]
+
+
+def require_member(session, user_id: int, conversation_id: str) -> Conversation:
+    """The user's row of this conversation; 404 if no one has it, 403 if others do."""
+    conv = session.scalar(select(Conversation).where(Conversation.user_id == user_id,
+                                                     Conversation.conversation_id == conversation_id))
+    if conv is not None:
+        return conv
+    exists = session.scalar(select(Conversation.id).where(Conversation.conversation_id == conversation_id).limit(1))
+    if exists is None:
+        raise NotFound(f"conversation {conversation_id!r} does not exist")
+    raise Forbidden(f"you are not a member of conversation {conversation_id!r}")
+
+
+def history(storage: Storage, user_id: int, conversation_id: str, before: int | None, limit: int,
+            frame_of) -> dict:
+    """Messages of a conversation, newest first, older than `before` (a msg_id)."""
+    if not 1 <= limit <= HISTORY_MAX_LIMIT:
+        raise InvalidInput(f"'limit' must be from 1 to {HISTORY_MAX_LIMIT}")
+    with storage.sessions() as session:
+        require_member(session, user_id, conversation_id)
+        query = select(Message).where(Message.conversation_id == conversation_id)
+        if before is not None:
+            query = query.where(Message.id < before)
+        rows = session.scalars(query.order_by(Message.id.desc()).limit(limit + 1)).all()
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return {"messages": [frame_of(m) for m in rows], "has_more": has_more,
+            "next_before": str(rows[-1].id) if has_more else None}

@@ -1,0 +1,34 @@
+"""Live frames to every connection of some users, through their gateways' channels."""
+from __future__ import annotations
+
+import json
+from typing import Iterable
+
+from app.presence import DELIVERY_CHANNEL, LiveConnection, Presence
+from app.storage import Storage
+
+
+def deliver_to_gateways(client, frame: dict, targets: dict[str, list[str]]) -> None:
+    """Publish one frame to each gateway's delivery channel, naming its connections."""
+    body = json.dumps(frame, ensure_ascii=False)
+    pipe = client.pipeline(transaction=False)
+    for gateway_id, conn_ids in targets.items():
+        pipe.publish(DELIVERY_CHANNEL.format(gateway_id), json.dumps({"conns": conn_ids, "frame": body}))
+    pipe.execute()
+
+
+def deliver_to_users(storage: Storage, frame: dict, user_ids: Iterable[int],
+                     skip_conn: str | None = None) -> dict[int, list[LiveConnection]]:
+    """Send `frame` to every live connection of these users (but `skip_conn`).
+
+    Returns each user's live connections, so callers can tell who was offline.
+    """
+    live = Presence(storage.redis, storage.settings.presence_ttl_seconds).live_connections(user_ids)
+    targets: dict[str, list[str]] = {}
+    for conns in live.values():
+        for conn in conns:
+            if conn.conn_id != skip_conn:
+                targets.setdefault(conn.gateway_id, []).append(conn.conn_id)
+    if targets:
+        deliver_to_gateways(storage.redis, frame, targets)
+    return live

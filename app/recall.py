@@ -1,0 +1,50 @@
+"""`recall`: the sender takes a message back within two minutes."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+
+from app.conversations import invalidate_conversation_lists
+from app.errors import Forbidden, NotFound, RecallExpired
+from app.storage import Storage
+from app.sync import append_entries
+from app.unread import rebuild_unread
+from models import ENTRY_RECALL, STATUS_RECALLED, Conversation, Message
+
+RECALL_WINDOW_MS = 2 * 60 * 1000
+RECALLED_PREVIEW = "[message recalled]"
+
+
+@dataclass(frozen=True)
+class RecallOutcome:
+    msg_id: int
+    conversation_id: str
+    parties: list[int]
+    recalled_at: int
+
+
+def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | None = None) -> RecallOutcome:
+    """Clear the message's content, mark it recalled, and put a recall entry in
+    every party's sync stream. Recalling an already recalled message is a no-op."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    with storage.session() as session:
+        msg = session.scalar(select(Message).where(Message.id == msg_id).with_for_update())
+        if msg is None or user_id not in (msg.sender_id, msg.receiver_id):
+            raise NotFound(f"message {msg_id} does not exist")
+        if msg.sender_id != user_id:
+            raise Forbidden("only the sender can recall a message")
+        parties = [msg.sender_id, msg.receiver_id]
+        if msg.status == STATUS_RECALLED:
+            return RecallOutcome(msg.id, msg.conversation_id, parties, msg.recalled_at)
+        if now_ms - msg.timestamp > RECALL_WINDOW_MS:
+            raise RecallExpired("messages can be recalled for 2 minutes after sending")
+        msg.status, msg.content, msg.recalled_at = STATUS_RECALLED, "", now_ms
+        session.execute(update(Conversation).where(
+            Conversation.conversation_id == msg.conversation_id, Conversation.last_msg_id == msg.id)
+            .values(last_message=RECALLED_PREVIEW))
+        append_entries(session, storage.is_mysql, parties, msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+    rebuild_unread(storage, msg.receiver_id)  # a recalled message no longer counts as unread
+    invalidate_conversation_lists(storage, parties)
+    return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms)

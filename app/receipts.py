@@ -1,0 +1,37 @@
+"""`read`: a user read a conversation up to a message."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import update
+
+from app.conversations import invalidate_conversation_lists, require_member
+from app.storage import Storage
+from app.unread import rebuild_unread
+from models import STATUS_READ, STATUS_UNREAD, Conversation, Message
+
+
+@dataclass(frozen=True)
+class ReadOutcome:
+    conversation_id: str
+    msg_id: int
+    reader: int
+    peer: int | None  # the other party of a private chat, who gets a receipt
+    unread_left: int
+
+
+def mark_read(storage: Storage, user_id: int, conversation_id: str, msg_id: int) -> ReadOutcome:
+    """Mark the user's messages of the conversation up to msg_id read; recount unread."""
+    with storage.session() as session:
+        conv = require_member(session, user_id, conversation_id)
+        session.execute(update(Message).where(
+            Message.conversation_id == conversation_id, Message.receiver_id == user_id,
+            Message.status == STATUS_UNREAD, Message.id <= msg_id).values(status=STATUS_READ))
+        # The read position only moves forward (reads from two devices may cross).
+        if conv.last_read_msg_id is None or conv.last_read_msg_id < msg_id:
+            session.execute(update(Conversation).where(Conversation.id == conv.id)
+                            .values(last_read_msg_id=msg_id))
+        peer = None if conv.is_group else conv.target_id
+    counts = rebuild_unread(storage, user_id)
+    invalidate_conversation_lists(storage, [user_id])
+    return ReadOutcome(conversation_id, msg_id, user_id, peer, counts.get(conversation_id, 0))

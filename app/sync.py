@@ -1,0 +1,88 @@
+"""A user's sync stream: gap-free, in commit order, paged by an opaque cursor.
+
+Each entry has a per-user sequence number assigned while the user's row is
+locked in the writing transaction, so number N+1 cannot exist before N is
+committed: reading "after N" never skips a message that commits late.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.errors import InvalidInput
+from models import ENTRY_MESSAGE, ENTRY_RECALL, Message, OfflineMessageIndex, SyncEntry, User
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 500
+
+
+def next_stream_seq(session: Session, is_mysql: bool, user_id: int) -> int:
+    """Take the user's next sequence number; holds the user row lock until commit."""
+    if is_mysql:
+        session.execute(update(User).where(User.id == user_id)
+                        .values(inbox_seq=func.last_insert_id(User.inbox_seq + 1)))
+        return int(session.scalar(select(func.last_insert_id())))
+    return int(session.execute(update(User).where(User.id == user_id)
+                               .values(inbox_seq=User.inbox_seq + 1).returning(User.inbox_seq)).scalar_one())
+
+
+def append_entries(session: Session, is_mysql: bool, user_ids, msg_id: int, conversation_id: str,
+                   kind: int = ENTRY_MESSAGE) -> dict[int, int]:
+    """Add one entry to each user's stream (users in id order: one lock order for all writers)."""
+    seqs = {}
+    for user_id in sorted(set(user_ids)):
+        seq = next_stream_seq(session, is_mysql, user_id)
+        session.add(SyncEntry(user_id=user_id, seq=seq, message_id=msg_id, conversation_id=conversation_id, kind=kind))
+        seqs[user_id] = seq
+    session.flush()
+    return seqs
+
+
+def parse_cursor(cursor) -> int:
+    if cursor is None:
+        return 0
+    if isinstance(cursor, str) and cursor.isascii() and cursor.isdigit() and len(cursor) <= 19:
+        return int(cursor)
+    raise InvalidInput("'cursor' must be null or a cursor this server returned")
+
+
+def parse_limit(limit) -> int:
+    if limit is None:
+        return DEFAULT_LIMIT
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidInput(f"'limit' must be a whole number from 1 to {MAX_LIMIT}")
+    return min(limit, MAX_LIMIT)
+
+
+@dataclass
+class SyncPage:
+    entries: list[dict]
+    cursor: str
+    has_more: bool
+
+
+def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> SyncPage:
+    """Entries after position `after`; marks offline-index rows of returned messages synced."""
+    with storage.sessions() as session:
+        rows = session.execute(
+            select(SyncEntry, Message).join(Message, Message.id == SyncEntry.message_id)
+            .where(SyncEntry.user_id == user_id, SyncEntry.seq > after)
+            .order_by(SyncEntry.seq).limit(limit + 1)).all()
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    entries = []
+    for entry, msg in rows:
+        if entry.kind == ENTRY_RECALL:
+            entries.append({"type": "recalled", "msg_id": str(msg.id), "conversation_id": msg.conversation_id,
+                            "timestamp": msg.recalled_at})
+        else:
+            entries.append(frame_of(msg))
+    message_ids = [msg.id for entry, msg in rows if entry.kind == ENTRY_MESSAGE]
+    if message_ids:
+        with storage.session() as session:
+            session.execute(update(OfflineMessageIndex).where(
+                OfflineMessageIndex.user_id == user_id, OfflineMessageIndex.message_id.in_(message_ids),
+                OfflineMessageIndex.synced.is_(False)).values(synced=True, synced_at=func.now()))
+    cursor = str(rows[-1][0].seq) if rows else str(after)
+    return SyncPage(entries, cursor, has_more)
