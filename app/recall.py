@@ -8,6 +8,7 @@ from sqlalchemy import select, update
 
 from app.conversations import invalidate_conversation_lists
 from app.errors import Forbidden, NotFound, RecallExpired
+from app.snowflake import timestamp_of
 from app.storage import Storage
 from app.sync import append_entries
 from app.unread import rebuild_unread
@@ -15,6 +16,7 @@ from models import ENTRY_RECALL, STATUS_RECALLED, Conversation, Message
 
 RECALL_WINDOW_MS = 2 * 60 * 1000
 RECALLED_PREVIEW = "[message recalled]"
+IN_FLIGHT_WAIT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
     """Clear the message's content, mark it recalled, and put a recall entry in
     every party's sync stream. Recalling an already recalled message is a no-op."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    _await_persisted(storage, msg_id, now_ms)
     with storage.session() as session:
         msg = session.scalar(select(Message).where(Message.id == msg_id).with_for_update())
         if msg is None or user_id not in (msg.sender_id, msg.receiver_id):
@@ -48,3 +51,15 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
     rebuild_unread(storage, msg.receiver_id)  # a recalled message no longer counts as unread
     invalidate_conversation_lists(storage, parties)
     return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms)
+
+
+def _await_persisted(storage: Storage, msg_id: int, now_ms: int) -> None:
+    """An acked message may still be queued for persist: give a recent id a moment."""
+    if now_ms - timestamp_of(msg_id) > RECALL_WINDOW_MS:
+        return  # too old to be in flight (or not an id of ours): answer at once
+    deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        with storage.sessions() as session:
+            if session.get(Message, msg_id) is not None:
+                return
+        time.sleep(0.05)

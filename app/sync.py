@@ -78,11 +78,17 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
                             "timestamp": msg.recalled_at})
         else:
             entries.append(frame_of(msg))
-    message_ids = [msg.id for entry, msg in rows if entry.kind == ENTRY_MESSAGE]
-    if message_ids:
-        with storage.session() as session:
-            session.execute(update(OfflineMessageIndex).where(
-                OfflineMessageIndex.user_id == user_id, OfflineMessageIndex.message_id.in_(message_ids),
-                OfflineMessageIndex.synced.is_(False)).values(synced=True, synced_at=func.now()))
-    cursor = str(rows[-1][0].seq) if rows else str(after)
-    return SyncPage(entries, cursor, has_more)
+    position = rows[-1][0].seq if rows else after
+    _mark_offline_index_synced(storage, user_id, position)
+    return SyncPage(entries, str(position), has_more)
+
+
+def _mark_offline_index_synced(storage, user_id: int, position: int) -> None:
+    """Index rows of every message up to `position` are delivered, including rows
+    that dispatch wrote after the message was already synced."""
+    delivered = select(SyncEntry.message_id).where(
+        SyncEntry.user_id == user_id, SyncEntry.seq <= position, SyncEntry.kind == ENTRY_MESSAGE)
+    with storage.session() as session:
+        session.execute(update(OfflineMessageIndex).where(
+            OfflineMessageIndex.user_id == user_id, OfflineMessageIndex.synced.is_(False),
+            OfflineMessageIndex.message_id.in_(delivered)).values(synced=True, synced_at=func.now()))
