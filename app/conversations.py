@@ -11,25 +11,39 @@ from app.unread import unread_counts
 from models import Conversation, Message, User
 
 CACHE_KEY = "conversations:{}"
+GENERATION_KEY = "conversations:{}:gen"  # bumped by every change to the list
 CACHE_TTL = 3600
 HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT = 50, 200
 
 
+# Store a freshly loaded list only if no change was announced since loading began;
+# otherwise a list read just before a commit would hide that commit for an hour.
+_STORE_IF_UNCHANGED = """
+if (redis.call('GET', KEYS[2]) or '0') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
 def invalidate_conversation_lists(storage: Storage, user_ids) -> None:
-    keys = [CACHE_KEY.format(uid) for uid in set(user_ids)]
-    if keys:
-        storage.redis.delete(*keys)
+    pipe = storage.redis.pipeline(transaction=False)
+    for uid in set(user_ids):
+        pipe.incr(GENERATION_KEY.format(uid))
+        pipe.expire(GENERATION_KEY.format(uid), CACHE_TTL * 2)
+        pipe.delete(CACHE_KEY.format(uid))
+    pipe.execute()
 
 
 def list_conversations(storage: Storage, user_id: int) -> list[dict]:
     """The user's conversations, most recent first, with live unread counts."""
-    key = CACHE_KEY.format(user_id)
-    cached = storage.redis.get(key)
+    key, gen_key = CACHE_KEY.format(user_id), GENERATION_KEY.format(user_id)
+    cached, generation = storage.redis.mget(key, gen_key)
     if cached is not None:
         items = json.loads(cached)
     else:
         items = _load_conversations(storage, user_id)
-        storage.redis.set(key, json.dumps(items, ensure_ascii=False), ex=CACHE_TTL)
+        storage.redis.register_script(_STORE_IF_UNCHANGED)(
+            keys=[key, gen_key], args=[generation or "0", json.dumps(items, ensure_ascii=False), CACHE_TTL])
     unread = unread_counts(storage, user_id)  # not cached with the list: it changes with every message
     return [dict(item, unread=unread.get(item["conversation_id"], 0)) for item in items]
 

@@ -15,6 +15,7 @@ from app.errors import InvalidInput
 from models import ENTRY_MESSAGE, ENTRY_RECALL, Message, OfflineMessageIndex, SyncEntry, User
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
+_MESSAGE_COLUMNS = [c for c in Message.__table__.c if c.name != "created_at"]
 
 
 def next_stream_seq(session: Session, is_mysql: bool, user_id: int) -> int:
@@ -64,21 +65,23 @@ class SyncPage:
 
 def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> SyncPage:
     """Entries after position `after`; marks offline-index rows of returned messages synced."""
-    with storage.sessions() as session:
-        rows = session.execute(
-            select(SyncEntry, Message).join(Message, Message.id == SyncEntry.message_id)
+    # Plain rows, not ORM objects: a 500-entry page is the hot path of a reconnect.
+    with storage.engine.connect() as conn:
+        rows = conn.execute(
+            select(SyncEntry.seq, SyncEntry.kind, *_MESSAGE_COLUMNS)
+            .join(Message, Message.id == SyncEntry.message_id)
             .where(SyncEntry.user_id == user_id, SyncEntry.seq > after)
             .order_by(SyncEntry.seq).limit(limit + 1)).all()
     has_more = len(rows) > limit
     rows = rows[:limit]
     entries = []
-    for entry, msg in rows:
-        if entry.kind == ENTRY_RECALL:
-            entries.append({"type": "recalled", "msg_id": str(msg.id), "conversation_id": msg.conversation_id,
-                            "timestamp": msg.recalled_at})
+    for row in rows:
+        if row.kind == ENTRY_RECALL:
+            entries.append({"type": "recalled", "msg_id": str(row.id), "conversation_id": row.conversation_id,
+                            "timestamp": row.recalled_at})
         else:
-            entries.append(frame_of(msg))
-    position = rows[-1][0].seq if rows else after
+            entries.append(frame_of(row))
+    position = rows[-1].seq if rows else after
     _mark_offline_index_synced(storage, user_id, position)
     return SyncPage(entries, str(position), has_more)
 
@@ -86,9 +89,10 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
 def _mark_offline_index_synced(storage, user_id: int, position: int) -> None:
     """Index rows of every message up to `position` are delivered, including rows
     that dispatch wrote after the message was already synced."""
-    delivered = select(SyncEntry.message_id).where(
-        SyncEntry.user_id == user_id, SyncEntry.seq <= position, SyncEntry.kind == ENTRY_MESSAGE)
+    delivered = select(SyncEntry.seq).where(
+        SyncEntry.user_id == user_id, SyncEntry.message_id == OfflineMessageIndex.message_id,
+        SyncEntry.kind == ENTRY_MESSAGE, SyncEntry.seq <= position).exists()
     with storage.session() as session:
         session.execute(update(OfflineMessageIndex).where(
-            OfflineMessageIndex.user_id == user_id, OfflineMessageIndex.synced.is_(False),
-            OfflineMessageIndex.message_id.in_(delivered)).values(synced=True, synced_at=func.now()))
+            OfflineMessageIndex.user_id == user_id, OfflineMessageIndex.synced.is_(False), delivered)
+            .values(synced=True, synced_at=func.now()))
