@@ -8,6 +8,7 @@ from sqlalchemy import select
 from app.auth import register_user
 from app.errors import ChatError
 from app.storage import upgrade_schema
+from app.unread import rebuild_unread
 from models import User
 
 
@@ -34,3 +35,17 @@ def register_commands(app: Flask) -> None:
                     raise click.ClickException(err.message) from None
             user.is_admin = True
         click.echo(f"user {username} (id {user.id}) is an admin")
+
+    @app.cli.command("rebuild-unread")
+    @click.option("--user", "user_ids", type=int, multiple=True, help="only this user id (repeatable)")
+    def rebuild_unread_command(user_ids):
+        """Recount unread counters in Redis from MySQL (after Redis lost its data)."""
+        storage = current_app.extensions["netherlink.storage"]
+        if not user_ids:
+            with storage.sessions() as session:
+                user_ids = session.scalars(select(User.id).order_by(User.id)).all()
+        total = len(user_ids)
+        for done, user_id in enumerate(user_ids, 1):
+            rebuild_unread(storage, user_id)
+            if done % 1000 == 0 or done == total:
+                click.echo(f"rebuilt unread counters of {done}/{total} users")

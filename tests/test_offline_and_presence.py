@@ -92,3 +92,28 @@ def test_connections_on_a_crashed_gateway_count_as_offline(services, cluster, ma
         assert storage.redis.hget(f"online:user:{bob.user_id}", b.hello["conn_id"]) is None  # pruned
     finally:
         doomed.stop()
+
+
+def test_rebuild_unread_command_restores_the_counters_after_redis_loses_them(cluster, make_user, connect, storage,
+                                                                             services):
+    import subprocess
+    import sys
+
+    alice, bob, carol = make_user(), make_user(), make_user()
+    a = connect(alice)
+    acks = [a.send_message(bob.user_id, "one"), a.send_message(bob.user_id, "two"),
+            a.send_message(carol.user_id, "three")]
+    wait_until(lambda: len(_offline_rows(storage, bob.user_id)) == 2 and _offline_rows(storage, carol.user_id),
+               what="the messages dispatched")
+    before = {u.user_id: unread_counts(storage, int(u.user_id)) for u in (bob, carol)}
+    assert before[bob.user_id] == {acks[0]["conversation_id"]: 2}
+    assert before[carol.user_id] == {acks[2]["conversation_id"]: 1}
+    storage.redis.flushdb()
+    result = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "rebuild-unread",
+                             "--user", bob.user_id, "--user", carol.user_id],
+                            env=services.env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "rebuilt unread counters of 2/2 users" in result.stdout
+    for user in (bob, carol):
+        raw = storage.redis.hgetall(f"unread:{user.user_id}")
+        assert {k: int(v) for k, v in raw.items() if k != "_seq"} == before[user.user_id]
