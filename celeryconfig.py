@@ -17,17 +17,27 @@ notification_direct = Exchange("notification.direct", type="direct", durable=Tru
 
 broker_url = _settings.broker_url
 result_backend = _settings.redis_url
-# Results are only for Flower and operators; nothing waits on them.
+# Nothing waits on results, and a task must never depend on Redis being up to
+# run: with results (or STARTED tracking) on, an unreachable Redis makes the
+# worker ack a task without running it. Flower works from task events.
 result_expires = 3600
-task_ignore_result = False
+task_ignore_result = True
+task_store_errors_even_if_ignored = False
+
+# A task that fails for good (a bug, an id collision, a retry that could not be
+# published) is rejected into dead_letters instead of vanishing; operators look
+# there (Flower, RabbitMQ management) and replay with `flask --app wsgi replay-dead-letters`.
+dead_letters = Exchange("dead.letters", type="fanout", durable=True)
+_dlx = {"x-dead-letter-exchange": "dead.letters"}
 
 task_queues = (
-    Queue("private_messages", chat_direct, routing_key="private.message", durable=True),
-    Queue("group_messages", chat_direct, routing_key="group.message", durable=True),
-    Queue("offline_messages", chat_topic, routing_key="offline.#", durable=True),
+    Queue("private_messages", chat_direct, routing_key="private.message", durable=True, queue_arguments=_dlx),
+    Queue("group_messages", chat_direct, routing_key="group.message", durable=True, queue_arguments=_dlx),
+    Queue("offline_messages", chat_topic, routing_key="offline.#", durable=True, queue_arguments=_dlx),
     Queue("push_tasks", notification_direct, routing_key="push.task", durable=True,
-          queue_arguments={"x-max-priority": 10}),
+          queue_arguments={"x-max-priority": 10, **_dlx}),
 )
+dead_letter_queue = Queue("dead_letters", dead_letters, durable=True)
 # Routes name the queue (its exchange and type come with it) so the embedded
 # Redis broker, which only matches topic keys for declared exchanges, routes
 # exactly like RabbitMQ.
@@ -35,6 +45,8 @@ task_routes = {
     "tasks.pipeline.persist_message": {"queue": "private_messages", "routing_key": "private.message"},
     "tasks.pipeline.dispatch_message": {"queue": "offline_messages", "routing_key": "offline.private"},
     "tasks.pipeline.send_push": {"queue": "push_tasks", "routing_key": "push.task"},
+    "tasks.pipeline.deliver_push": {"queue": "push_tasks", "routing_key": "push.task"},
+    "tasks.pipeline.send_digest": {"queue": "push_tasks", "routing_key": "push.task"},
     "tasks.pipeline.sweep_presence": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
 }
 task_default_queue = "offline_messages"
@@ -45,6 +57,7 @@ task_default_routing_key = "offline.default"
 # mid-task (even SIGKILL) leaves it to be redelivered. Tasks are idempotent.
 task_acks_late = True
 task_reject_on_worker_lost = True
+task_acks_on_failure_or_timeout = False  # a failed task is rejected (dead-lettered), not acked away
 # One message in flight per process: a crash redelivers little, and a slow
 # task does not hold others hostage behind it.
 worker_prefetch_multiplier = 1
@@ -53,10 +66,11 @@ result_serializer = "json"
 accept_content = ["json"]
 task_default_delivery_mode = "persistent"
 
-# Flower sees every task.
+# Flower sees every task from the workers' events. No "sent" events: each
+# would be one more confirmed publish on the gateway's path to the ack.
 worker_send_task_events = True
-task_send_sent_event = True
-task_track_started = True
+task_send_sent_event = False
+task_track_started = False
 
 broker_connection_retry_on_startup = True
 broker_connection_timeout = 4

@@ -26,7 +26,9 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     from app.api.auth import bp as auth_bp
     from app.api.chat import bp as chat_bp
+    from app.api.admin import bp as admin_api_bp
     from app.api.push import bp as push_bp
+    from app.dashboard import init_dashboard
     from app.api.health import bp as health_bp
     from app.cli import register_commands
     from ws import init_gateway
@@ -34,6 +36,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(auth_bp)
     app.register_blueprint(chat_bp)
     app.register_blueprint(push_bp)
+    app.register_blueprint(admin_api_bp)
+    init_dashboard(app)
     app.register_blueprint(health_bp)
     init_gateway(app)
     register_commands(app)

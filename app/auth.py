@@ -17,7 +17,7 @@ from app.errors import Conflict, InvalidInput, Unauthorized
 from models import User
 
 JWT_ALGORITHM = "HS256"  # pinned: a token naming any other algorithm (or "none") is refused
-USERNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{3,32}$")
+USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,32}")
 MIN_PASSWORD, MAX_PASSWORD = 8, 256
 
 _HASHERS = {
@@ -34,7 +34,7 @@ def _hasher(settings: Settings) -> PasswordHasher:
 
 
 def validate_credentials(username, password) -> tuple[str, str]:
-    if not isinstance(username, str) or not USERNAME_RE.match(username):
+    if not isinstance(username, str) or not USERNAME_RE.fullmatch(username):
         raise InvalidInput("username must be 3-32 characters of letters, digits, '_', '.' or '-'")
     if not isinstance(password, str) or not (MIN_PASSWORD <= len(password) <= MAX_PASSWORD):
         raise InvalidInput(f"password must be a string of {MIN_PASSWORD} to {MAX_PASSWORD} characters")

@@ -49,3 +49,33 @@ def register_commands(app: Flask) -> None:
             rebuild_unread(storage, user_id)
             if done % 1000 == 0 or done == total:
                 click.echo(f"rebuilt unread counters of {done}/{total} users")
+
+    @app.cli.command("retry-pushes")
+    @click.option("--id", "push_ids", type=int, multiple=True, help="retry this push (repeatable)")
+    @click.option("--status", default="failed", show_default=True, help="with no --id: failed or skipped")
+    @click.option("--user", "user_id", type=int, help="with no --id: only this user's pushes")
+    @click.option("--provider", type=click.Choice(["apns", "fcm", "email"]), help="with no --id: only this provider")
+    def retry_pushes_command(push_ids, status, user_id, provider):
+        """Re-send failed pushes from the payload stored in push_log."""
+        from app.api.admin import enqueue_deliveries
+        from app.push_admin import PushFilter, reopen_matching, reopen_push
+
+        storage = current_app.extensions["netherlink.storage"]
+        try:
+            if push_ids:
+                reopened = [(push_id, reopen_push(storage, push_id)) for push_id in push_ids]
+            else:
+                reopened = reopen_matching(storage, PushFilter.parse(status, user_id, provider))
+        except ChatError as err:
+            raise click.ClickException(err.message) from None
+        enqueue_deliveries(reopened)
+        click.echo(f"queued {len(reopened)} push(es) for another attempt")
+
+    @app.cli.command("replay-dead-letters")
+    @click.option("--limit", type=int, default=10_000, show_default=True)
+    def replay_dead_letters_command(limit):
+        """Send dead-lettered tasks back to the queue they came from (after fixing the cause)."""
+        from tasks.dead_letters import replay_dead_letters
+
+        replayed = replay_dead_letters(limit, progress=lambda n: click.echo(f"replayed {n}"))
+        click.echo(f"replayed {replayed} dead-lettered task(s)")

@@ -62,6 +62,8 @@ class Settings:
     smtp_starttls: bool = False
     push_max_retries: int = 5
     push_retry_base_seconds: float = 2.0
+    push_coalesce_seconds: float = 2.0
+    email_digest_delay_seconds: float = 300.0
     flower_basic_auth: str = field(default="", repr=False)
     log_level: str = "INFO"
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from app.conversations import invalidate_conversation_lists
 from app.delivery import deliver_to_users
 from app.errors import InvalidInput, NotFound, Unavailable
-from app.snowflake import SnowflakeIds
+from app.snowflake import LeasedIds
 from app.storage import Storage
 from app.sync import append_entries
 from app.unread import count_unread
@@ -77,7 +77,7 @@ class MessageIntake:
     and carries the id that was stored, whichever copy won.
     """
 
-    def __init__(self, storage: Storage, ids: SnowflakeIds, publish: Callable[[dict], None],
+    def __init__(self, storage: Storage, ids: LeasedIds, publish: Callable[[dict], None],
                  clock: Callable[[], float] = time.time):
         self.storage = storage
         self.redis = storage.redis
@@ -193,6 +193,10 @@ class MessageIntake:
 
 # --- persist -----------------------------------------------------------------
 
+class IdCollision(RuntimeError):
+    """Two different messages carry one id (a snowflake node used twice)."""
+
+
 @dataclass(frozen=True)
 class PersistOutcome:
     msg_id: int
@@ -227,8 +231,14 @@ def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
     except IntegrityError:
         with storage.sessions() as session:
             existing = session.get(Message, msg_id)
+            if existing is not None and (existing.sender_id, existing.client_msg_id) != \
+                    (sender, payload["client_msg_id"]):
+                # Two gateways made the same id: never drop either message silently.
+                log.critical("msg id %s collides with another message; dead-lettered for an operator", msg_id)
+                raise IdCollision(f"msg id {msg_id} is taken by another message")
             if existing is not None:
                 log.info("msg %s already persisted (redelivery)", msg_id)
+                invalidate_conversation_lists(storage, [sender, to])  # the first attempt may have died before it
                 return PersistOutcome(msg_id, stored=False, dispatch=True)
             original = session.scalar(select(Message.id).where(
                 Message.sender_id == sender, Message.client_msg_id == payload["client_msg_id"]))

@@ -1,39 +1,216 @@
-"""Push bookkeeping. Talking to APNs / FCM / SMTP is a later step (issue #4):
-for now `send_push` records one pending push_log row per target."""
+"""Offline push: which devices get what, one attempt at a time, and digests.
+
+dispatch -> `schedule_push` (coalescing) -> send_push task -> `plan_pushes`
+(one push_log row per device, carrying the newest unread message and the
+badge) -> deliver_push task per row -> `attempt_push` (one provider call,
+outcome recorded). Email goes as a digest after a quiet delay.
+
+push_tasks priorities (x-max-priority 10, higher first): private 8, group 5,
+email digest 1.
+"""
 from __future__ import annotations
 
 import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from app.providers import DeadToken, Delivered, PushRequest, TemporaryFailure
+from app.push_settings import load_preferences
 from app.storage import Storage
-from models import Device, PushLog, PushSetting
+from app.unread import unread_counts
+from models import STATUS_UNREAD, Device, Message, PushLog, User
 
 log = logging.getLogger(__name__)
 
-# push_tasks priorities (x-max-priority 10): higher is consumed first.
 PRIORITY_PRIVATE, PRIORITY_GROUP, PRIORITY_DIGEST = 8, 5, 1
 PROVIDER_BY_PLATFORM = {"ios": "apns", "android": "fcm", "web": "fcm"}
+COALESCE_KEY = "push:coalesce:{}"
+DIGEST_KEY = "push:digest:{}"
+GENERIC_BODY = "New message"
+PREVIEW_CHARS = 180
+
+PENDING, SUCCESS, FAILED, SKIPPED = "pending", "success", "failed", "skipped"
 
 
-def record_pending_pushes(storage: Storage, msg_id: int, user_id: int, priority: int) -> int:
-    """One pending push_log row per device (or email); returns how many are new."""
+def schedule_once(storage: Storage, key: str, window: float) -> bool:
+    """True for the first caller in a window: many messages, one scheduled push."""
+    return bool(storage.redis.set(key, 1, nx=True, px=max(1, int(window * 1000)) + 1000))
+
+
+@dataclass
+class PushPlan:
+    user_id: int
+    push_ids: list[int] = field(default_factory=list)
+    digest: bool = False
+    skipped: str | None = None  # why nothing is pushed
+
+
+def plan_pushes(storage: Storage, user_id: int, priority: int, now: datetime | None = None) -> PushPlan:
+    """Push the user's newest unread message to each enabled device, once.
+
+    Runs after the coalescing window: whatever arrived meanwhile is covered by
+    this one push (newest message, badge = total unread).
+    """
+    now = now or datetime.now(timezone.utc)
+    storage.redis.delete(COALESCE_KEY.format(user_id))  # later messages schedule a new push
+    plan = PushPlan(user_id)
     with storage.sessions() as session:
+        prefs = load_preferences(session, user_id)
+        query = select(Message).where(Message.receiver_id == user_id, Message.status == STATUS_UNREAD)
+        if prefs.muted_conversations:
+            query = query.where(Message.conversation_id.not_in(prefs.muted_conversations))
+        latest = session.scalar(query.order_by(Message.id.desc()).limit(1))
         devices = session.scalars(select(Device).where(Device.user_id == user_id)).all()
-        setting = session.get(PushSetting, user_id)
-    targets = [(PROVIDER_BY_PLATFORM.get(d.platform, "fcm"), f"device:{d.id}", d.id) for d in devices]
-    if setting and setting.email and "email" in (setting.channels or []):
-        targets.append(("email", "email", None))
-    created = 0
-    for push_type, target, device_id in targets:
-        try:
-            with storage.session() as session:
-                session.add(PushLog(user_id=user_id, message_id=msg_id, push_type=push_type, push_status="pending",
-                                    target=target, device_id=device_id, priority=priority))
-            created += 1
-        except IntegrityError:
-            pass  # redelivered task: the row exists
-    if not targets:
-        log.info("msg %s: user %s has no push target", msg_id, user_id)
-    return created
+        sender = session.get(User, latest.sender_id).username if latest else None
+    plan.digest = bool(prefs.email and "email" in prefs.channels)
+    if latest is None:
+        plan.skipped = "nothing unread outside muted conversations (read elsewhere, recalled or muted)"
+        return plan
+    if prefs.is_quiet(now):
+        plan.skipped = "do-not-disturb hours"
+        return plan
+    badge = sum(unread_counts(storage, user_id).values())
+    body = (latest.content[:PREVIEW_CHARS] if latest.message_type == "text" else f"[{latest.message_type}]")
+    payload = {"title": sender if prefs.preview else "NetherLink", "body": body if prefs.preview else GENERIC_BODY,
+               "badge": badge, "conversation_id": latest.conversation_id, "msg_id": str(latest.id),
+               "preview": prefs.preview}
+    for device in devices:
+        provider = PROVIDER_BY_PLATFORM.get(device.platform)
+        if provider not in prefs.channels:
+            continue
+        push_id = _pending_row(storage, user_id, latest.id, provider, f"device:{device.id}", device.id, priority,
+                               payload)
+        if push_id is not None:
+            plan.push_ids.append(push_id)
+    return plan
+
+
+def _pending_row(storage, user_id, msg_id, push_type, target, device_id, priority, payload) -> int | None:
+    """The push_log row for this target and message; None if it already succeeded."""
+    try:
+        with storage.session() as session:
+            row = PushLog(user_id=user_id, message_id=msg_id, push_type=push_type, push_status=PENDING,
+                          target=target, device_id=device_id, priority=priority, payload=payload)
+            session.add(row)
+            session.flush()
+            return row.id
+    except IntegrityError:  # a redelivered send_push: reuse the row
+        with storage.sessions() as session:
+            row = session.scalar(select(PushLog).where(PushLog.message_id == msg_id, PushLog.user_id == user_id,
+                                                       PushLog.target == target))
+        return None if row is None or row.push_status == SUCCESS else row.id
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    push_id: int
+    status: str
+    retry_in: float | None = None  # seconds until the next attempt, for a temporary failure
+
+
+def backoff_seconds(attempt: int, base: float, retry_after: float | None,
+                    jitter: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter (50-150 %), never sooner than Retry-After."""
+    delay = base * (2 ** (attempt - 1)) * (0.5 + jitter())
+    return max(delay, retry_after or 0.0)
+
+
+def attempt_push(storage: Storage, push_id: int, providers: dict, max_retries: int, base_delay: float,
+                 jitter: Callable[[], float] = random.random) -> AttemptResult:
+    """One delivery attempt of one push_log row; records the outcome."""
+    with storage.session() as session:
+        row = session.get(PushLog, push_id, with_for_update=True)
+        if row is None:
+            raise LookupError(f"push {push_id} does not exist")
+        if row.push_status == SUCCESS:
+            return AttemptResult(push_id, SUCCESS)  # redelivered task: already done
+        device = session.get(Device, row.device_id) if row.device_id else None
+        payload = dict(row.payload or {})
+        push_type, attempts, user_id = row.push_type, row.attempts + 1, row.user_id
+    if push_type == "email":
+        if providers.get("email") is None:
+            return _finish(storage, push_id, attempts, FAILED, "email is not configured on this server")
+        outcome, skipped = _mail_digest(storage, user_id, providers["email"])
+        if skipped:
+            return _finish(storage, push_id, attempts, SKIPPED, skipped)
+        return _record(storage, push_id, attempts, outcome, None, max_retries, base_delay, jitter)
+    if device is None or device.user_id != row.user_id:
+        return _finish(storage, push_id, attempts, FAILED, "device removed before the push was sent")
+    provider = providers.get(push_type)
+    if provider is None:
+        return _finish(storage, push_id, attempts, FAILED, f"{push_type} is not configured on this server")
+    request = PushRequest(token=device.token, title=payload["title"], body=payload["body"], badge=payload["badge"],
+                          conversation_id=payload["conversation_id"], msg_id=payload["msg_id"],
+                          priority=row.priority)
+    started = time.monotonic()
+    outcome = provider.send(request, preview=payload.get("preview", True))
+    log.info("push %s (msg %s, %s): %s after %.0f ms", push_id, payload["msg_id"], push_type,
+             type(outcome).__name__, (time.monotonic() - started) * 1000)
+    return _record(storage, push_id, attempts, outcome, device, max_retries, base_delay, jitter)
+
+
+def _record(storage, push_id, attempts, outcome, device, max_retries, base_delay, jitter) -> AttemptResult:
+    """Turn a provider outcome into the row's new state (and a retry delay)."""
+    if isinstance(outcome, Delivered):
+        return _finish(storage, push_id, attempts, SUCCESS, None, provider_id=outcome.provider_id)
+    if isinstance(outcome, DeadToken) and device is not None:
+        with storage.session() as session:  # a dead token is removed at once and never retried
+            session.query(Device).filter(Device.id == device.id, Device.token == device.token).delete()
+        return _finish(storage, push_id, attempts, FAILED, f"dead token removed: {outcome.reason}")
+    if isinstance(outcome, TemporaryFailure) and attempts <= max_retries:
+        retry_in = backoff_seconds(attempts, base_delay, outcome.retry_after, jitter)
+        _finish(storage, push_id, attempts, PENDING, f"retrying in {retry_in:.1f}s: {outcome.reason}")
+        return AttemptResult(push_id, PENDING, retry_in)
+    if isinstance(outcome, TemporaryFailure):
+        return _finish(storage, push_id, attempts, FAILED, f"gave up after {attempts} attempts: {outcome.reason}")
+    return _finish(storage, push_id, attempts, FAILED, outcome.reason)
+
+
+def _finish(storage, push_id, attempts, status, error, provider_id=None) -> AttemptResult:
+    with storage.session() as session:
+        row = session.get(PushLog, push_id)
+        row.attempts, row.push_status, row.error_msg = attempts, status, error
+        if status == SUCCESS:
+            row.push_time, row.provider_id = func.now(), provider_id
+    return AttemptResult(push_id, status)
+
+
+def plan_digest(storage: Storage, user_id: int) -> int | None:
+    """A pending email row for the user's unread messages; None if there is nothing to mail."""
+    storage.redis.delete(DIGEST_KEY.format(user_id))
+    with storage.sessions() as session:
+        prefs = load_preferences(session, user_id)
+        latest = session.scalar(select(Message).where(Message.receiver_id == user_id, Message.status == STATUS_UNREAD)
+                                .order_by(Message.id.desc()).limit(1))
+    if not prefs.email or "email" not in prefs.channels or latest is None:
+        return None
+    return _pending_row(storage, user_id, latest.id, "email", "email", None, PRIORITY_DIGEST,
+                        {"msg_id": str(latest.id)})
+
+
+def _mail_digest(storage: Storage, user_id: int, email_client):
+    """Compose and send the digest of what the user has not read yet."""
+    with storage.sessions() as session:
+        prefs = load_preferences(session, user_id)
+        rows = session.execute(
+            select(Message, User.username).join(User, User.id == Message.sender_id)
+            .where(Message.receiver_id == user_id, Message.status == STATUS_UNREAD)
+            .order_by(Message.id.desc()).limit(200)).all()
+    unread = [(m, name) for m, name in rows if not prefs.is_muted(m.conversation_id)]
+    if not prefs.email or "email" not in prefs.channels:
+        return None, "email is no longer enabled"
+    if not unread:
+        return None, "everything was read before the digest went out"
+    count = len(unread)
+    lines = [f"You have {count} unread message{'s' if count != 1 else ''} on NetherLink:", ""]
+    for msg, name in unread[:20]:
+        text = msg.content[:PREVIEW_CHARS] if msg.message_type == "text" else f"[{msg.message_type}]"
+        lines.append(f"- {name}: {text}" if prefs.preview else f"- a message from {name}")
+    return email_client.send(prefs.email, f"{count} unread message{'s' if count != 1 else ''} on NetherLink",
+                             "\n".join(lines)), None

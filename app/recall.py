@@ -29,7 +29,7 @@ class RecallOutcome:
 
 def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | None = None) -> RecallOutcome:
     """Clear the message's content, mark it recalled, and put a recall entry in
-    every party's sync stream. Recalling an already recalled message is a no-op."""
+    every party's sync stream. Recalling it again changes nothing in MySQL."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     _await_persisted(storage, msg_id, now_ms)
     with storage.session() as session:
@@ -39,18 +39,25 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
         if msg.sender_id != user_id:
             raise Forbidden("only the sender can recall a message")
         parties = [msg.sender_id, msg.receiver_id]
-        if msg.status == STATUS_RECALLED:
-            return RecallOutcome(msg.id, msg.conversation_id, parties, msg.recalled_at)
-        if now_ms - msg.timestamp > RECALL_WINDOW_MS:
+        already = msg.status == STATUS_RECALLED
+        if not already and now_ms - msg.timestamp > RECALL_WINDOW_MS:
             raise RecallExpired("messages can be recalled for 2 minutes after sending")
-        msg.status, msg.content, msg.recalled_at = STATUS_RECALLED, "", now_ms
-        session.execute(update(Conversation).where(
-            Conversation.conversation_id == msg.conversation_id, Conversation.last_msg_id == msg.id)
-            .values(last_message=RECALLED_PREVIEW))
-        append_entries(session, storage.is_mysql, parties, msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+        if already:  # a retry: redo the Redis side below, which an earlier attempt may not have finished
+            now_ms = msg.recalled_at
+        else:
+            _mark_recalled(session, storage, msg, parties, now_ms)
     rebuild_unread(storage, msg.receiver_id)  # a recalled message no longer counts as unread
     invalidate_conversation_lists(storage, parties)
     return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms)
+
+
+def _mark_recalled(session, storage: Storage, msg: Message, parties: list[int], now_ms: int) -> None:
+    msg.status, msg.content, msg.extra, msg.recalled_at = STATUS_RECALLED, "", None, now_ms
+    session.execute(update(Conversation).where(  # user_id first: the unique index, two rows locked
+        Conversation.user_id.in_(parties), Conversation.conversation_id == msg.conversation_id,
+        Conversation.last_msg_id == msg.id)
+        .values(last_message=RECALLED_PREVIEW))
+    append_entries(session, storage.is_mysql, parties, msg.id, msg.conversation_id, kind=ENTRY_RECALL)
 
 
 def _await_persisted(storage: Storage, msg_id: int, now_ms: int) -> None:

@@ -108,3 +108,32 @@ class NodeLease:
             key = LEASE_KEY.format(self.node_id)
             if self.redis.get(key) == self.owner:
                 self.redis.delete(key)
+
+
+class LeasedIds:
+    """Snowflake ids from a leased node that refuse to be made on a stale lease.
+
+    A gateway that stalled past its lease (GC pause, network cut) could find
+    its node taken by another gateway: it must renew before making another id.
+    """
+
+    def __init__(self, lease: NodeLease, margin_seconds: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.lease = lease
+        self._margin = margin_seconds
+        self._clock = clock
+        self.ids = SnowflakeIds(lease.acquire())
+        self._valid_until = clock() + lease.ttl - margin_seconds
+
+    @property
+    def node_id(self) -> int:
+        return self.ids.node_id
+
+    def renew(self) -> None:
+        started = self._clock()
+        self.ids.set_node(self.lease.renew())
+        self._valid_until = started + self.lease.ttl - self._margin
+
+    def next_id(self) -> int:
+        if self._clock() > self._valid_until:
+            self.renew()  # raises if Redis is unreachable: no id without a valid lease
+        return self.ids.next_id()

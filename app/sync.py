@@ -43,7 +43,8 @@ def append_entries(session: Session, is_mysql: bool, user_ids, msg_id: int, conv
 def parse_cursor(cursor) -> int:
     if cursor is None:
         return 0
-    if isinstance(cursor, str) and cursor.isascii() and cursor.isdigit() and len(cursor) <= 19:
+    if isinstance(cursor, str) and cursor.isascii() and cursor.isdigit() and len(cursor) <= 19 \
+            and int(cursor) < 2**63:
         return int(cursor)
     raise InvalidInput("'cursor' must be null or a cursor this server returned")
 
@@ -89,6 +90,10 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
 def _mark_offline_index_synced(storage, user_id: int, position: int) -> None:
     """Index rows of every message up to `position` are delivered, including rows
     that dispatch wrote after the message was already synced."""
+    with storage.sessions() as session:  # a read first: most pages have nothing to mark
+        if session.scalar(select(OfflineMessageIndex.id).where(
+                OfflineMessageIndex.user_id == user_id, OfflineMessageIndex.synced.is_(False)).limit(1)) is None:
+            return
     delivered = select(SyncEntry.seq).where(
         SyncEntry.user_id == user_id, SyncEntry.message_id == OfflineMessageIndex.message_id,
         SyncEntry.kind == ENTRY_MESSAGE, SyncEntry.seq <= position).exists()

@@ -8,12 +8,18 @@ are in the rebuilt numbers already), and only once (`unread:counted:{msg}`).
 """
 from __future__ import annotations
 
+import time
+import uuid
+from contextlib import contextmanager
+
 from sqlalchemy import func, select
 
 from app.storage import Storage
 from models import STATUS_UNREAD, Message, User
 
 UNREAD_KEY = "unread:{}"
+LOCK_KEY = "unread:rebuilding:{}"
+_RELEASE_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 COUNTED_KEY = "unread:counted:{}"
 SEQ_FIELD = "_seq"
 MAX_REBUILD_ROUNDS = 5
@@ -51,7 +57,28 @@ def rebuild_unread(storage: Storage, user_id: int) -> dict[str, int]:
 
     Counts and `_seq` come from one snapshot. If the stream moved while we
     wrote, a dispatch may have skipped a message the snapshot missed: recount.
+    Rebuilds of one user run one at a time, so an older snapshot (taken before
+    a read committed) never lands after a newer one.
     """
+    with _rebuild_lock(storage, user_id):
+        return _rebuild(storage, user_id)
+
+
+@contextmanager
+def _rebuild_lock(storage: Storage, user_id: int, timeout: float = 5.0):
+    key, token = LOCK_KEY.format(user_id), uuid.uuid4().hex
+    deadline = time.monotonic() + timeout
+    while not storage.redis.set(key, token, nx=True, px=int(timeout * 1000)):
+        if time.monotonic() > deadline:
+            break  # a crashed holder: its lock expires; go ahead rather than hang
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        storage.redis.register_script(_RELEASE_SCRIPT)(keys=[key], args=[token])
+
+
+def _rebuild(storage: Storage, user_id: int) -> dict[str, int]:
     key = UNREAD_KEY.format(user_id)
     counts: dict[str, int] = {}
     for _ in range(MAX_REBUILD_ROUNDS):

@@ -96,6 +96,7 @@ class Conversation(Base):
     __table_args__ = (
         UniqueConstraint("user_id", "conversation_id", name="uk_user_conversation"),
         Index("idx_user", "user_id", "updated_at"),
+        Index("idx_conversation_members", "conversation_id"),
         MYSQL_TABLE_ARGS,
     )
 
@@ -175,7 +176,11 @@ class PushLog(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     push_time: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     error_msg: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # What was (or will be) sent, so an admin retry re-sends exactly this.
+    payload: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    provider_id: Mapped[str | None] = mapped_column(String(128), nullable=True)  # apns-id / FCM message name
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
 
 
 class Device(Base):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
@@ -18,7 +18,10 @@ from app.config import Settings
 from app.errors import Unavailable
 from app.messaging import dispatch_private_message, persist_private_message
 from app.presence import sweep_presence as sweep_presence_entries
-from app.push import PRIORITY_PRIVATE, record_pending_pushes
+from app.push import (
+    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, PRIORITY_PRIVATE, attempt_push, plan_digest, plan_pushes,
+    schedule_once,
+)
 from app.storage import Storage
 from tasks import app
 
@@ -63,20 +66,78 @@ def persist_message(self, message: dict) -> dict:
 
 @app.task(bind=True, acks_late=True, **RETRY)
 def dispatch_message(self, msg_id: str, origin_conn: str | None = None) -> dict:
-    """Live delivery, unread, offline index; a push for each offline recipient."""
+    """Live delivery, unread, offline index; a (coalesced) push for each offline recipient."""
     outcome = dispatch_private_message(storage(), int(msg_id), origin_conn)
     for user_id in outcome.offline_users:
-        send_push.apply_async(args=[msg_id, str(user_id)], priority=PRIORITY_PRIVATE)
+        schedule_push(msg_id, user_id, PRIORITY_PRIVATE)
     log.info("msg %s dispatched: %d live connections, %d offline", msg_id, outcome.live_connections,
              len(outcome.offline_users))
     return {"msg_id": msg_id, "live": outcome.live_connections, "offline": [str(u) for u in outcome.offline_users]}
 
 
+def schedule_push(msg_id: str, user_id: int, priority: int) -> None:
+    """One send_push per user per coalescing window: a burst becomes one push."""
+    window = storage().settings.push_coalesce_seconds
+    if schedule_once(storage(), COALESCE_KEY.format(user_id), window):
+        send_push.apply_async(args=[msg_id, str(user_id)], priority=priority, countdown=window)
+
+
 @app.task(bind=True, acks_late=True, **RETRY)
 def send_push(self, msg_id: str, user_id: str) -> dict:
-    """Record the push targets of an offline recipient (providers: issue #4)."""
-    created = record_pending_pushes(storage(), int(msg_id), int(user_id), PRIORITY_PRIVATE)
-    return {"msg_id": msg_id, "user_id": user_id, "pending": created}
+    """Plan the pushes of an offline user (newest unread message, badge) and send them."""
+    s = storage()
+    priority = self.request.delivery_info.get("priority") or PRIORITY_PRIVATE
+    plan = plan_pushes(s, int(user_id), priority)
+    for push_id in plan.push_ids:
+        deliver_push.apply_async(args=[push_id], priority=priority)
+    if plan.digest and schedule_once(s, DIGEST_KEY.format(user_id), s.settings.email_digest_delay_seconds):
+        send_digest.apply_async(args=[user_id], priority=PRIORITY_DIGEST,
+                                countdown=s.settings.email_digest_delay_seconds)
+    if plan.skipped:
+        log.info("user %s: no push for msg %s (%s)", user_id, msg_id, plan.skipped)
+    return {"user_id": user_id, "pushes": plan.push_ids, "skipped": plan.skipped}
+
+
+@app.task(bind=True, acks_late=True, **RETRY)
+def deliver_push(self, push_id: int) -> dict:
+    """One attempt of one push_log row; a temporary failure schedules the next attempt."""
+    s = storage()
+    result = attempt_push(s, push_id, providers(), s.settings.push_max_retries, s.settings.push_retry_base_seconds)
+    if result.retry_in is not None:
+        deliver_push.apply_async(args=[push_id], countdown=result.retry_in,
+                                 priority=self.request.delivery_info.get("priority") or PRIORITY_PRIVATE)
+    return {"push_id": push_id, "status": result.status, "retry_in": result.retry_in}
+
+
+@app.task(bind=True, acks_late=True, **RETRY)
+def send_digest(self, user_id: str) -> dict:
+    """The email digest of a user's unread messages, after the quiet delay."""
+    push_id = plan_digest(storage(), int(user_id))
+    if push_id is not None:
+        deliver_push.apply_async(args=[push_id], priority=PRIORITY_DIGEST)
+    return {"user_id": user_id, "push_id": push_id}
+
+
+_providers: dict | None = None
+_providers_pid: int | None = None
+
+
+def providers() -> dict:
+    """This process's provider clients; a provider whose settings are missing is left out (logged)."""
+    global _providers, _providers_pid
+    if _providers is None or _providers_pid != os.getpid():
+        from app.providers.apns import ApnsClient
+        from app.providers.email import EmailClient
+        from app.providers.fcm import FcmClient
+
+        settings = storage().settings
+        _providers, _providers_pid = {"email": EmailClient(settings)}, os.getpid()
+        for name, client_class in (("apns", ApnsClient), ("fcm", FcmClient)):
+            try:
+                _providers[name] = client_class(settings)
+            except ValueError as exc:
+                log.warning("%s pushes disabled: %s", name, exc)
+    return _providers
 
 
 @app.task(acks_late=True, **RETRY)
@@ -98,3 +159,11 @@ def publish_persist(payload: dict, timeout: float) -> None:
         log.warning("msg %s not accepted: broker publish failed (%s)", payload["msg_id"], exc.__class__.__name__)
         raise Unavailable("message not accepted: the message broker is unavailable; "
                           "retry with the same client_msg_id") from None
+
+
+@worker_ready.connect
+def _declare_dead_letter_queue(sender=None, **_):
+    """The dead-letter exchange must exist before a task is rejected, or RabbitMQ drops it."""
+    if storage().settings.broker_is_amqp:
+        with app.connection_for_write() as conn:
+            app.conf.dead_letter_queue(conn.default_channel).declare()

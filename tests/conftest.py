@@ -91,36 +91,78 @@ def storage(services):
     s.dispose()
 
 
-class Cluster:
-    """Two gateways, a persist worker and a dispatch+push worker, shared by the tests."""
+class PushFakes:
+    """Local APNs (HTTP/2, TLS), FCM v1 (+OAuth) and SMTP servers the push worker talks to."""
 
-    def __init__(self, services: Services, log_dir):
+    def __init__(self, tmp):
+        from tests.fakes.apns_server import FakeApnsServer
+        from tests.fakes.fcm_server import FakeFcmServer
+        from tests.fakes.smtp_server import FakeSmtp
+
+        self.apns = FakeApnsServer().start()
+        self.fcm = FakeFcmServer().start()
+        self.smtp = FakeSmtp().start()
+        credentials = self.fcm.write_service_account(tmp / "fcm-service-account.json")
+        self.env = {**self.apns.env(), "FCM_BASE_URL": self.fcm.url, "FCM_CREDENTIALS_FILE": str(credentials),
+                    "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.smtp.port), "SMTP_FROM": "NetherLink <nl@test>",
+                    # Short windows so push tests take seconds, not minutes.
+                    "PUSH_COALESCE_SECONDS": "1.0", "PUSH_RETRY_BASE_SECONDS": "0.2", "PUSH_MAX_RETRIES": "3",
+                    "EMAIL_DIGEST_DELAY_SECONDS": "1.5"}
+
+    def stop(self):
+        self.apns.stop()
+        self.fcm.stop()
+        self.smtp.stop()
+
+
+class Cluster:
+    """Two gateways, a persist, a dispatch and a push worker, shared by the tests."""
+
+    def __init__(self, services: Services, log_dir, fakes: PushFakes):
         self.services = services
         self.log_dir = log_dir
+        self.fakes = fakes
         # Redis is new for every run, which is what puts a gateway in dedupe recovery
         # (acks wait for storage); the shared gateways take the normal path, and
         # test_idempotent_send starts its own gateway to test recovery.
-        self.gw1 = Gateway("gw1", services, log_dir, DEDUPE_RECOVERY_SECONDS="0")
-        self.gw2 = Gateway("gw2", services, log_dir, DEDUPE_RECOVERY_SECONDS="0")
+        self.gw1 = Gateway("gw1", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", **fakes.env)
+        self.gw2 = Gateway("gw2", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", **fakes.env)
         self.persist = self.start_persist_worker()
-        self.dispatch = Worker("dispatch", "offline_messages,push_tasks", services, log_dir)
+        self.dispatch = Worker("dispatch", "offline_messages", services, log_dir, **fakes.env)
+        self.push = self.start_push_worker()
 
     def start_persist_worker(self) -> Worker:
-        return Worker("persist", "private_messages,group_messages", self.services, self.log_dir)
+        return Worker("persist", "private_messages,group_messages", self.services, self.log_dir, **self.fakes.env)
+
+    def start_push_worker(self) -> Worker:
+        # One process: the order in which pushes leave is the queue's priority order.
+        return Worker("push", "push_tasks", self.services, self.log_dir, concurrency=1, **self.fakes.env)
 
     def ensure_persist_worker(self) -> None:
         if not self.persist.alive():
             self.persist.stop()
             self.persist = self.start_persist_worker()
 
+    def ensure_push_worker(self) -> None:
+        if not self.push.alive():
+            self.push.stop()
+            self.push = self.start_push_worker()
+
     def stop(self) -> None:
-        for proc in (self.gw1, self.gw2, self.persist, self.dispatch):
+        for proc in (self.gw1, self.gw2, self.persist, self.dispatch, self.push):
             proc.stop()
 
 
 @pytest.fixture(scope="session")
-def cluster(services, log_dir):
-    c = Cluster(services, log_dir)
+def push_fakes(tmp_path_factory):
+    fakes = PushFakes(tmp_path_factory.mktemp("push-fakes"))
+    yield fakes
+    fakes.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(services, log_dir, push_fakes):
+    c = Cluster(services, log_dir, push_fakes)
     yield c
     c.stop()
 

@@ -194,9 +194,10 @@ class Gateway(Process):
 
 
 class Worker(Process):
-    def __init__(self, name: str, queues: str, services: Services, log_dir: Path, concurrency: int = 2):
+    def __init__(self, name: str, queues: str, services: Services, log_dir: Path, concurrency: int = 2, **env):
         self.node = f"{name}-{uuid.uuid4().hex[:6]}"
-        super().__init__(f"worker-{name}", worker_command(self.node, queues, concurrency), services.env(), log_dir)
+        super().__init__(f"worker-{name}", worker_command(self.node, queues, concurrency), services.env(**env),
+                         log_dir)
         wait_until(self._ready, timeout=60, what=f"worker {name} ready")
 
     def _ready(self) -> bool:

@@ -1,12 +1,14 @@
 """Presence routing, and what an offline recipient gets: unread, offline index, push record."""
 import json
+import secrets
 
 from sqlalchemy import select
 
 from app.messaging import dispatch_private_message
-from app.push import PRIORITY_PRIVATE, record_pending_pushes
+from app.push import PRIORITY_PRIVATE, plan_pushes
 from app.unread import unread_counts
 from models import Device, OfflineMessageIndex, PushLog
+from tests.fakes.fcm_server import make_device_token as fcm_token
 from tests.harness import Gateway, wait_until
 
 
@@ -32,34 +34,36 @@ def test_presence_entry_lives_while_connected_and_goes_on_disconnect(cluster, ma
     assert storage.redis.get(f"last_seen:{bob.user_id}")
 
 
-def test_an_offline_recipient_gets_unread_an_offline_index_row_and_a_pending_push(cluster, make_user, connect, storage):
+def test_an_offline_recipient_gets_unread_an_offline_index_row_and_one_push(cluster, make_user, connect, storage):
     alice, bob = make_user(), make_user()
     with storage.session() as session:
-        session.add(Device(user_id=int(bob.user_id), platform="ios", token=f"tok-{bob.user_id}"))
+        session.add(Device(user_id=int(bob.user_id), platform="ios", token=secrets.token_hex(32)))
     a = connect(alice)
     acks = [a.send_message(bob.user_id, f"while you were away {i}") for i in range(3)]
     conversation = acks[0]["conversation_id"]
     wait_until(lambda: len(_offline_rows(storage, bob.user_id)) == 3, what="offline index rows")
     assert {r.message_id for r in _offline_rows(storage, bob.user_id)} == {int(x["msg_id"]) for x in acks}
-    wait_until(lambda: len(_push_rows(storage, bob.user_id)) == 3, what="push_log rows")
-    pushes = _push_rows(storage, bob.user_id)
-    assert {(p.push_type, p.push_status, p.priority) for p in pushes} == {("apns", "pending", PRIORITY_PRIVATE)}
+    wait_until(lambda: [p.push_status for p in _push_rows(storage, bob.user_id)] == ["success"], timeout=15,
+               what="one successful push")
+    push = _push_rows(storage, bob.user_id)[0]
+    assert (push.push_type, push.priority, push.message_id) == ("apns", PRIORITY_PRIVATE, int(acks[-1]["msg_id"]))
     assert unread_counts(storage, int(bob.user_id)) == {conversation: 3}
     assert unread_counts(storage, int(alice.user_id)) == {}  # one's own messages are never unread
 
 
-def test_running_dispatch_and_push_again_changes_nothing(cluster, make_user, connect, storage):
+def test_running_dispatch_and_push_planning_again_changes_nothing(cluster, make_user, connect, storage):
     """What a redelivered task does: same unread, one index row, one push row."""
     alice, bob = make_user(), make_user()
     with storage.session() as session:
-        session.add(Device(user_id=int(bob.user_id), platform="android", token=f"tok-{bob.user_id}"))
+        session.add(Device(user_id=int(bob.user_id), platform="android", token=fcm_token()))
     unread_counts(storage, int(bob.user_id))  # counters built: from now on dispatch counts in Redis
     ack = connect(alice).send_message(bob.user_id, "once")
-    wait_until(lambda: _push_rows(storage, bob.user_id), what="push_log row")
+    wait_until(lambda: [p.push_status for p in _push_rows(storage, bob.user_id)] == ["success"], timeout=15,
+               what="the push")
     for _ in range(2):
         outcome = dispatch_private_message(storage, int(ack["msg_id"]), None)
         assert outcome.offline_users == [int(bob.user_id)]
-        assert record_pending_pushes(storage, int(ack["msg_id"]), int(bob.user_id), PRIORITY_PRIVATE) == 0
+        assert plan_pushes(storage, int(bob.user_id), PRIORITY_PRIVATE).push_ids == []  # already delivered
     assert storage.redis.hget(f"unread:{bob.user_id}", ack["conversation_id"]) == "1"
     assert len(_offline_rows(storage, bob.user_id)) == 1
     assert len(_push_rows(storage, bob.user_id)) == 1
@@ -68,7 +72,7 @@ def test_running_dispatch_and_push_again_changes_nothing(cluster, make_user, con
 def test_an_online_recipient_gets_no_offline_index_row_or_push(cluster, make_user, connect, storage):
     alice, bob = make_user(), make_user()
     with storage.session() as session:
-        session.add(Device(user_id=int(bob.user_id), platform="ios", token=f"tok-{bob.user_id}"))
+        session.add(Device(user_id=int(bob.user_id), platform="ios", token=secrets.token_hex(32)))
     b = connect(bob, cluster.gw2)
     ack = connect(alice).send_message(bob.user_id, "you're here")
     unread_counts(storage, int(bob.user_id))

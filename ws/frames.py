@@ -10,6 +10,7 @@ from app.messaging import SendRequest
 CLIENT_MSG_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces (fullmatch)
 MESSAGE_TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,19}")
 ID_RE = re.compile(r"[0-9]{1,19}")
+MAX_ID = 2**63  # ids are signed 64-bit in the database
 CONVERSATION_ID_RE = re.compile(r"[a-z]_[0-9_]{1,98}")
 MAX_EXTRA_BYTES = 4096
 
@@ -31,9 +32,9 @@ def parse_id(value, name: str) -> int:
     """Ids travel as decimal strings (snowflakes exceed 2^53); integers are tolerated."""
     if isinstance(value, bool):
         raise InvalidInput(f"'{name}' must be an id string")
-    if isinstance(value, int) and value > 0:
+    if isinstance(value, int) and 0 < value < MAX_ID:
         return value
-    if isinstance(value, str) and ID_RE.fullmatch(value) and 0 < int(value) < 2**63:
+    if isinstance(value, str) and ID_RE.fullmatch(value) and 0 < int(value) < MAX_ID:
         return int(value)
     raise InvalidInput(f"'{name}' must be an id string of digits")
 

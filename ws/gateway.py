@@ -22,7 +22,7 @@ from app.receipts import mark_read
 from app.recall import recall_message
 from app.sync import parse_cursor, parse_limit, read_stream
 from app.presence import DELIVERY_CHANNEL, Presence, now_ms
-from app.snowflake import NodeLease, SnowflakeIds
+from app.snowflake import LeasedIds, NodeLease
 from app.storage import Storage
 from ws.frames import client_msg_id_of, parse_frame, parse_id, parse_read, parse_send
 
@@ -32,6 +32,7 @@ OUTBOX_LIMIT = 1000  # frames queued for one slow client before we drop it (it w
 CLOSE_TOKEN_EXPIRED = 4401
 CLOSE_HEARTBEAT_TIMEOUT = 4408
 CLOSE_TOO_SLOW = 4429
+CLOSE_RESYNC = 4503
 GATEWAY_ALIVE_EVERY = 5
 LEASE_RENEW_EVERY = 20
 
@@ -89,9 +90,9 @@ class Gateway:
         self.presence = Presence(storage.redis, settings.presence_ttl_seconds)
         self.connections: dict[str, Connection] = {}
         self._lock = threading.Lock()
+        self._subscribed = threading.Event()
         self._started = False
-        self.lease: NodeLease | None = None
-        self.ids: SnowflakeIds | None = None
+        self.ids: LeasedIds | None = None
         self.intake: MessageIntake | None = None
         self._handlers = {"ping": self._on_ping, "send": self._on_send, "sync": self._on_sync,
                           "read": self._on_read, "recall": self._on_recall}
@@ -105,14 +106,15 @@ class Gateway:
                 return
             from tasks.pipeline import publish_persist
 
-            self.lease = NodeLease(self.storage.redis)
-            self.ids = SnowflakeIds(self.lease.acquire())
+            self.ids = LeasedIds(NodeLease(self.storage.redis))
             timeout = self.settings.publish_timeout_seconds
             self.intake = MessageIntake(self.storage, self.ids, lambda payload: publish_persist(payload, timeout))
             self.presence.mark_gateway_alive(self.gateway_id)
             threading.Thread(target=self._delivery_loop, daemon=True, name="delivery").start()
             threading.Thread(target=self._maintenance_loop, daemon=True, name="maintenance").start()
             self._started = True
+            if not self._subscribed.wait(5):  # serve only once dispatch can reach us
+                log.warning("gateway %s: delivery channel not subscribed yet", self.gateway_id)
             log.info("gateway %s serving (snowflake node %d)", self.gateway_id, self.ids.node_id)
 
     def _delivery_loop(self) -> None:
@@ -122,6 +124,7 @@ class Gateway:
             pubsub = self.storage.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(channel)
+                self._subscribed.set()
                 self._refresh_presence()  # Redis may have been flushed while we were away
                 for item in pubsub.listen():
                     if item.get("type") == "message":
@@ -129,6 +132,10 @@ class Gateway:
             except Exception as exc:
                 log.warning("gateway %s: delivery channel lost (%s); resubscribing", self.gateway_id,
                             exc.__class__.__name__)
+                self._subscribed.clear()
+                # Frames sent meanwhile are gone: tell every client to reconnect and sync.
+                for conn in list(self.connections.values()):
+                    conn.close(CLOSE_RESYNC, "live delivery interrupted: reconnect and sync")
                 time.sleep(1)
             finally:
                 try:
@@ -159,7 +166,7 @@ class Gateway:
                     self._refresh_presence()
                     last_presence = now
                 if now - last_lease >= LEASE_RENEW_EVERY:
-                    self.ids.set_node(self.lease.renew())
+                    self.ids.renew()
                     last_lease = now
                 if now - last_presence >= self.settings.heartbeat_interval_seconds:
                     self._refresh_presence()

@@ -33,8 +33,8 @@ def _int_arg(name: str, default: int | None) -> int | None:
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
-        raise InvalidInput(f"query parameter '{name}' must be a whole number")
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) >= 2**63:
+        raise InvalidInput(f"query parameter '{name}' must be a whole number below 2^63")
     return int(raw)
 
 
@@ -62,7 +62,7 @@ def unread():
 @require_user
 def presence(user_id: int):
     with storage().sessions() as session:
-        if session.get(User, user_id) is None:
+        if user_id >= 2**63 or session.get(User, user_id) is None:
             raise NotFound(f"user {user_id} does not exist")
     state = Presence(storage().redis, settings().presence_ttl_seconds).presence_of(user_id)
     return jsonify(user_id=str(user_id), **state)

@@ -1,0 +1,69 @@
+"""Admin REST API for pushes (admin role only)."""
+from __future__ import annotations
+
+from functools import wraps
+
+from flask import Blueprint, g, jsonify, request
+
+from app.api import storage
+from app.api.chat import require_user
+from app.errors import Forbidden, InvalidInput
+from app.push_admin import PushFilter, list_pushes, reopen_matching, reopen_push
+from models import User
+
+bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
+
+
+def require_admin(view):
+    @require_user
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        with storage().sessions() as session:
+            user = session.get(User, g.user_id)
+        if user is None or not user.is_admin:
+            raise Forbidden("admins only")
+        return view(*args, **kwargs)
+    return wrapper
+
+
+def enqueue_deliveries(pushes: list[tuple[int, int]]) -> None:
+    from tasks.pipeline import deliver_push
+
+    for push_id, priority in pushes:
+        deliver_push.apply_async(args=[push_id], priority=priority)
+
+
+def _int(name: str, default: int) -> int:
+    raw = request.args.get(name, "")
+    if raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidInput(f"'{name}' must be a whole number")
+    return int(raw)
+
+
+@bp.get("/pushes")
+@require_admin
+def pushes():
+    flt = PushFilter.parse(request.args.get("status"), request.args.get("user_id"), request.args.get("provider"))
+    return jsonify(list_pushes(storage(), flt, _int("page", 1), _int("per_page", 50)))
+
+
+@bp.post("/pushes/<int:push_id>/retry")
+@require_admin
+def retry_one(push_id: int):
+    priority = reopen_push(storage(), push_id)
+    enqueue_deliveries([(push_id, priority)])
+    return jsonify(id=str(push_id), status="pending"), 202
+
+
+@bp.post("/pushes/retry")
+@require_admin
+def retry_many():
+    body = request.get_json(silent=True) or {}
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object of filters: status, user_id, provider")
+    flt = PushFilter.parse(body.get("status"), body.get("user_id"), body.get("provider"))
+    reopened = reopen_matching(storage(), flt)
+    enqueue_deliveries(reopened)
+    return jsonify(retried=len(reopened), ids=[str(i) for i, _ in reopened]), 202

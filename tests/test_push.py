@@ -1,0 +1,246 @@
+"""Offline push end to end: real workers, real local APNs / FCM / SMTP servers."""
+import secrets
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from sqlalchemy import select, update
+
+from app.push import PRIORITY_DIGEST, PRIORITY_PRIVATE
+from models import Device, PushLog, User
+from tests.fakes.fcm_server import make_device_token as fcm_token
+from tests.harness import wait_until
+
+
+def add_device(storage, user, platform="ios"):
+    token = secrets.token_hex(32) if platform == "ios" else fcm_token()
+    with storage.session() as session:
+        session.add(Device(user_id=int(user.user_id), platform=platform, token=token))
+    return token
+
+
+def pushes(storage, user):
+    with storage.sessions() as session:
+        return session.scalars(select(PushLog).where(PushLog.user_id == int(user.user_id))
+                               .order_by(PushLog.id)).all()
+
+
+def statuses(storage, user):
+    return [p.push_status for p in pushes(storage, user)]
+
+
+def apns_for(fakes, token):
+    return [r for r in fakes.apns.notifications if r.token == token]
+
+
+def settle(storage, user):
+    """Wait until the coalesced push planner has run for this user."""
+    wait_until(lambda: not storage.redis.exists(f"push:coalesce:{user.user_id}"), timeout=15,
+               what="the push planner to run")
+
+
+def make_admin(storage, user):
+    with storage.session() as session:
+        session.execute(update(User).where(User.id == int(user.user_id)).values(is_admin=True))
+
+
+def test_an_ios_push_carries_the_message_badge_thread_and_collapse_id(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    token = add_device(storage, bob, "ios")
+    ack = connect(alice).send_message(bob.user_id, "are we still on for lunch?")
+    wait_until(lambda: statuses(storage, bob) == ["success"], timeout=15, what="the push")
+    [note] = apns_for(cluster.fakes, token)
+    aps = note.payload["aps"]
+    assert aps["alert"]["body"] == "are we still on for lunch?" and aps["alert"]["title"] == alice.username
+    assert aps["badge"] == 1 and aps["thread-id"] == ack["conversation_id"]
+    assert note.payload["msg_id"] == ack["msg_id"]
+    assert note.headers["apns-collapse-id"] == ack["conversation_id"] and note.headers["apns-priority"] == "10"
+    assert note.headers["apns-push-type"] == "alert" and note.headers["apns-topic"] == cluster.fakes.apns.topic
+    push = pushes(storage, bob)[0]
+    assert push.push_time is not None and push.attempts == 1 and push.provider_id
+
+
+def test_an_android_push_goes_through_fcm_and_preview_off_hides_the_text(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    token = add_device(storage, bob, "android")
+    r = requests.put(f"{cluster.gw1.http}/api/push-settings", json={"preview": False},
+                     headers={"Authorization": f"Bearer {bob.token}"}, timeout=10)
+    assert r.status_code == 200
+    ack = connect(alice).send_message(bob.user_id, "secret plans")
+    wait_until(lambda: statuses(storage, bob) == ["success"], timeout=15, what="the push")
+    [message] = [m for m in cluster.fakes.fcm.messages if m["token"] == token]
+    assert "secret plans" not in str(message)
+    assert message["android"]["collapse_key"] == ack["conversation_id"]
+    assert message["android"]["notification"]["notification_count"] == 1
+    assert message["data"]["msg_id"] == ack["msg_id"]
+
+
+def test_an_email_digest_arrives_once_for_a_burst(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    address = f"bob-{bob.user_id}@example.org"
+    r = requests.put(f"{cluster.gw1.http}/api/push-settings", json={"email": address},
+                     headers={"Authorization": f"Bearer {bob.token}"}, timeout=10)
+    assert r.status_code == 200
+    a = connect(alice)
+    for i in range(3):
+        a.send_message(bob.user_id, f"note {i}")
+    wait_until(lambda: cluster.fakes.smtp.mails_to(address), timeout=20, what="the digest mail")
+    [mail] = cluster.fakes.smtp.mails_to(address)
+    assert "3 unread messages" in mail["Subject"] and "note 2" in mail.get_content()
+    assert [(p.push_type, p.push_status, p.priority) for p in pushes(storage, bob)] == [
+        ("email", "success", PRIORITY_DIGEST)]
+
+
+def test_a_burst_to_an_offline_user_becomes_one_push_with_the_latest_message(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    token = add_device(storage, bob, "ios")
+    a = connect(alice)
+    acks = [a.send_message(bob.user_id, f"burst {i}") for i in range(8)]
+    settle(storage, bob)
+    wait_until(lambda: statuses(storage, bob) == ["success"], timeout=15, what="one push")
+    [note] = apns_for(cluster.fakes, token)
+    assert note.payload["msg_id"] == acks[-1]["msg_id"] and note.payload["aps"]["badge"] == 8
+
+
+def test_gone_token_is_removed_and_never_retried(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    token = add_device(storage, bob, "ios")
+    cluster.fakes.apns.fail_token(token, 410, "Unregistered")
+    connect(alice).send_message(bob.user_id, "hello?")
+    wait_until(lambda: statuses(storage, bob) == ["failed"], timeout=15, what="the failed push")
+    push = pushes(storage, bob)[0]
+    assert push.attempts == 1 and "Unregistered" in push.error_msg
+    with storage.sessions() as session:
+        assert session.scalars(select(Device).where(Device.token == token)).all() == []
+    assert len([r for r in cluster.fakes.apns.requests if r.token == token]) == 1
+
+
+def test_503_with_retry_after_is_retried_after_that_delay_then_succeeds(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    token = add_device(storage, bob, "ios")
+    cluster.fakes.apns.fail_token(token, 503, "ServiceUnavailable")
+    connect(alice).send_message(bob.user_id, "try again")
+    wait_until(lambda: pushes(storage, bob) and pushes(storage, bob)[0].attempts >= 1, timeout=15,
+               what="the first attempt")
+    failed_at = time.monotonic()
+    cluster.fakes.apns.reset()
+    cluster.fakes.apns.fail_next(1, 503, "ServiceUnavailable", retry_after=1)
+    wait_until(lambda: statuses(storage, bob) == ["success"], timeout=20, what="the retried push")
+    push = pushes(storage, bob)[0]
+    assert push.attempts == 3 and len(apns_for(cluster.fakes, token)) == 1
+    assert time.monotonic() - failed_at >= 1.0  # the second retry waited for Retry-After
+
+
+def test_a_permanent_400_fails_at_once_and_an_admin_retry_succeeds_later(cluster, make_user, connect, storage):
+    alice, bob, admin, nobody = make_user(), make_user(), make_user(), make_user()
+    make_admin(storage, admin)
+    token = add_device(storage, bob, "ios")
+    cluster.fakes.apns.fail_token(token, 400, "BadExpirationDate")
+    connect(alice).send_message(bob.user_id, "please arrive")
+    wait_until(lambda: statuses(storage, bob) == ["failed"], timeout=15, what="the failed push")
+    push = pushes(storage, bob)[0]
+    assert push.attempts == 1 and "BadExpirationDate" in push.error_msg
+
+    api = f"{cluster.gw1.http}/api/admin/pushes"
+    as_admin = {"Authorization": f"Bearer {admin.token}"}
+    assert requests.get(api, headers={"Authorization": f"Bearer {nobody.token}"}).status_code == 403
+    assert requests.post(f"{api}/{push.id}/retry", headers={"Authorization": f"Bearer {nobody.token}"}).status_code == 403
+    listed = requests.get(api, params={"status": "failed", "user_id": bob.user_id, "provider": "apns"},
+                          headers=as_admin).json()
+    assert [p["id"] for p in listed["pushes"]] == [str(push.id)] and listed["pushes"][0]["error"]
+
+    cluster.fakes.apns.reset()  # the provider is healthy again
+    r = requests.post(f"{api}/{push.id}/retry", headers=as_admin)
+    assert r.status_code == 202
+    wait_until(lambda: statuses(storage, bob) == ["success"], timeout=15, what="the retried push")
+    assert len(apns_for(cluster.fakes, token)) == 1
+    assert requests.post(f"{api}/{push.id}/retry", headers=as_admin).status_code == 409  # already delivered
+
+
+def test_retry_all_matching_and_the_cli_resend_failed_pushes(cluster, make_user, connect, storage, services):
+    alice, bob, carol, admin = make_user(), make_user(), make_user(), make_user()
+    make_admin(storage, admin)
+    tokens = {u.user_id: add_device(storage, u, "ios") for u in (bob, carol)}
+    for u in (bob, carol):
+        cluster.fakes.apns.fail_token(tokens[u.user_id], 400, "BadExpirationDate")
+        connect(alice).send_message(u.user_id, "hi")
+    wait_until(lambda: statuses(storage, bob) == ["failed"] and statuses(storage, carol) == ["failed"], timeout=15,
+               what="two failed pushes")
+    cluster.fakes.apns.reset()
+    r = requests.post(f"{cluster.gw1.http}/api/admin/pushes/retry", json={"user_id": bob.user_id},
+                      headers={"Authorization": f"Bearer {admin.token}"})
+    assert r.status_code == 202 and r.json()["retried"] == 1
+    wait_until(lambda: statuses(storage, bob) == ["success"], timeout=15, what="Bob's retried push")
+    assert statuses(storage, carol) == ["failed"]
+    result = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "retry-pushes", "--user", carol.user_id],
+                            env=services.env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "queued 1 push(es)" in result.stdout, result.stderr
+    wait_until(lambda: statuses(storage, carol) == ["success"], timeout=15, what="Carol's retried push")
+
+
+def test_a_message_read_on_another_device_before_its_push_is_not_pushed(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    token = add_device(storage, bob, "ios")
+    ack = connect(alice).send_message(bob.user_id, "read me elsewhere")
+    laptop = connect(bob, cluster.gw2)  # within the coalescing window
+    laptop.send_json({"type": "read", "conversation_id": ack["conversation_id"], "msg_id": ack["msg_id"]})
+    laptop.next_frame(lambda f: f["type"] == "read_ok")
+    settle(storage, bob)
+    assert pushes(storage, bob) == [] and apns_for(cluster.fakes, token) == []
+
+
+def test_muted_conversations_and_do_not_disturb_hours_get_no_push(cluster, make_user, connect, storage):
+    alice, carol, bob = make_user(), make_user(), make_user()
+    token = add_device(storage, bob, "ios")
+    headers = {"Authorization": f"Bearer {bob.token}"}
+    muted = connect(alice).send_message(bob.user_id, "muted chatter")
+    requests.put(f"{cluster.gw1.http}/api/push-settings", json={"muted_conversations": [muted["conversation_id"]]},
+                 headers=headers, timeout=10).raise_for_status()
+    settle(storage, bob)
+    assert apns_for(cluster.fakes, token) == []
+    # Quiet hours around now, in Bob's time zone.
+    now = time.gmtime()
+    start, end = f"{(now.tm_hour - 1) % 24:02d}:00", f"{(now.tm_hour + 2) % 24:02d}:00"
+    requests.put(f"{cluster.gw1.http}/api/push-settings", json={"do_not_disturb": {"start": start, "end": end},
+                 "time_zone": "UTC"}, headers=headers, timeout=10).raise_for_status()
+    connect(carol).send_message(bob.user_id, "during quiet hours")
+    settle(storage, bob)
+    assert apns_for(cluster.fakes, token) == []
+    requests.put(f"{cluster.gw1.http}/api/push-settings", json={"do_not_disturb": None}, headers=headers,
+                 timeout=10).raise_for_status()
+    later = connect(carol).send_message(bob.user_id, "quiet hours are over")
+    wait_until(lambda: apns_for(cluster.fakes, token), timeout=15, what="a push after quiet hours")
+    [note] = apns_for(cluster.fakes, token)
+    assert note.payload["msg_id"] == later["msg_id"]  # the newest message outside the muted conversation
+
+
+def test_a_private_push_overtakes_a_backlog_of_digest_priority_pushes(cluster, make_user, storage):
+    from tasks.pipeline import deliver_push
+
+    people = [make_user() for _ in range(13)]
+    tokens = [add_device(storage, u, "ios") for u in people]
+    with storage.session() as session:
+        device_ids = {d.token: d.id for d in session.scalars(select(Device).where(Device.token.in_(tokens)))}
+    cluster.push.kill()  # nothing consumes push_tasks while the backlog builds
+    try:
+        rows = []
+        with storage.session() as session:
+            for i, (user, token) in enumerate(zip(people, tokens)):
+                row = PushLog(user_id=int(user.user_id), message_id=10_000 + i, push_type="apns", push_status="pending",
+                              target=f"device:{device_ids[token]}", device_id=device_ids[token],
+                              priority=PRIORITY_PRIVATE if i == 12 else PRIORITY_DIGEST,
+                              payload={"title": "t", "body": f"b{i}", "badge": 1, "conversation_id": f"p_1_{i}",
+                                       "msg_id": str(10_000 + i), "preview": True})
+                session.add(row)
+                session.flush()
+                rows.append(row)
+        for row in rows:  # twelve low-priority pushes first, the private one last
+            deliver_push.apply_async(args=[row.id], priority=row.priority)
+    finally:
+        cluster.ensure_push_worker()
+    wait_until(lambda: all(apns_for(cluster.fakes, t) for t in tokens), timeout=30, what="all 13 pushes")
+    order = [r.token for r in cluster.fakes.apns.notifications if r.token in tokens]
+    assert order.index(tokens[12]) <= 1  # the private push went first (or second, behind one already taken)
