@@ -33,10 +33,12 @@ def beat_command(schedule_file: Path) -> list[str]:
     return [str(BIN / "celery"), "-A", "tasks", "beat", "--schedule", str(schedule_file), "--loglevel", "INFO"]
 
 
-def flower_command(port: int, basic_auth: str = "") -> list[str]:
+def flower_command(port: int, basic_auth: str = "", broker_api: str = "") -> list[str]:
     cmd = [str(BIN / "celery"), "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"]
     if basic_auth:
         cmd.append(f"--basic-auth={basic_auth}")
+    if broker_api:
+        cmd.append(f"--broker_api={broker_api}")
     return cmd
 
 

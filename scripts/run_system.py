@@ -32,6 +32,8 @@ def main() -> int:
                         help="port of the first gateway; the next ones count up (default 8000)")
     parser.add_argument("--flower-port", type=int, default=5555)
     parser.add_argument("--concurrency", type=int, default=2, help="processes per Celery worker (default 2)")
+    parser.add_argument("--fake-push", action="store_true",
+                        help="start local APNs, FCM and SMTP servers and send pushes there (to watch them arrive)")
     args = parser.parse_args()
 
     procs: list[tuple[str, subprocess.Popen]] = []
@@ -51,6 +53,10 @@ def main() -> int:
         env.setdefault("REDIS_URL", os.environ.get("REDIS_URL") or f"redis://127.0.0.1:{port}/0")
         env.setdefault("BROKER_URL", os.environ.get("BROKER_URL") or f"redis://127.0.0.1:{port}/1")
         embedded.append(f"bundled Redis on 127.0.0.1:{port}")
+    fakes = []
+    if args.fake_push:
+        fakes, fake_env = _start_push_fakes()
+        env.update(fake_env)
     if not os.environ.get("DATABASE_URL"):
         env["DATABASE_URL"] = f"sqlite:///{VAR / 'netherlink.db'}"
         embedded.append(f"SQLite {VAR / 'netherlink.db'}")
@@ -70,7 +76,8 @@ def main() -> int:
             procs.append((name, _spawn(name, worker_command(name, queues, args.concurrency), base_env)))
         procs.append(("beat", _spawn("beat", beat_command(VAR / "celerybeat-schedule"), base_env)))
         flower_auth = os.environ.get("FLOWER_BASIC_AUTH", "")
-        procs.append(("flower", _spawn("flower", flower_command(args.flower_port, flower_auth), base_env)))
+        procs.append(("flower", _spawn("flower", flower_command(args.flower_port, flower_auth,
+                                                                _broker_api(base_env["BROKER_URL"])), base_env)))
 
         for port in gateway_urls:
             _wait_healthy(f"http://127.0.0.1:{port}/healthz", procs)
@@ -80,6 +87,9 @@ def main() -> int:
             print(f"  REST API   http://127.0.0.1:{port}/api/   (health: /healthz, /readyz)")
             print(f"  WebSocket  ws://127.0.0.1:{port}/ws?token=<JWT>")
         print(f"  Flower     http://127.0.0.1:{args.flower_port}/")
+        print(f"  Admin      http://127.0.0.1:{gateway_urls[0]}/admin/   (accounts: flask --app wsgi create-admin NAME)")
+        for line in _describe_fakes(fakes):
+            print(line)
         print("Press Ctrl-C to stop.\n", flush=True)
 
         while not stopping.is_set():
@@ -92,6 +102,41 @@ def main() -> int:
         return 0
     finally:
         _stop(procs)
+        for fake in fakes:
+            fake.stop()
+
+
+def _start_push_fakes():
+    """Local stand-ins for Apple, Google and a mail server; pushes can be watched arriving."""
+    from tests.fakes.apns_server import FakeApnsServer
+    from tests.fakes.fcm_server import FakeFcmServer
+    from tests.fakes.smtp_server import FakeSmtp
+
+    VAR.mkdir(exist_ok=True)
+    apns, fcm, smtp = FakeApnsServer().start(), FakeFcmServer().start(), FakeSmtp(echo=True).start()
+    credentials = fcm.write_service_account(VAR / "fake-fcm-service-account.json")
+    env = {**apns.env(), "FCM_BASE_URL": fcm.url, "FCM_CREDENTIALS_FILE": str(credentials),
+           "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port)}
+    return [apns, fcm, smtp], env
+
+
+def _describe_fakes(fakes) -> list[str]:
+    if not fakes:
+        return []
+    apns, fcm, smtp = fakes
+    return [f"  Fake APNs  {apns.url}   Fake FCM {fcm.url}   Fake SMTP 127.0.0.1:{smtp.port} (mails print here)"]
+
+
+def _broker_api(broker_url: str) -> str:
+    """RabbitMQ's management API for Flower's queue view, when the plugin answers on 15672."""
+    from urllib.parse import urlsplit
+
+    if os.environ.get("FLOWER_BROKER_API"):
+        return os.environ["FLOWER_BROKER_API"]
+    parts = urlsplit(broker_url)
+    if not parts.scheme.startswith("amqp") or not port_open(parts.hostname or "127.0.0.1", 15672):
+        return ""
+    return f"http://{parts.username or 'guest'}:{parts.password or 'guest'}@{parts.hostname}:15672/api/"
 
 
 def _spawn(label: str, cmd: list[str], env: dict) -> subprocess.Popen:
