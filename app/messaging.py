@@ -26,9 +26,8 @@ from models import ENTRY_MESSAGE, STATUS_RECALLED, Message, OfflineMessageIndex,
 
 log = logging.getLogger(__name__)
 
-DEDUPE_KEY = "dedupe:{}:{}"  # sender, client_msg_id -> "p:<msg_id>" while publishing, then the ack JSON
+DEDUPE_KEY = "dedupe:{}:{}"  # sender, client_msg_id -> "p:<msg_id>:<ms>" until published, then the ack JSON
 DEDUPE_SINCE_KEY = "dedupe:since"  # when this Redis started remembering sends
-PENDING_WAIT_SECONDS = 5.0
 RECOVERY_ACK_WAIT_SECONDS = 10.0
 PREVIEW_CHARS = 200
 
@@ -86,8 +85,6 @@ class MessageIntake:
         self.clock = clock
         self.dedupe_ttl = storage.settings.dedupe_ttl_seconds
         self.recovery_seconds = storage.settings.dedupe_recovery_seconds
-        # A pending marker outlives a publish attempt but not a crashed gateway for long.
-        self.pending_ttl = int(storage.settings.publish_timeout_seconds * 3) + 5
         self._known_users: set[int] = set()
 
     def accept(self, sender_id: int, origin_conn: str, req: SendRequest) -> Ack:
@@ -95,36 +92,49 @@ class MessageIntake:
             raise InvalidInput("'to' is yourself: messages to oneself are not supported")
         self._require_user(req.to)
         key = DEDUPE_KEY.format(sender_id, req.client_msg_id)
+        conversation_id = private_conversation_id(sender_id, req.to)
         try:
             value, since = self.redis.mget(key, DEDUPE_SINCE_KEY)
             memory_age = self._memory_age_seconds(since)
-            earlier = self._earlier_ack(sender_id, req, key, value, check_mysql=memory_age < self.dedupe_ttl)
-            if earlier:
-                return earlier
-            msg_id = self.ids.next_id()
-            if not self.redis.set(key, f"p:{msg_id}", nx=True, ex=self.pending_ttl):
-                return self._wait_for_pending(req, key)  # a concurrent retry won the race
+            if value is None and memory_age < self.dedupe_ttl:
+                # Redis lost its memory within the dedupe window: MySQL's
+                # UNIQUE(sender_id, client_msg_id) answers for stored sends.
+                stored = self._lookup_stored(sender_id, req.client_msg_id)
+                if stored is not None:
+                    self.redis.set(key, stored.to_json(), ex=self.dedupe_ttl)
+                    return stored
+            if value is None:
+                # The id is kept for the whole dedupe window, published or not: every
+                # retry publishes this same id, and persist collapses copies by id.
+                fresh = f"p:{self.ids.next_id()}:{int(self.clock() * 1000)}"
+                value = fresh if self.redis.set(key, fresh, nx=True, ex=self.dedupe_ttl) else \
+                    (self.redis.get(key) or fresh)  # a concurrent copy of this send got there first
+            ack = self._ack_of(req.client_msg_id, conversation_id, value)
+            if not value.startswith("p:"):
+                return ack  # published and acked before
         except (InvalidInput, NotFound, Unavailable):
             raise
         except Exception as exc:  # Redis down: refuse rather than risk a second copy
             log.warning("send refused, Redis unavailable: %s", exc.__class__.__name__)
             raise Unavailable("message not accepted (dedupe store unavailable); retry with the same client_msg_id") from None
-        ack = Ack(req.client_msg_id, msg_id, private_conversation_id(sender_id, req.to), int(self.clock() * 1000))
-        payload = {
-            "msg_id": str(msg_id), "conversation_id": ack.conversation_id, "sender_id": sender_id,
+        self.publish({
+            "msg_id": str(ack.msg_id), "conversation_id": conversation_id, "sender_id": sender_id,
             "to": req.to, "group_id": None, "client_msg_id": req.client_msg_id,
             "message_type": req.message_type, "content": req.content, "extra": req.extra,
             "timestamp": ack.timestamp, "origin_conn": origin_conn,
-        }
-        try:
-            self.publish(payload)
-        except Exception:
-            self._forget_pending(key, msg_id)
-            raise
+        })
         if memory_age < self.recovery_seconds:
             ack = self._stored_ack(sender_id, req)
         self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
         return ack
+
+    @staticmethod
+    def _ack_of(client_msg_id: str, conversation_id: str, value: str) -> Ack:
+        """The ack a dedupe record stands for: final ("{json}") or pending ("p:<id>:<ms>")."""
+        if not value.startswith("p:"):
+            return Ack.from_json(client_msg_id, value)
+        _, msg_id, timestamp = value.split(":")
+        return Ack(client_msg_id, int(msg_id), conversation_id, int(timestamp))
 
     def _require_user(self, user_id: int) -> None:
         if user_id in self._known_users:
@@ -135,17 +145,6 @@ class MessageIntake:
         if len(self._known_users) > 100_000:
             self._known_users.clear()
         self._known_users.add(user_id)
-
-    def _earlier_ack(self, sender_id: int, req: SendRequest, key: str, value: str | None,
-                     check_mysql: bool) -> Ack | None:
-        if value is not None:
-            return self._wait_for_pending(req, key) if value.startswith("p:") else Ack.from_json(req.client_msg_id, value)
-        if check_mysql:
-            ack = self._lookup_stored(sender_id, req.client_msg_id)
-            if ack is not None:
-                self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
-                return ack
-        return None
 
     def _lookup_stored(self, sender_id: int, client_msg_id: str) -> Ack | None:
         with self.storage.sessions() as session:
@@ -171,24 +170,6 @@ class MessageIntake:
             return 0.0
         return max(0.0, now - int(since) / 1000)
 
-    def _wait_for_pending(self, req: SendRequest, key: str) -> Ack:
-        """Another copy of this send is being published: answer with its outcome."""
-        deadline = self.clock() + PENDING_WAIT_SECONDS
-        while self.clock() < deadline:
-            value = self.redis.get(key)
-            if value is None:
-                break  # the other copy failed to publish
-            if not value.startswith("p:"):
-                return Ack.from_json(req.client_msg_id, value)
-            time.sleep(0.01)
-        raise Unavailable("an earlier copy of this message is still being accepted; retry with the same client_msg_id")
-
-    def _forget_pending(self, key: str, msg_id: int) -> None:
-        try:
-            if self.redis.get(key) == f"p:{msg_id}":
-                self.redis.delete(key)
-        except Exception:  # the key expires by itself
-            log.warning("could not clear pending dedupe key for msg %s", msg_id)
 
 
 # --- persist -----------------------------------------------------------------

@@ -7,7 +7,7 @@ import websocket
 from sqlalchemy import func, select
 
 from models import Message
-from tests.harness import ChatClient, Gateway
+from tests.harness import ChatClient, Gateway, wait_until
 
 
 def _error(client, raw):
@@ -113,5 +113,17 @@ def test_broker_unreachable_means_an_error_frame_and_never_an_ack(services, clus
         client.drain()
         assert not [f for f in client.frames if f["type"] == "ack"]
         client.close()
+        # The id made for the failed attempt is kept: a retry elsewhere publishes that same id.
+        pending = storage.redis.get(f"dedupe:{alice.user_id}:nobroker-1")
+        assert pending and pending.startswith("p:")
+        retried = ChatClient(cluster.gw1.ws, alice.token).send_message(bob.user_id, "goes nowhere",
+                                                                       client_msg_id="nobroker-1")
+        assert retried["type"] == "ack" and retried["msg_id"] == pending.split(":")[1]
+        wait_until(lambda: _count(storage, alice.user_id) == 1, what="the retried message stored")
     finally:
         gateway.stop()
+
+
+def _count(storage, user_id):
+    with storage.sessions() as session:
+        return session.scalar(select(func.count()).select_from(Message).where(Message.sender_id == int(user_id)))

@@ -45,11 +45,14 @@ def test_every_device_of_both_people_gets_the_message_but_the_sending_one(cluste
     assert not [f for f in alice_phone.messages() if f["msg_id"] == ack["msg_id"]]
 
 
-def test_messages_from_one_sender_arrive_in_send_order(cluster, make_user, connect):
+def test_thirty_quick_messages_all_arrive_live_exactly_once(cluster, make_user, connect):
+    """Live order is not promised (persist workers run in parallel); clients order by msg_id."""
     alice, bob = make_user(), make_user()
     a, b = connect(alice, cluster.gw1), connect(bob, cluster.gw2)
     acks = [a.send_message(bob.user_id, f"n{i}") for i in range(30)]
     assert all(ack["type"] == "ack" for ack in acks)
     got = [b.wait_message(ack["msg_id"])["content"] for ack in acks]
-    assert sorted(got, key=lambda c: int(c[1:])) == [f"n{i}" for i in range(30)]
-    assert len({ack["msg_id"] for ack in acks}) == 30
+    assert got == [f"n{i}" for i in range(30)]  # matched by msg_id: each message has its own content
+    b.drain()
+    assert sorted(int(m["msg_id"]) for m in b.messages()) == sorted(int(a["msg_id"]) for a in acks)
+    assert [int(a["msg_id"]) for a in acks] == sorted(int(a["msg_id"]) for a in acks)  # ids follow send order

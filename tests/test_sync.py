@@ -177,11 +177,17 @@ def test_bad_sync_read_and_recall_frames_get_invalid_frame(cluster, make_user, c
     assert err["code"] == "invalid_frame" and message_part in err["message"]
 
 
-def test_a_large_limit_is_capped_at_500(cluster, make_user, connect):
-    client = connect(make_user())
+def test_a_large_limit_is_capped_at_500(cluster, make_user, connect, storage):
+    from bench.sync import seed_backlog
+
+    sender, reader = make_user(), make_user()
+    seed_backlog(storage, int(sender.user_id), int(reader.user_id), 600)
+    client = connect(reader)
     client.send_json({"type": "sync", "cursor": None, "limit": 100000})
     batch = client.next_frame(lambda f: f["type"] == "sync_batch")
-    assert batch["messages"] == [] and batch["has_more"] is False
+    assert len(batch["messages"]) == 500 and batch["has_more"] is True
+    rest, _, _ = sync_all(client, cursor=batch["cursor"], limit=500)
+    assert len(rest) == 100
 
 
 def test_read_of_a_conversation_one_is_not_in_is_refused(cluster, make_user, connect, storage):
@@ -198,7 +204,7 @@ def test_read_of_a_conversation_one_is_not_in_is_refused(cluster, make_user, con
 def test_recall_rules(cluster, make_user, connect, storage):
     alice, bob = make_user(), make_user()
     a, b = connect(alice, cluster.gw1), connect(bob, cluster.gw2)
-    ack = a.send_message(bob.user_id, "take this back")
+    ack = a.send_message(bob.user_id, "take this back", extra={"reply_to": "42", "file": "secret.pdf"})
     b.wait_message(ack["msg_id"])
 
     b.send_json({"type": "recall", "msg_id": ack["msg_id"]})  # not Bob's message
@@ -220,7 +226,7 @@ def test_recall_rules(cluster, make_user, connect, storage):
         assert {k: frame[k] for k in expected} == expected
     with storage.sessions() as session:
         row = session.get(Message, int(ack["msg_id"]))
-        assert row.status == STATUS_RECALLED and row.content == ""
+        assert row.status == STATUS_RECALLED and row.content == "" and row.extra is None
         convs = session.scalars(select(Conversation).where(
             Conversation.conversation_id == ack["conversation_id"])).all()
     assert {c.last_message for c in convs} == {"long ago"}  # the newest message stays the preview
