@@ -112,6 +112,7 @@ class AttemptResult:
     push_id: int
     status: str
     retry_in: float | None = None  # seconds until the next attempt, for a temporary failure
+    priority: int = PRIORITY_PRIVATE
 
 
 def backoff_seconds(attempt: int, base: float, retry_after: float | None,
@@ -165,8 +166,8 @@ def _record(storage, push_id, attempts, outcome, device, max_retries, base_delay
         return _finish(storage, push_id, attempts, FAILED, f"dead token removed: {outcome.reason}")
     if isinstance(outcome, TemporaryFailure) and attempts <= max_retries:
         retry_in = backoff_seconds(attempts, base_delay, outcome.retry_after, jitter)
-        _finish(storage, push_id, attempts, PENDING, f"retrying in {retry_in:.1f}s: {outcome.reason}")
-        return AttemptResult(push_id, PENDING, retry_in)
+        priority = _finish(storage, push_id, attempts, PENDING, f"retrying in {retry_in:.1f}s: {outcome.reason}").priority
+        return AttemptResult(push_id, PENDING, retry_in, priority)
     if isinstance(outcome, TemporaryFailure):
         return _finish(storage, push_id, attempts, FAILED, f"gave up after {attempts} attempts: {outcome.reason}")
     return _finish(storage, push_id, attempts, FAILED, outcome.reason)
@@ -178,7 +179,8 @@ def _finish(storage, push_id, attempts, status, error, provider_id=None) -> Atte
         row.attempts, row.push_status, row.error_msg = attempts, status, error
         if status == SUCCESS:
             row.push_time, row.provider_id = func.now(), provider_id
-    return AttemptResult(push_id, status)
+        priority = row.priority
+    return AttemptResult(push_id, status, priority=priority)
 
 
 def plan_digest(storage: Storage, user_id: int) -> int | None:

@@ -75,24 +75,33 @@ def dispatch_message(self, msg_id: str, origin_conn: str | None = None) -> dict:
     return {"msg_id": msg_id, "live": outcome.live_connections, "offline": [str(u) for u in outcome.offline_users]}
 
 
+def enqueue(task, args: list, priority: int, countdown: float | None = None) -> None:
+    """Publish a push_tasks task at our priority (1-10, higher first).
+
+    RabbitMQ serves higher numbers first; kombu's Redis transport (the
+    embedded broker) serves lower numbers first, so there it is mirrored.
+    """
+    if not storage().settings.broker_is_amqp:
+        priority = 10 - priority
+    task.apply_async(args=args, priority=priority, countdown=countdown)
+
+
 def schedule_push(msg_id: str, user_id: int, priority: int) -> None:
     """One send_push per user per coalescing window: a burst becomes one push."""
     window = storage().settings.push_coalesce_seconds
     if schedule_once(storage(), COALESCE_KEY.format(user_id), window):
-        send_push.apply_async(args=[msg_id, str(user_id)], priority=priority, countdown=window)
+        enqueue(send_push, [msg_id, str(user_id), priority], priority, countdown=window)
 
 
 @app.task(bind=True, acks_late=True, **RETRY)
-def send_push(self, msg_id: str, user_id: str) -> dict:
+def send_push(self, msg_id: str, user_id: str, priority: int = PRIORITY_PRIVATE) -> dict:
     """Plan the pushes of an offline user (newest unread message, badge) and send them."""
     s = storage()
-    priority = self.request.delivery_info.get("priority") or PRIORITY_PRIVATE
     plan = plan_pushes(s, int(user_id), priority)
     for push_id in plan.push_ids:
-        deliver_push.apply_async(args=[push_id], priority=priority)
+        enqueue(deliver_push, [push_id], priority)
     if plan.digest and schedule_once(s, DIGEST_KEY.format(user_id), s.settings.email_digest_delay_seconds):
-        send_digest.apply_async(args=[user_id], priority=PRIORITY_DIGEST,
-                                countdown=s.settings.email_digest_delay_seconds)
+        enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=s.settings.email_digest_delay_seconds)
     if plan.skipped:
         log.info("user %s: no push for msg %s (%s)", user_id, msg_id, plan.skipped)
     return {"user_id": user_id, "pushes": plan.push_ids, "skipped": plan.skipped}
@@ -104,8 +113,7 @@ def deliver_push(self, push_id: int) -> dict:
     s = storage()
     result = attempt_push(s, push_id, providers(), s.settings.push_max_retries, s.settings.push_retry_base_seconds)
     if result.retry_in is not None:
-        deliver_push.apply_async(args=[push_id], countdown=result.retry_in,
-                                 priority=self.request.delivery_info.get("priority") or PRIORITY_PRIVATE)
+        enqueue(deliver_push, [push_id], result.priority, countdown=result.retry_in)
     return {"push_id": push_id, "status": result.status, "retry_in": result.retry_in}
 
 
@@ -114,7 +122,7 @@ def send_digest(self, user_id: str) -> dict:
     """The email digest of a user's unread messages, after the quiet delay."""
     push_id = plan_digest(storage(), int(user_id))
     if push_id is not None:
-        deliver_push.apply_async(args=[push_id], priority=PRIORITY_DIGEST)
+        enqueue(deliver_push, [push_id], PRIORITY_DIGEST)
     return {"user_id": user_id, "push_id": push_id}
 
 

@@ -218,7 +218,7 @@ def test_muted_conversations_and_do_not_disturb_hours_get_no_push(cluster, make_
 
 
 def test_a_private_push_overtakes_a_backlog_of_digest_priority_pushes(cluster, make_user, storage):
-    from tasks.pipeline import deliver_push
+    from tasks.pipeline import deliver_push, enqueue
 
     people = [make_user() for _ in range(13)]
     tokens = [add_device(storage, u, "ios") for u in people]
@@ -238,7 +238,7 @@ def test_a_private_push_overtakes_a_backlog_of_digest_priority_pushes(cluster, m
                 session.flush()
                 rows.append(row)
         for row in rows:  # twelve low-priority pushes first, the private one last
-            deliver_push.apply_async(args=[row.id], priority=row.priority)
+            enqueue(deliver_push, [row.id], row.priority)
     finally:
         cluster.ensure_push_worker()
     wait_until(lambda: all(apns_for(cluster.fakes, t) for t in tokens), timeout=30, what="all 13 pushes")

@@ -27,10 +27,10 @@ def require_admin(view):
 
 
 def enqueue_deliveries(pushes: list[tuple[int, int]]) -> None:
-    from tasks.pipeline import deliver_push
+    from tasks.pipeline import deliver_push, enqueue
 
     for push_id, priority in pushes:
-        deliver_push.apply_async(args=[push_id], priority=priority)
+        enqueue(deliver_push, [push_id], priority)
 
 
 def _int(name: str, default: int) -> int:
