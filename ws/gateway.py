@@ -226,15 +226,10 @@ class Gateway:
                 raise InvalidInput(f"unknown frame type {kind!r}")
             handler(conn, frame)
         except ChatError as err:
-            reply = {"type": "error", "code": err.code, "message": err.message}
-            cmid = client_msg_id_of(frame)
-            if cmid:
-                reply["client_msg_id"] = cmid
-            conn.send(reply)
+            conn.send(_error_frame(err.code, err.message, frame))
         except Exception:
             log.exception("conn %s: frame handling failed", conn.conn_id)
-            conn.send({"type": "error", "code": "internal", "message": "internal error; retry later",
-                       **({"client_msg_id": client_msg_id_of(frame)} if client_msg_id_of(frame) else {})})
+            conn.send(_error_frame("internal", "internal error; retry later", frame))
 
     def _on_ping(self, conn: Connection, frame: dict) -> None:
         conn.send({"type": "pong"})
@@ -276,3 +271,12 @@ class Gateway:
         conn.send(recalled)
         deliver_to_users(self.storage, recalled, outcome.parties, skip_conn=conn.conn_id)
         log.info("conn %s: msg %s recalled", conn.conn_id, outcome.msg_id)
+
+
+def _error_frame(code: str, message: str, frame: dict) -> dict:
+    """An error frame, naming the client_msg_id of the frame it answers when it had a valid one."""
+    reply = {"type": "error", "code": code, "message": message}
+    cmid = client_msg_id_of(frame)
+    if cmid:
+        reply["client_msg_id"] = cmid
+    return reply
