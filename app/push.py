@@ -24,7 +24,7 @@ from app.providers import DeadToken, Delivered, PushRequest, TemporaryFailure
 from app.push_settings import load_preferences
 from app.storage import Storage
 from app.unread import unread_counts
-from models import STATUS_UNREAD, Device, Message, PushLog, User
+from models import STATUS_RECALLED, STATUS_UNREAD, Device, Message, PushLog, User
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def plan_pushes(storage: Storage, user_id: int, priority: int, now: datetime | N
 
 
 def _pending_row(storage, user_id, msg_id, push_type, target, device_id, priority, payload) -> int | None:
-    """The push_log row for this target and message; None if it already succeeded."""
+    """The new push_log row for this target and message; None if it exists and was tried."""
     try:
         with storage.session() as session:
             row = PushLog(user_id=user_id, message_id=msg_id, push_type=push_type, push_status=PENDING,
@@ -104,7 +104,8 @@ def _pending_row(storage, user_id, msg_id, push_type, target, device_id, priorit
         with storage.sessions() as session:
             row = session.scalar(select(PushLog).where(PushLog.message_id == msg_id, PushLog.user_id == user_id,
                                                        PushLog.target == target))
-        return None if row is None or row.push_status == SUCCESS else row.id
+        # Only a row no delivery has touched yet: one in backoff or failed has its own course.
+        return row.id if row is not None and row.push_status == PENDING and row.attempts == 0 else None
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,10 @@ def attempt_push(storage: Storage, push_id: int, providers: dict, max_retries: i
         device = session.get(Device, row.device_id) if row.device_id else None
         payload = dict(row.payload or {})
         push_type, attempts, user_id = row.push_type, row.attempts + 1, row.user_id
+        message = session.get(Message, row.message_id)
+    if push_type != "email" and (message is None or message.status != STATUS_UNREAD):
+        why = "recalled" if message is not None and message.status == STATUS_RECALLED else "read"
+        return _finish(storage, push_id, attempts - 1, SKIPPED, f"message {why} before the push went out")
     if push_type == "email":
         if providers.get("email") is None:
             return _finish(storage, push_id, attempts, FAILED, "email is not configured on this server")

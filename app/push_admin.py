@@ -31,7 +31,8 @@ class PushFilter:
             raise InvalidInput(f"'provider' must be one of {', '.join(PROVIDERS)}")
         if user_id in (None, ""):
             uid = None
-        elif isinstance(user_id, int) or (isinstance(user_id, str) and user_id.isascii() and user_id.isdigit()):
+        elif (isinstance(user_id, int) and not isinstance(user_id, bool)) or (
+                isinstance(user_id, str) and user_id.isascii() and user_id.isdigit() and len(user_id) <= 19):
             uid = int(user_id)
         else:
             raise InvalidInput("'user_id' must be a user id")
@@ -91,3 +92,10 @@ def reopen_matching(storage: Storage, flt: PushFilter, limit: int = 10_000) -> l
             session.execute(update(PushLog).where(PushLog.id.in_([r.id for r in rows]))
                             .values(push_status=PENDING, attempts=0, error_msg="retry requested by an admin"))
     return [(r.id, r.priority) for r in rows]
+
+
+def fail_reopened(storage: Storage, push_id: int, reason: str) -> None:
+    """Undo a reopen whose delivery could not be queued, so it can be retried again."""
+    with storage.session() as session:
+        session.execute(update(PushLog).where(PushLog.id == push_id, PushLog.push_status == PENDING,
+                                              PushLog.attempts == 0).values(push_status=FAILED, error_msg=reason))

@@ -26,7 +26,7 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # several worker processes share the file
@@ -38,7 +38,9 @@ def make_engine(url: str) -> Engine:
         return engine
     if parsed.get_backend_name() == "mysql" and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
-    return create_engine(parsed, pool_pre_ping=True, pool_recycle=3600, pool_size=10, max_overflow=20)
+    # hide_parameters: error messages must not carry message text or password hashes into logs.
+    return create_engine(parsed, pool_pre_ping=True, pool_recycle=3600, pool_size=10, max_overflow=20,
+                         hide_parameters=True)
 
 
 class Storage:

@@ -22,6 +22,8 @@ def replay_dead_letters(limit: int, progress: Callable[[int], None] = lambda n: 
         channel = conn.default_channel
         queue = app.conf.dead_letter_queue(channel)
         queue.declare()
+        # What fails again comes back behind these: replay each letter at most once per run.
+        limit = min(limit, queue.queue_declare(passive=True).message_count)
         producer = Producer(channel)
         while replayed < limit:
             message = queue.get(no_ack=False)

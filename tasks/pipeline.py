@@ -53,7 +53,8 @@ def _fresh_connections(**_):
     _storage = None
 
 
-@app.task(bind=True, acks_late=True, **RETRY)
+# A retry republishes the arguments: keep the message text out of Flower and task events.
+@app.task(bind=True, acks_late=True, **RETRY, retry_kwargs={"argsrepr": "[message payload not shown]"})
 def persist_message(self, message: dict) -> dict:
     """Store an accepted private message, then hand it to dispatch."""
     outcome = persist_private_message(storage(), message)

@@ -10,7 +10,7 @@ import requests
 from sqlalchemy import select, update
 
 from app.push import PRIORITY_DIGEST, PRIORITY_PRIVATE
-from models import Device, PushLog, User
+from models import Device, Message, PushLog, User
 from tests.fakes.fcm_server import make_device_token as fcm_token
 from tests.harness import wait_until
 
@@ -224,16 +224,20 @@ def test_a_private_push_overtakes_a_backlog_of_digest_priority_pushes(cluster, m
     tokens = [add_device(storage, u, "ios") for u in people]
     with storage.session() as session:
         device_ids = {d.token: d.id for d in session.scalars(select(Device).where(Device.token.in_(tokens)))}
+    base_id = int(time.time() * 1000) << 22
     cluster.push.kill()  # nothing consumes push_tasks while the backlog builds
     try:
         rows = []
         with storage.session() as session:
             for i, (user, token) in enumerate(zip(people, tokens)):
-                row = PushLog(user_id=int(user.user_id), message_id=10_000 + i, push_type="apns", push_status="pending",
+                session.add(Message(id=base_id + i, conversation_id=f"p_1_{user.user_id}", sender_id=1,
+                                    receiver_id=int(user.user_id), client_msg_id=f"prio-{i}", content=f"b{i}",
+                                    timestamp=int(time.time() * 1000)))
+                row = PushLog(user_id=int(user.user_id), message_id=base_id + i, push_type="apns", push_status="pending",
                               target=f"device:{device_ids[token]}", device_id=device_ids[token],
                               priority=PRIORITY_PRIVATE if i == 12 else PRIORITY_DIGEST,
                               payload={"title": "t", "body": f"b{i}", "badge": 1, "conversation_id": f"p_1_{i}",
-                                       "msg_id": str(10_000 + i), "preview": True})
+                                       "msg_id": str(base_id + i), "preview": True})
                 session.add(row)
                 session.flush()
                 rows.append(row)
@@ -244,3 +248,31 @@ def test_a_private_push_overtakes_a_backlog_of_digest_priority_pushes(cluster, m
     wait_until(lambda: all(apns_for(cluster.fakes, t) for t in tokens), timeout=30, what="all 13 pushes")
     order = [r.token for r in cluster.fakes.apns.notifications if r.token in tokens]
     assert order.index(tokens[12]) <= 1  # the private push went first (or second, behind one already taken)
+
+
+def test_a_push_of_a_message_recalled_meanwhile_is_skipped_even_on_an_admin_retry(cluster, make_user, connect,
+                                                                                  storage):
+    alice, bob, admin = make_user(), make_user(), make_user()
+    make_admin(storage, admin)
+    token = add_device(storage, bob, "ios")
+    cluster.fakes.apns.fail_token(token, 400, "BadExpirationDate")
+    a = connect(alice)
+    ack = a.send_message(bob.user_id, "I should not have said that")
+    wait_until(lambda: statuses(storage, bob) == ["failed"], timeout=15, what="the failed push")
+    a.send_json({"type": "recall", "msg_id": ack["msg_id"]})
+    a.next_frame(lambda f: f["type"] == "recalled")
+    cluster.fakes.apns.reset()
+    push = pushes(storage, bob)[0]
+    r = requests.post(f"{cluster.gw1.http}/api/admin/pushes/{push.id}/retry",
+                      headers={"Authorization": f"Bearer {admin.token}"}, timeout=10)
+    assert r.status_code == 202
+    wait_until(lambda: statuses(storage, bob) == ["skipped"], timeout=15, what="the skipped retry")
+    assert "recalled" in pushes(storage, bob)[0].error_msg and apns_for(cluster.fakes, token) == []
+
+
+def test_bulk_retry_needs_an_explicit_filter_body(cluster, make_user, storage):
+    admin = make_user()
+    make_admin(storage, admin)
+    api, headers = f"{cluster.gw1.http}/api/admin/pushes/retry", {"Authorization": f"Bearer {admin.token}"}
+    assert requests.post(api, data="user_id=5", headers=headers, timeout=10).status_code == 400
+    assert requests.post(api, json={"user_id": True}, headers=headers, timeout=10).status_code == 400

@@ -5,10 +5,10 @@ from functools import wraps
 
 from flask import Blueprint, g, jsonify, request
 
-from app.api import storage
+from app.api import json_body, storage
 from app.api.chat import require_user
-from app.errors import Forbidden, InvalidInput
-from app.push_admin import PushFilter, list_pushes, reopen_matching, reopen_push
+from app.errors import Forbidden, InvalidInput, Unavailable
+from app.push_admin import PushFilter, fail_reopened, list_pushes, reopen_matching, reopen_push
 from models import User
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
@@ -30,7 +30,11 @@ def enqueue_deliveries(pushes: list[tuple[int, int]]) -> None:
     from tasks.pipeline import deliver_push, enqueue
 
     for push_id, priority in pushes:
-        enqueue(deliver_push, [push_id], priority)
+        try:
+            enqueue(deliver_push, [push_id], priority)
+        except Exception:
+            fail_reopened(storage(), push_id, "retry could not be queued (broker unavailable); try again")
+            raise Unavailable("the broker is unavailable: the retry was not queued") from None
 
 
 def _int(name: str, default: int) -> int:
@@ -60,9 +64,7 @@ def retry_one(push_id: int):
 @bp.post("/pushes/retry")
 @require_admin
 def retry_many():
-    body = request.get_json(silent=True) or {}
-    if not isinstance(body, dict):
-        raise InvalidInput("the body must be a JSON object of filters: status, user_id, provider")
+    body = json_body()  # explicit: {} means "every failed push", a missing body is an error
     flt = PushFilter.parse(body.get("status"), body.get("user_id"), body.get("provider"))
     reopened = reopen_matching(storage(), flt)
     enqueue_deliveries(reopened)
