@@ -42,7 +42,7 @@ def list_conversations(storage: Storage, user_id: int) -> list[dict]:
         items = json.loads(cached)
     else:
         items = _load_conversations(storage, user_id)
-        storage.redis.register_script(_STORE_IF_UNCHANGED)(
+        storage.script(_STORE_IF_UNCHANGED)(
             keys=[key, gen_key], args=[generation or "0", json.dumps(items, ensure_ascii=False), CACHE_TTL])
     unread = unread_counts(storage, user_id)  # not cached with the list: it changes with every message
     return [dict(item, unread=unread.get(item["conversation_id"], 0)) for item in items]

@@ -306,10 +306,10 @@ def dispatch_private_message(storage: Storage, msg_id: int, origin_conn: str | N
     recipient = msg.receiver_id
     live = deliver_to_users(storage, message_frame(msg), [recipient, msg.sender_id], skip_conn=origin_conn)
     outcome.live_connections = sum(1 for conns in live.values() for c in conns if c.conn_id != origin_conn)
-    count_unread(storage, recipient, msg_id, msg.conversation_id, entry_seq)
     if not live[recipient]:
         _index_offline(storage, recipient, msg)
         outcome.offline_users.append(recipient)
+    count_unread(storage, recipient, msg_id, msg.conversation_id, entry_seq)  # last: a visible sign dispatch ran
     return outcome
 
 

@@ -39,8 +39,16 @@ PENDING, SUCCESS, FAILED, SKIPPED = "pending", "success", "failed", "skipped"
 
 
 def schedule_once(storage: Storage, key: str, window: float) -> bool:
-    """True for the first caller in a window: many messages, one scheduled push."""
-    return bool(storage.redis.set(key, 1, nx=True, px=max(1, int(window * 1000)) + 1000))
+    """True for the first caller in a window: many messages, one scheduled push.
+
+    The key reads "pending" until the caller marks it "queued" (mark_queued),
+    so a redelivered caller that died in between can tell and schedule again.
+    """
+    return bool(storage.redis.set(key, "pending", nx=True, px=max(1, int(window * 1000)) + 1000))
+
+
+def mark_queued(storage: Storage, key: str) -> None:
+    storage.redis.set(key, "queued", xx=True, keepttl=True)
 
 
 @dataclass

@@ -52,6 +52,7 @@ class Storage:
             settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3,
             health_check_interval=30,
         )
+        self._scripts: dict = {}
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -59,6 +60,13 @@ class Storage:
         with self.sessions() as session:
             with session.begin():
                 yield session
+
+    def script(self, source: str):
+        """A Lua script bound to this Redis, made once (EVALSHA on every call)."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self.redis.register_script(source)
+        return script
 
     @property
     def is_mysql(self) -> bool:

@@ -37,7 +37,7 @@ return 1
 
 def count_unread(storage: Storage, user_id: int, msg_id: int, conversation_id: str, entry_seq: int) -> bool:
     """Count one newly dispatched message for its receiver; harmless if repeated."""
-    script = storage.redis.register_script(_COUNT_SCRIPT)
+    script = storage.script(_COUNT_SCRIPT)
     return bool(script(keys=[UNREAD_KEY.format(user_id), COUNTED_KEY.format(msg_id)],
                        args=[user_id, conversation_id, entry_seq, storage.settings.dedupe_ttl_seconds]))
 
@@ -75,7 +75,7 @@ def _rebuild_lock(storage: Storage, user_id: int, timeout: float = 5.0):
     try:
         yield
     finally:
-        storage.redis.register_script(_RELEASE_SCRIPT)(keys=[key], args=[token])
+        storage.script(_RELEASE_SCRIPT)(keys=[key], args=[token])
 
 
 def _rebuild(storage: Storage, user_id: int) -> dict[str, int]:

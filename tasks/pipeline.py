@@ -19,8 +19,8 @@ from app.errors import Unavailable
 from app.messaging import dispatch_private_message, persist_private_message
 from app.presence import sweep_presence as sweep_presence_entries
 from app.push import (
-    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, PRIORITY_PRIVATE, attempt_push, plan_digest, plan_pushes,
-    schedule_once,
+    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, PRIORITY_PRIVATE, attempt_push, mark_queued, plan_digest,
+    plan_pushes, schedule_once,
 )
 from app.storage import Storage
 from tasks import app
@@ -69,8 +69,9 @@ def persist_message(self, message: dict) -> dict:
 def dispatch_message(self, msg_id: str, origin_conn: str | None = None) -> dict:
     """Live delivery, unread, offline index; a (coalesced) push for each offline recipient."""
     outcome = dispatch_private_message(storage(), int(msg_id), origin_conn)
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     for user_id in outcome.offline_users:
-        schedule_push(msg_id, user_id, PRIORITY_PRIVATE)
+        schedule_push(msg_id, user_id, PRIORITY_PRIVATE, redelivered)
     log.info("msg %s dispatched: %d live connections, %d offline", msg_id, outcome.live_connections,
              len(outcome.offline_users))
     return {"msg_id": msg_id, "live": outcome.live_connections, "offline": [str(u) for u in outcome.offline_users]}
@@ -87,11 +88,17 @@ def enqueue(task, args: list, priority: int, countdown: float | None = None) -> 
     task.apply_async(args=args, priority=priority, countdown=countdown)
 
 
-def schedule_push(msg_id: str, user_id: int, priority: int) -> None:
-    """One send_push per user per coalescing window: a burst becomes one push."""
-    window = storage().settings.push_coalesce_seconds
-    if schedule_once(storage(), COALESCE_KEY.format(user_id), window):
+def schedule_push(msg_id: str, user_id: int, priority: int, redelivered: bool = False) -> None:
+    """One send_push per user per coalescing window: a burst becomes one push.
+
+    A redelivered dispatch whose first run died between claiming the window
+    and queueing the push finds the claim still "pending" and queues it.
+    """
+    s, key = storage(), COALESCE_KEY.format(user_id)
+    window = s.settings.push_coalesce_seconds
+    if schedule_once(s, key, window) or (redelivered and s.redis.get(key) == "pending"):
         enqueue(send_push, [msg_id, str(user_id), priority], priority, countdown=window)
+        mark_queued(s, key)
 
 
 @app.task(bind=True, acks_late=True, **RETRY)
@@ -103,6 +110,7 @@ def send_push(self, msg_id: str, user_id: str, priority: int = PRIORITY_PRIVATE)
         enqueue(deliver_push, [push_id], priority)
     if plan.digest and schedule_once(s, DIGEST_KEY.format(user_id), s.settings.email_digest_delay_seconds):
         enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=s.settings.email_digest_delay_seconds)
+        mark_queued(s, DIGEST_KEY.format(user_id))
     if plan.skipped:
         log.info("user %s: no push for msg %s (%s)", user_id, msg_id, plan.skipped)
     return {"user_id": user_id, "pushes": plan.push_ids, "skipped": plan.skipped}

@@ -74,11 +74,16 @@ def test_an_online_recipient_gets_no_offline_index_row_or_push(cluster, make_use
     with storage.session() as session:
         session.add(Device(user_id=int(bob.user_id), platform="ios", token=secrets.token_hex(32)))
     b = connect(bob, cluster.gw2)
+    unread_counts(storage, int(bob.user_id))  # counters built before the message: dispatch counts it
     ack = connect(alice).send_message(bob.user_id, "you're here")
-    unread_counts(storage, int(bob.user_id))
     b.wait_message(ack["msg_id"])
-    wait_until(lambda: storage.redis.hget(f"unread:{bob.user_id}", ack["conversation_id"]) == "1", what="unread")
-    assert _offline_rows(storage, bob.user_id) == [] and _push_rows(storage, bob.user_id) == []
+    # Dispatch counts unread as its last step, after deciding about the offline index.
+    wait_until(lambda: storage.redis.sismember(f"unread:counted:{ack['msg_id']}", bob.user_id),
+               what="dispatch to finish")
+    assert storage.redis.hget(f"unread:{bob.user_id}", ack["conversation_id"]) == "1"
+    assert _offline_rows(storage, bob.user_id) == []
+    assert not storage.redis.exists(f"push:coalesce:{bob.user_id}")  # no push was scheduled
+    assert _push_rows(storage, bob.user_id) == []
 
 
 def test_connections_on_a_crashed_gateway_count_as_offline(services, cluster, make_user, connect, storage, log_dir):
