@@ -20,8 +20,8 @@ WORKERS = {
 
 
 def gateway_command(port: int) -> list[str]:
-    return [str(BIN / "gunicorn"), "--worker-class", "gevent", "--workers", "1", "--bind", f"127.0.0.1:{port}",
-            "--graceful-timeout", "5", "wsgi:app"]
+    return [str(BIN / "gunicorn"), "--config", str(ROOT / "ws" / "gunicorn_conf.py"), "--bind", f"127.0.0.1:{port}",
+            "wsgi:app"]
 
 
 def worker_command(name: str, queues: str, concurrency: int = 2) -> list[str]:

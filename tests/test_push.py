@@ -182,14 +182,23 @@ def test_retry_all_matching_and_the_cli_resend_failed_pushes(cluster, make_user,
 
 
 def test_a_message_read_on_another_device_before_its_push_is_not_pushed(cluster, make_user, connect, storage):
-    alice, bob = make_user(), make_user()
+    alice, bob, carol = make_user(), make_user(), make_user()
     token = add_device(storage, bob, "ios")
-    ack = connect(alice).send_message(bob.user_id, "read me elsewhere")
-    laptop = connect(bob, cluster.gw2)  # within the coalescing window
-    laptop.send_json({"type": "read", "conversation_id": ack["conversation_id"], "msg_id": ack["msg_id"]})
-    laptop.next_frame(lambda f: f["type"] == "read_ok")
-    settle(storage, bob)
-    assert pushes(storage, bob) == [] and apns_for(cluster.fakes, token) == []
+    cluster.push.signal(signal.SIGSTOP)  # the push is held back, however slow this machine is
+    try:
+        ack = connect(alice).send_message(bob.user_id, "read me elsewhere")
+        wait_until(lambda: storage.redis.exists(f"push:coalesce:{bob.user_id}"), what="the push to be scheduled")
+        laptop = connect(bob, cluster.gw2)
+        laptop.send_json({"type": "read", "conversation_id": ack["conversation_id"], "msg_id": ack["msg_id"]})
+        laptop.next_frame(lambda f: f["type"] == "read_ok")
+        laptop.close()
+        wait_until(lambda: not storage.redis.hlen(f"online:user:{bob.user_id}"), what="Bob offline again")
+        control = connect(carol).send_message(bob.user_id, "and this one is unread")
+    finally:
+        cluster.push.signal(signal.SIGCONT)
+    # Bob's planner runs for both messages: only the unread one may be pushed.
+    wait_until(lambda: apns_for(cluster.fakes, token), timeout=15, what="the push of the unread message")
+    assert [n.payload["msg_id"] for n in apns_for(cluster.fakes, token)] == [control["msg_id"]]
 
 
 def test_muted_conversations_and_do_not_disturb_hours_get_no_push(cluster, make_user, connect, storage):

@@ -33,6 +33,7 @@ CLOSE_TOKEN_EXPIRED = 4401
 CLOSE_HEARTBEAT_TIMEOUT = 4408
 CLOSE_TOO_SLOW = 4429
 CLOSE_RESYNC = 4503
+CLOSE_SERVICE_RESTART = 1012  # RFC 6455 registry: reconnect, to another gateway
 GATEWAY_ALIVE_EVERY = 5
 LEASE_RENEW_EVERY = 20
 
@@ -47,6 +48,7 @@ class Connection:
         self.gateway_id = gateway_id
         self.connected_at = now_ms()
         self.last_presence_refresh = 0.0
+        self.busy = False  # handling a frame: a drain waits for its answer
         self._outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_LIMIT)
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name=f"writer-{conn_id}")
         self._writer.start()
@@ -92,6 +94,7 @@ class Gateway:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._started = False
+        self.draining = False
         self.ids: LeasedIds | None = None
         self.intake: MessageIntake | None = None
         self._handlers = {"ping": self._on_ping, "send": self._on_send, "sync": self._on_sync,
@@ -159,6 +162,8 @@ class Gateway:
         last_lease = last_presence = time.monotonic()
         while True:
             time.sleep(GATEWAY_ALIVE_EVERY)
+            if self.draining:
+                return
             try:
                 remembered = self.presence.mark_gateway_alive(self.gateway_id)
                 now = time.monotonic()
@@ -180,11 +185,28 @@ class Gateway:
             self.presence.refresh([(c.user_id, c.conn_id, c.gateway_id, c.connected_at) for c in conns])
         self.presence.mark_gateway_alive(self.gateway_id)
 
+    def drain(self) -> None:
+        """Stop serving: clients reconnect elsewhere, dispatch stops routing here."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("gateway %s draining %d connections", self.gateway_id, len(self.connections))
+        try:
+            self.presence.mark_gateway_gone(self.gateway_id)  # new messages go offline-path right away
+        except Exception as exc:
+            log.warning("gateway %s: could not withdraw liveness (%s)", self.gateway_id, exc.__class__.__name__)
+        for conn in list(self.connections.values()):
+            if not conn.busy:
+                conn.close(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
+
     # -- one socket -----------------------------------------------------------
 
     def serve(self, ws, user_id: int, token_expires_at: int, remote_addr: str | None) -> None:
         """Run one authenticated connection until it closes."""
         self._ensure_started()
+        if self.draining:
+            ws.close(reason=CLOSE_SERVICE_RESTART, message="gateway restarting: reconnect")
+            return
         conn = Connection(ws, user_id, f"{self.gateway_id}-{uuid.uuid4().hex[:16]}", self.gateway_id)
         self.connections[conn.conn_id] = conn
         try:
@@ -201,7 +223,12 @@ class Gateway:
                     break
                 raw = ws.receive(timeout=min(idle_limit, token_left))
                 if raw is not None:
+                    conn.busy = True
                     self.handle_frame(conn, raw)
+                    conn.busy = False
+                    if self.draining:  # the frame in progress was answered: now go
+                        conn.close(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
+                        break
                 elif token_left > idle_limit:
                     log.info("conn %s: no frame for %ds; closing", conn.conn_id, idle_limit)
                     conn.close(CLOSE_HEARTBEAT_TIMEOUT, "heartbeat timeout")

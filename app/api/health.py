@@ -1,7 +1,7 @@
 """Liveness (/healthz) and readiness (/readyz: database, Redis, broker)."""
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 
 from app.api import settings, storage
@@ -24,6 +24,9 @@ def readyz():
             results[name] = "ok"
         except Exception as exc:  # report, never raise: this is what operators look at
             results[name] = f"unavailable: {exc.__class__.__name__}"
+    gateway = current_app.extensions.get("netherlink.gateway")
+    if gateway is not None and gateway.draining:
+        results["gateway"] = "draining"
     ready = all(v == "ok" for v in results.values())
     return jsonify(status="ready" if ready else "not_ready", checks=results,
                    gateway_id=settings().gateway_id), (200 if ready else 503)
