@@ -48,6 +48,9 @@ task_routes = {
     "tasks.pipeline.deliver_push": {"queue": "push_tasks", "routing_key": "push.task"},
     "tasks.pipeline.send_digest": {"queue": "push_tasks", "routing_key": "push.task"},
     "tasks.pipeline.sweep_presence": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
+    "tasks.pipeline.purge_synced_offline_index": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
+    "tasks.pipeline.purge_push_log": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
+    "tasks.pipeline.reconcile_unread": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
 }
 task_default_queue = "offline_messages"
 task_default_exchange = "chat.topic"
@@ -84,7 +87,11 @@ else:
     # unacked messages back after an hour.
     broker_transport_options = {"visibility_timeout": 3600, "priority_steps": list(range(11)), "queue_order_strategy": "priority"}
 
+# Housekeeping (each idempotent and bounded per run; visible in Flower like any task).
 beat_schedule = {
     "sweep-presence": {"task": "tasks.pipeline.sweep_presence", "schedule": 60.0},
+    "purge-synced-offline-index": {"task": "tasks.pipeline.purge_synced_offline_index", "schedule": 3600.0},
+    "purge-push-log": {"task": "tasks.pipeline.purge_push_log", "schedule": 3600.0},
+    "reconcile-unread": {"task": "tasks.pipeline.reconcile_unread", "schedule": 6 * 3600.0},
 }
 timezone = "UTC"

@@ -64,6 +64,8 @@ class Settings:
     push_retry_base_seconds: float = 2.0
     push_coalesce_seconds: float = 2.0
     email_digest_delay_seconds: float = 300.0
+    offline_index_retention_days: int = 7
+    push_log_retention_days: int = 30
     flower_basic_auth: str = field(default="", repr=False)
     log_level: str = "INFO"
 

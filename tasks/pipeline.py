@@ -14,6 +14,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 
+from app import maintenance
 from app.config import Settings
 from app.errors import Unavailable
 from app.messaging import dispatch_private_message, persist_private_message
@@ -155,6 +156,26 @@ def providers() -> dict:
             except ValueError as exc:
                 log.warning("%s pushes disabled: %s", name, exc)
     return _providers
+
+
+@app.task(acks_late=True, **RETRY)
+def purge_synced_offline_index() -> int:
+    """Beat job: offline-index rows synced more than OFFLINE_INDEX_RETENTION_DAYS ago."""
+    s = storage()
+    return maintenance.purge_synced_offline_index(s, s.settings.offline_index_retention_days)
+
+
+@app.task(acks_late=True, **RETRY)
+def purge_push_log() -> int:
+    """Beat job: finished push_log rows older than PUSH_LOG_RETENTION_DAYS."""
+    s = storage()
+    return maintenance.purge_push_log(s, s.settings.push_log_retention_days)
+
+
+@app.task(acks_late=True, **RETRY)
+def reconcile_unread() -> int:
+    """Beat job: cached unread counters recounted from MySQL."""
+    return maintenance.reconcile_unread(storage())
 
 
 @app.task(acks_late=True, **RETRY)

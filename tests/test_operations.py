@@ -107,3 +107,37 @@ def test_the_openapi_document_lists_every_rest_path_the_app_serves():
         path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
         served |= {(path, m) for m in rule.methods if m in ("GET", "POST", "PUT", "DELETE", "PATCH")}
     assert served == documented, {"undocumented": served - documented, "not served": documented - served}
+
+
+def test_housekeeping_drops_only_what_is_past_retention(cluster, make_user, storage):
+    from datetime import datetime, timedelta
+
+    from app.maintenance import purge_push_log, purge_synced_offline_index, reconcile_unread
+    from models import OfflineMessageIndex
+
+    user = int(make_user().user_id)
+    old, recent = datetime.utcnow() - timedelta(days=40), datetime.utcnow() - timedelta(hours=1)
+    with storage.session() as session:
+        session.add_all([
+            OfflineMessageIndex(user_id=user, message_id=1, conversation_id="p_1_2", synced=True, synced_at=old),
+            OfflineMessageIndex(user_id=user, message_id=2, conversation_id="p_1_2", synced=True, synced_at=recent),
+            OfflineMessageIndex(user_id=user, message_id=3, conversation_id="p_1_2", synced=False),
+            PushLog(user_id=user, message_id=1, push_type="apns", push_status="success", target="device:1",
+                    created_at=old),
+            PushLog(user_id=user, message_id=2, push_type="apns", push_status="pending", target="device:1",
+                    created_at=old),
+            PushLog(user_id=user, message_id=3, push_type="apns", push_status="failed", target="device:1",
+                    created_at=recent),
+        ])
+    for _ in range(2):  # a second run finds nothing more to do
+        purge_synced_offline_index(storage, older_than_days=7)
+        purge_push_log(storage, older_than_days=30)
+    with storage.sessions() as session:
+        index = sorted(session.scalars(select(OfflineMessageIndex.message_id).where(
+            OfflineMessageIndex.user_id == user)).all())
+        logs = sorted(session.scalars(select(PushLog.message_id).where(PushLog.user_id == user)).all())
+    assert index == [2, 3] and logs == [2, 3]  # recent, unsynced and still-pending rows stay
+
+    storage.redis.hset(f"unread:{user}", mapping={"_seq": 0, "p_1_2": 99})  # a drifted counter
+    assert reconcile_unread(storage) >= 1
+    assert storage.redis.hget(f"unread:{user}", "p_1_2") is None  # MySQL says nothing is unread
