@@ -108,7 +108,9 @@ class MessageIntake:
                 # retry publishes this same id, and persist collapses copies by id.
                 fresh = f"p:{self.ids.next_id()}:{int(self.clock() * 1000)}"
                 value = fresh if self.redis.set(key, fresh, nx=True, ex=self.dedupe_ttl) else \
-                    (self.redis.get(key) or fresh)  # a concurrent copy of this send got there first
+                    self.redis.get(key)  # a concurrent copy of this send got there first
+                if value is None:  # ... and the record vanished at once (flush): do not guess
+                    raise Unavailable("message not accepted (dedupe record lost); retry with the same client_msg_id")
             ack = self._ack_of(req.client_msg_id, conversation_id, value)
             if not value.startswith("p:"):
                 return ack  # published and acked before

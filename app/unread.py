@@ -65,10 +65,10 @@ def rebuild_unread(storage: Storage, user_id: int) -> dict[str, int]:
 
 
 @contextmanager
-def _rebuild_lock(storage: Storage, user_id: int, timeout: float = 5.0):
+def _rebuild_lock(storage: Storage, user_id: int, timeout: float = 10.0, hold: float = 30.0):
     key, token = LOCK_KEY.format(user_id), uuid.uuid4().hex
     deadline = time.monotonic() + timeout
-    while not storage.redis.set(key, token, nx=True, px=int(timeout * 1000)):
+    while not storage.redis.set(key, token, nx=True, px=int(hold * 1000)):
         if time.monotonic() > deadline:
             break  # a crashed holder: its lock expires; go ahead rather than hang
         time.sleep(0.01)

@@ -70,7 +70,8 @@ def persist_message(self, message: dict) -> dict:
 def dispatch_message(self, msg_id: str, origin_conn: str | None = None) -> dict:
     """Live delivery, unread, offline index; a (coalesced) push for each offline recipient."""
     outcome = dispatch_private_message(storage(), int(msg_id), origin_conn)
-    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    # A second run (redelivery or retry) may find a window it claimed but never queued.
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or self.request.retries > 0
     for user_id in outcome.offline_users:
         schedule_push(msg_id, user_id, PRIORITY_PRIVATE, redelivered)
     log.info("msg %s dispatched: %d live connections, %d offline", msg_id, outcome.live_connections,

@@ -34,6 +34,7 @@ CLOSE_HEARTBEAT_TIMEOUT = 4408
 CLOSE_TOO_SLOW = 4429
 CLOSE_RESYNC = 4503
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455 registry: reconnect, to another gateway
+DRAIN_FLUSH_SECONDS = 5
 GATEWAY_ALIVE_EVERY = 5
 LEASE_RENEW_EVERY = 20
 
@@ -67,6 +68,17 @@ class Connection:
         except Exception:  # already closed
             pass
 
+    def close_after_queued(self, code: int, reason: str) -> None:
+        """Close once the frames already queued (an ack, say) are written; never blocks the caller."""
+        try:
+            self._outbox.put_nowait(_Close(code, reason))
+        except queue.Full:
+            self.close(code, reason)
+
+    def flush(self, timeout: float) -> None:
+        """Wait until the writer has written everything queued (and any close queued)."""
+        self._writer.join(timeout)
+
     def stop(self) -> None:
         try:
             self._outbox.put_nowait(None)
@@ -76,12 +88,20 @@ class Connection:
     def _write_loop(self) -> None:
         while True:
             data = self._outbox.get()
+            if isinstance(data, _Close):
+                self.close(data.code, data.reason)
+                return
             if data is None or not self.ws.connected:
                 return
             try:
                 self.ws.send(data)
             except (ConnectionClosed, OSError):
                 return
+
+
+class _Close:
+    def __init__(self, code: int, reason: str):
+        self.code, self.reason = code, reason
 
 
 class Gateway:
@@ -196,19 +216,21 @@ class Gateway:
         except Exception as exc:
             log.warning("gateway %s: could not withdraw liveness (%s)", self.gateway_id, exc.__class__.__name__)
         for conn in list(self.connections.values()):
-            if not conn.busy:
-                conn.close(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
+            if not conn.busy:  # a busy one closes itself once its frame is answered
+                conn.close_after_queued(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
 
     # -- one socket -----------------------------------------------------------
 
     def serve(self, ws, user_id: int, token_expires_at: int, remote_addr: str | None) -> None:
         """Run one authenticated connection until it closes."""
         self._ensure_started()
-        if self.draining:
-            ws.close(reason=CLOSE_SERVICE_RESTART, message="gateway restarting: reconnect")
-            return
         conn = Connection(ws, user_id, f"{self.gateway_id}-{uuid.uuid4().hex[:16]}", self.gateway_id)
-        self.connections[conn.conn_id] = conn
+        self.connections[conn.conn_id] = conn  # registered before the check: a drain cannot miss it
+        if self.draining:
+            self.connections.pop(conn.conn_id, None)
+            conn.close_after_queued(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
+            conn.flush(DRAIN_FLUSH_SECONDS)
+            return
         try:
             self.presence.connect(user_id, conn.conn_id, self.gateway_id, conn.connected_at)
             log.info("conn %s opened: user %s from %s", conn.conn_id, user_id, remote_addr)
@@ -226,8 +248,9 @@ class Gateway:
                     conn.busy = True
                     self.handle_frame(conn, raw)
                     conn.busy = False
-                    if self.draining:  # the frame in progress was answered: now go
-                        conn.close(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
+                    if self.draining:  # the frame in progress was answered: send that answer, then go
+                        conn.close_after_queued(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
+                        conn.flush(DRAIN_FLUSH_SECONDS)
                         break
                 elif token_left > idle_limit:
                     log.info("conn %s: no frame for %ds; closing", conn.conn_id, idle_limit)

@@ -29,11 +29,12 @@ def require_admin(view):
 def enqueue_deliveries(pushes: list[tuple[int, int]]) -> None:
     from tasks.pipeline import deliver_push, enqueue
 
-    for push_id, priority in pushes:
+    for i, (push_id, priority) in enumerate(pushes):
         try:
             enqueue(deliver_push, [push_id], priority)
         except Exception:
-            fail_reopened(storage(), push_id, "retry could not be queued (broker unavailable); try again")
+            for unqueued, _ in pushes[i:]:  # none may stay pending with nothing queued for it
+                fail_reopened(storage(), unqueued, "retry could not be queued (broker unavailable); try again")
             raise Unavailable("the broker is unavailable: the retry was not queued") from None
 
 
