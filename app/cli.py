@@ -21,14 +21,15 @@ def register_commands(app: Flask) -> None:
 
     @app.cli.command("create-admin")
     @click.argument("username")
-    @click.password_option()
-    def create_admin(username, password):
-        """Create an admin account, or make an existing user an admin."""
+    def create_admin(username):
+        """Create an admin account (asks for its password), or make an existing user an admin."""
         storage = current_app.extensions["netherlink.storage"]
         settings = current_app.config["SETTINGS"]
         with storage.session() as session:
             user = session.scalar(select(User).where(User.username == username))
             if user is None:
+                password = click.prompt("Password for the new account", hide_input=True,
+                                        confirmation_prompt=True)
                 try:
                     user = session.get(User, register_user(session, settings, username, password))
                 except ChatError as err:

@@ -106,7 +106,7 @@ class MessageIntake:
             if value is None:
                 # The id is kept for the whole dedupe window, published or not: every
                 # retry publishes this same id, and persist collapses copies by id.
-                fresh = f"p:{self.ids.next_id()}:{int(self.clock() * 1000)}"
+                fresh = f"p:{self._next_id()}:{int(self.clock() * 1000)}"
                 value = fresh if self.redis.set(key, fresh, nx=True, ex=self.dedupe_ttl) else \
                     self.redis.get(key)  # a concurrent copy of this send got there first
                 if value is None:  # ... and the record vanished at once (flush): do not guess
@@ -129,6 +129,14 @@ class MessageIntake:
             ack = self._stored_ack(sender_id, req)
         self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
         return ack
+
+    def _next_id(self) -> int:
+        try:
+            return self.ids.next_id()
+        except Exception as exc:  # the node lease could not be renewed: no id is safe to make
+            log.warning("send refused, snowflake lease not renewable: %s", exc.__class__.__name__)
+            raise Unavailable("message not accepted (this gateway cannot renew its id lease); "
+                              "retry with the same client_msg_id") from None
 
     @staticmethod
     def _ack_of(client_msg_id: str, conversation_id: str, value: str) -> Ack:
