@@ -128,11 +128,19 @@ class Cluster:
         self.gw1 = Gateway("gw1", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", **fakes.env)
         self.gw2 = Gateway("gw2", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", **fakes.env)
         self.persist = self.start_persist_worker()
-        self.dispatch = Worker("dispatch", "offline_messages", services, log_dir, **fakes.env)
+        self.dispatch = self.start_dispatch_worker()
         self.push = self.start_push_worker()
 
     def start_persist_worker(self) -> Worker:
         return Worker("persist", "private_messages,group_messages", self.services, self.log_dir, **self.fakes.env)
+
+    def start_dispatch_worker(self) -> Worker:
+        return Worker("dispatch", "offline_messages", self.services, self.log_dir, **self.fakes.env)
+
+    def ensure_dispatch_worker(self) -> None:
+        if not self.dispatch.alive():
+            self.dispatch.stop()
+            self.dispatch = self.start_dispatch_worker()
 
     def start_push_worker(self) -> Worker:
         # One process: the order in which pushes leave is the queue's priority order.
