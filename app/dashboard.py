@@ -9,7 +9,7 @@ import hashlib
 import secrets
 from functools import wraps
 
-from flask import Blueprint, abort, current_app, redirect, render_template, request, session, url_for
+from flask import Blueprint, abort, redirect, render_template, request, session, url_for
 
 from app.api import settings, storage
 from app.api.admin import enqueue_deliveries

@@ -43,7 +43,7 @@ def reconcile_unread(storage: Storage, max_users: int = 5000) -> int:
     """Recount the cached unread counters against MySQL (drift from crashes between steps)."""
     done = 0
     for key in storage.redis.scan_iter(match=UNREAD_KEY.format("*"), count=500):
-        prefix, _, suffix = key.partition(":")
+        _, _, suffix = key.partition(":")
         if not suffix.isdigit():  # unread:counted:*, unread:rebuilding:* are not counters
             continue
         rebuild_unread(storage, int(suffix))

@@ -213,7 +213,7 @@ def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
                 timestamp=int(payload["timestamp"]),
             ))
             session.flush()
-            preview = _preview(payload)
+            preview = message_preview(payload["message_type"], payload["content"])
             for user_id, peer in sorted([(sender, to), (to, sender)]):  # fixed lock order: no deadlocks
                 _upsert_conversation(session, storage.is_mysql, user_id, peer, payload, preview)
             append_entries(session, storage.is_mysql, [sender, to], msg_id, payload["conversation_id"])
@@ -239,10 +239,9 @@ def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
         raise
 
 
-def _preview(payload: dict) -> str:
-    if payload["message_type"] != "text":
-        return f"[{payload['message_type']}]"
-    return payload["content"][:PREVIEW_CHARS]
+def message_preview(message_type: str, content: str, limit: int = PREVIEW_CHARS) -> str:
+    """What a list or a notification shows of a message: its text, or its kind."""
+    return content[:limit] if message_type == "text" else f"[{message_type}]"
 
 
 _UPSERT_SQL = {

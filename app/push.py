@@ -20,6 +20,7 @@ from typing import Callable
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from app.messaging import message_preview
 from app.providers import DeadToken, Delivered, PushRequest, TemporaryFailure
 from app.push_settings import load_preferences
 from app.storage import Storage
@@ -84,7 +85,7 @@ def plan_pushes(storage: Storage, user_id: int, priority: int, now: datetime | N
         plan.skipped = "do-not-disturb hours"
         return plan
     badge = sum(unread_counts(storage, user_id).values())
-    body = (latest.content[:PREVIEW_CHARS] if latest.message_type == "text" else f"[{latest.message_type}]")
+    body = message_preview(latest.message_type, latest.content, PREVIEW_CHARS)
     payload = {"title": sender if prefs.preview else "NetherLink", "body": body if prefs.preview else GENERIC_BODY,
                "badge": badge, "conversation_id": latest.conversation_id, "msg_id": str(latest.id),
                "preview": prefs.preview}
@@ -225,7 +226,7 @@ def _mail_digest(storage: Storage, user_id: int, email_client):
     count = len(unread)
     lines = [f"You have {count} unread message{'s' if count != 1 else ''} on NetherLink:", ""]
     for msg, name in unread[:20]:
-        text = msg.content[:PREVIEW_CHARS] if msg.message_type == "text" else f"[{msg.message_type}]"
+        text = message_preview(msg.message_type, msg.content, PREVIEW_CHARS)
         lines.append(f"- {name}: {text}" if prefs.preview else f"- a message from {name}")
     return email_client.send(prefs.email, f"{count} unread message{'s' if count != 1 else ''} on NetherLink",
                              "\n".join(lines)), None

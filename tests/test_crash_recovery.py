@@ -3,7 +3,6 @@ import secrets
 import signal
 
 import pymysql
-import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 

@@ -2,7 +2,6 @@
 import re
 import secrets
 import time
-import uuid
 from pathlib import Path
 
 import pytest
