@@ -26,6 +26,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     from app.api.auth import bp as auth_bp
     from app.api.chat import bp as chat_bp
+    from app.api.groups import bp as groups_bp
     from app.api.admin import bp as admin_api_bp
     from app.api.push import bp as push_bp
     from app.dashboard import init_dashboard
@@ -35,6 +36,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     app.register_blueprint(auth_bp)
     app.register_blueprint(chat_bp)
+    app.register_blueprint(groups_bp)
     app.register_blueprint(push_bp)
     app.register_blueprint(admin_api_bp)
     init_dashboard(app)

@@ -66,6 +66,8 @@ class Settings:
     email_digest_delay_seconds: float = 300.0
     offline_index_retention_days: int = 7
     push_log_retention_days: int = 30
+    group_max_members: int = 2000
+    group_fanout_chunk: int = 500
     flower_basic_auth: str = field(default="", repr=False)
     log_level: str = "INFO"
 
@@ -93,6 +95,10 @@ class Settings:
     def validate(self) -> None:
         if self.env not in ENVIRONMENTS:
             raise ConfigError(f"NETHERLINK_ENV must be one of {', '.join(ENVIRONMENTS)}, got {self.env!r}")
+        if not 2 <= self.group_max_members <= 100_000:
+            raise ConfigError("GROUP_MAX_MEMBERS must be from 2 to 100000")
+        if not 1 <= self.group_fanout_chunk <= 5000:
+            raise ConfigError("GROUP_FANOUT_CHUNK must be from 1 to 5000")
         if self.env != "production":
             return
         problems = []

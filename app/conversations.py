@@ -8,7 +8,7 @@ from sqlalchemy import select
 from app.errors import Forbidden, InvalidInput, NotFound
 from app.storage import Storage
 from app.unread import unread_counts
-from models import Conversation, Message, User
+from models import ChatGroup, Conversation, GroupMember, Message, User
 
 CACHE_KEY = "conversations:{}"
 GENERATION_KEY = "conversations:{}:gen"  # bumped by every change to the list
@@ -48,22 +48,35 @@ def list_conversations(storage: Storage, user_id: int) -> list[dict]:
     return [dict(item, unread=unread.get(item["conversation_id"], 0)) for item in items]
 
 
+def _membership_bounds(session, group_id: int, user_id: int) -> tuple[int, int | None]:
+    row = session.execute(select(GroupMember.joined_seq, GroupMember.left_seq).where(
+        GroupMember.group_id == group_id, GroupMember.user_id == user_id)).first()
+    return (row.joined_seq, row.left_seq) if row is not None else (2**62, None)  # never a member: nothing
+
+
 def _load_conversations(storage: Storage, user_id: int) -> list[dict]:
     with storage.sessions() as session:
         rows = session.execute(
-            select(Conversation, User.username).outerjoin(User, User.id == Conversation.target_id)
+            select(Conversation, User.username, ChatGroup.name, GroupMember.left_seq)
+            .outerjoin(User, (User.id == Conversation.target_id) & Conversation.is_group.is_(False))
+            .outerjoin(ChatGroup, (ChatGroup.id == Conversation.target_id) & Conversation.is_group.is_(True))
+            .outerjoin(GroupMember, (GroupMember.group_id == Conversation.target_id)
+                       & (GroupMember.user_id == user_id) & Conversation.is_group.is_(True))
             .where(Conversation.user_id == user_id)
-            .order_by(Conversation.last_message_time.desc(), Conversation.id.desc())).all()
+            # New groups have no message yet: they come first, like a fresh conversation.
+            .order_by(Conversation.last_message_time.is_(None).desc(), Conversation.last_message_time.desc(),
+                      Conversation.id.desc())).all()
     return [{
         "conversation_id": conv.conversation_id,
         "is_group": conv.is_group,
         "peer": None if conv.is_group else {"user_id": str(conv.target_id), "username": username},
         "group_id": str(conv.target_id) if conv.is_group else None,
+        "group": {"name": group_name, "member": left_seq is None} if conv.is_group else None,
         "last_message": conv.last_message,
         "last_message_time": conv.last_message_time,
         "last_msg_id": str(conv.last_msg_id) if conv.last_msg_id else None,
         "last_read_msg_id": str(conv.last_read_msg_id) if conv.last_read_msg_id else None,
-    } for conv, username in rows]
+    } for conv, username, group_name, left_seq in rows]
 
 
 def require_member(session, user_id: int, conversation_id: str) -> Conversation:
@@ -80,12 +93,20 @@ def require_member(session, user_id: int, conversation_id: str) -> Conversation:
 
 def history(storage: Storage, user_id: int, conversation_id: str, before: int | None, limit: int,
             frame_of) -> dict:
-    """Messages of a conversation, newest first, older than `before` (a msg_id)."""
+    """Messages of a conversation, newest first, older than `before` (a msg_id).
+
+    In a group, only the messages the member may see (app.groups: from their
+    latest join, none written after they left)."""
     if not 1 <= limit <= HISTORY_MAX_LIMIT:
         raise InvalidInput(f"'limit' must be from 1 to {HISTORY_MAX_LIMIT}")
     with storage.sessions() as session:
-        require_member(session, user_id, conversation_id)
+        conv = require_member(session, user_id, conversation_id)
         query = select(Message).where(Message.conversation_id == conversation_id)
+        if conv.is_group:  # only what the member could see: from their join, until they left
+            joined_seq, left_seq = _membership_bounds(session, conv.target_id, user_id)
+            query = query.where(Message.group_seq > joined_seq)
+            if left_seq is not None:
+                query = query.where(Message.group_seq <= left_seq)
         if before is not None:
             query = query.where(Message.id < before)
         rows = session.scalars(query.order_by(Message.id.desc()).limit(limit + 1)).all()

@@ -11,18 +11,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.conversations import invalidate_conversation_lists
 from app.delivery import deliver_to_users
-from app.errors import InvalidInput, NotFound, Unavailable
+from app.errors import ChatError, InvalidInput, NotFound, Unavailable
+from app.groups import group_conversation_id, require_sender
 from app.snowflake import LeasedIds
 from app.storage import Storage
 from app.sync import append_entries
 from app.unread import count_unread
-from models import ENTRY_MESSAGE, STATUS_RECALLED, Message, OfflineMessageIndex, SyncEntry, User
+from models import ENTRY_MESSAGE, STATUS_RECALLED, Conversation, Message, OfflineMessageIndex, SyncEntry, User
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,12 @@ def private_conversation_id(a: int, b: int) -> str:
 
 @dataclass(frozen=True)
 class SendRequest:
-    """A validated `send` frame (private chat)."""
+    """A validated `send` frame: exactly one of `to` (private) or `group_id`."""
 
     client_msg_id: str
-    to: int
+    to: int | None
     content: str
+    group_id: int | None = None
     message_type: str = "text"
     extra: dict = field(default_factory=dict)
 
@@ -88,11 +90,15 @@ class MessageIntake:
         self._known_users: set[int] = set()
 
     def accept(self, sender_id: int, origin_conn: str, req: SendRequest) -> Ack:
-        if req.to == sender_id:
-            raise InvalidInput("'to' is yourself: messages to oneself are not supported")
-        self._require_user(req.to)
+        if req.group_id is not None:
+            require_sender(self.storage, sender_id, req.group_id)  # read from MySQL: a removal counts at once
+            conversation_id = group_conversation_id(req.group_id)
+        else:
+            if req.to == sender_id:
+                raise InvalidInput("'to' is yourself: messages to oneself are not supported")
+            self._require_user(req.to)
+            conversation_id = private_conversation_id(sender_id, req.to)
         key = DEDUPE_KEY.format(sender_id, req.client_msg_id)
-        conversation_id = private_conversation_id(sender_id, req.to)
         try:
             value, since = self.redis.mget(key, DEDUPE_SINCE_KEY)
             memory_age = self._memory_age_seconds(since)
@@ -114,14 +120,14 @@ class MessageIntake:
             ack = self._ack_of(req.client_msg_id, conversation_id, value)
             if not value.startswith("p:"):
                 return ack  # published and acked before
-        except (InvalidInput, NotFound, Unavailable):
+        except ChatError:
             raise
         except Exception as exc:  # Redis down: refuse rather than risk a second copy
             log.warning("send refused, Redis unavailable: %s", exc.__class__.__name__)
             raise Unavailable("message not accepted (dedupe store unavailable); retry with the same client_msg_id") from None
         self.publish({
             "msg_id": str(ack.msg_id), "conversation_id": conversation_id, "sender_id": sender_id,
-            "to": req.to, "group_id": None, "client_msg_id": req.client_msg_id,
+            "to": req.to, "group_id": req.group_id, "client_msg_id": req.client_msg_id,
             "message_type": req.message_type, "content": req.content, "extra": req.extra,
             "timestamp": ack.timestamp, "origin_conn": origin_conn,
         })
@@ -214,8 +220,10 @@ def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
             ))
             session.flush()
             preview = message_preview(payload["message_type"], payload["content"])
-            for user_id, peer in sorted([(sender, to), (to, sender)]):  # fixed lock order: no deadlocks
-                _upsert_conversation(session, storage.is_mysql, user_id, peer, payload, preview)
+            upsert_conversations(session, storage.is_mysql, [  # in user order: one lock order, no deadlocks
+                {"conversation_id": payload["conversation_id"], "user_id": user_id, "target_id": peer,
+                 "is_group": False, "last_message": preview, "last_message_time": int(payload["timestamp"]),
+                 "last_msg_id": msg_id} for user_id, peer in sorted([(sender, to), (to, sender)])])
             append_entries(session, storage.is_mysql, [sender, to], msg_id, payload["conversation_id"])
         invalidate_conversation_lists(storage, [sender, to])
         return PersistOutcome(msg_id, stored=True, dispatch=True)
@@ -244,37 +252,38 @@ def message_preview(message_type: str, content: str, limit: int = PREVIEW_CHARS)
     return content[:limit] if message_type == "text" else f"[{message_type}]"
 
 
-_UPSERT_SQL = {
-    # MySQL evaluates the assignments left to right: last_msg_id must change last.
-    "mysql": """
-        INSERT INTO conversation (conversation_id, user_id, target_id, is_group, last_message,
-                                  last_message_time, last_msg_id, unread_count)
-        VALUES (:cid, :uid, :target, 0, :preview, :ts, :mid, 0)
-        ON DUPLICATE KEY UPDATE
-          last_message = IF(:mid > COALESCE(last_msg_id, 0), VALUES(last_message), last_message),
-          last_message_time = IF(:mid > COALESCE(last_msg_id, 0), VALUES(last_message_time), last_message_time),
-          updated_at = IF(:mid > COALESCE(last_msg_id, 0), NOW(), updated_at),
-          last_msg_id = GREATEST(COALESCE(last_msg_id, 0), :mid)""",
-    "sqlite": """
-        INSERT INTO conversation (conversation_id, user_id, target_id, is_group, last_message,
-                                  last_message_time, last_msg_id, unread_count, created_at, updated_at)
-        VALUES (:cid, :uid, :target, 0, :preview, :ts, :mid, 0, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)
-        ON CONFLICT (user_id, conversation_id) DO UPDATE SET
-          last_message = excluded.last_message, last_message_time = excluded.last_message_time,
-          last_msg_id = excluded.last_msg_id, updated_at = CURRENT_TIMESTAMP
-        WHERE excluded.last_msg_id > COALESCE(conversation.last_msg_id, 0)""",
-}
+def upsert_conversations(session: Session, is_mysql: bool, rows: list[dict]) -> None:
+    """Create each user's row for a conversation, or move it to this message if newer.
 
-
-def _upsert_conversation(session: Session, is_mysql: bool, user_id: int, peer: int, payload: dict, preview: str):
-    """Create the user's row for this conversation or move it to this message if newer.
-
-    Commits land out of id order, so an older message never overwrites a newer one.
+    rows: conversation_id, user_id, target_id, is_group, last_message,
+    last_message_time, last_msg_id. Commits land out of id order, so an
+    older message never overwrites a newer one. One statement for all rows.
     """
-    session.execute(text(_UPSERT_SQL["mysql" if is_mysql else "sqlite"]), {
-        "cid": payload["conversation_id"], "uid": user_id, "target": peer, "preview": preview,
-        "ts": int(payload["timestamp"]), "mid": int(payload["msg_id"]),
-    })
+    if not rows:
+        return
+    table = Conversation.__table__
+    if is_mysql:
+        from sqlalchemy.dialects.mysql import insert
+
+        stmt = insert(table).values(rows)
+        new = stmt.inserted
+        newer = new.last_msg_id > func.coalesce(table.c.last_msg_id, 0)
+        # MySQL assigns left to right: last_msg_id must change last.
+        session.execute(stmt.on_duplicate_key_update([
+            ("last_message", func.if_(newer, new.last_message, table.c.last_message)),
+            ("last_message_time", func.if_(newer, new.last_message_time, table.c.last_message_time)),
+            ("updated_at", func.if_(newer, func.now(), table.c.updated_at)),
+            ("last_msg_id", func.greatest(func.coalesce(table.c.last_msg_id, 0), new.last_msg_id)),
+        ]))
+        return
+    from sqlalchemy.dialects.sqlite import insert
+
+    stmt = insert(table).values(rows)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=[table.c.user_id, table.c.conversation_id],
+        set_={"last_message": stmt.excluded.last_message, "last_message_time": stmt.excluded.last_message_time,
+              "last_msg_id": stmt.excluded.last_msg_id, "updated_at": func.now()},
+        where=stmt.excluded.last_msg_id > func.coalesce(table.c.last_msg_id, 0)))
 
 
 # --- dispatch ----------------------------------------------------------------

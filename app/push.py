@@ -24,8 +24,8 @@ from app.messaging import message_preview
 from app.providers import DeadToken, Delivered, PushRequest, TemporaryFailure
 from app.push_settings import load_preferences
 from app.storage import Storage
-from app.unread import unread_counts
-from models import STATUS_RECALLED, STATUS_UNREAD, Device, Message, PushLog, User
+from app.unread import is_unread_by, latest_unread, unread_counts
+from models import STATUS_RECALLED, ChatGroup, Device, Message, PushLog, User
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ PROVIDER_BY_PLATFORM = {"ios": "apns", "android": "fcm", "web": "fcm"}
 COALESCE_KEY = "push:coalesce:{}"
 DIGEST_KEY = "push:digest:{}"
 GENERIC_BODY = "New message"
+DIGEST_MAX_MESSAGES = 200
 PREVIEW_CHARS = 180
 
 PENDING, SUCCESS, FAILED, SKIPPED = "pending", "success", "failed", "skipped"
@@ -71,12 +72,10 @@ def plan_pushes(storage: Storage, user_id: int, priority: int, now: datetime | N
     plan = PushPlan(user_id)
     with storage.sessions() as session:
         prefs = load_preferences(session, user_id)
-        query = select(Message).where(Message.receiver_id == user_id, Message.status == STATUS_UNREAD)
-        if prefs.muted_conversations:
-            query = query.where(Message.conversation_id.not_in(prefs.muted_conversations))
-        latest = session.scalar(query.order_by(Message.id.desc()).limit(1))
+        latest = next(iter(latest_unread(session, user_id, 1, prefs.muted_conversations)), None)
         devices = session.scalars(select(Device).where(Device.user_id == user_id)).all()
         sender = session.get(User, latest.sender_id).username if latest else None
+        group = session.get(ChatGroup, latest.group_id) if latest is not None and latest.is_group else None
     plan.digest = bool(prefs.email and "email" in prefs.channels)
     if latest is None:
         plan.skipped = "nothing unread outside muted conversations (read elsewhere, recalled or muted)"
@@ -86,7 +85,10 @@ def plan_pushes(storage: Storage, user_id: int, priority: int, now: datetime | N
         return plan
     badge = sum(unread_counts(storage, user_id).values())
     body = message_preview(latest.message_type, latest.content, PREVIEW_CHARS)
-    payload = {"title": sender if prefs.preview else "NetherLink", "body": body if prefs.preview else GENERIC_BODY,
+    title = sender
+    if group is not None:  # a group push: the group's name, and who wrote
+        title, body = group.name, f"{sender}: {body}"
+    payload = {"title": title if prefs.preview else "NetherLink", "body": body if prefs.preview else GENERIC_BODY,
                "badge": badge, "conversation_id": latest.conversation_id, "msg_id": str(latest.id),
                "preview": prefs.preview}
     for device in devices:
@@ -145,7 +147,8 @@ def attempt_push(storage: Storage, push_id: int, providers: dict, max_retries: i
         payload = dict(row.payload or {})
         push_type, attempts, user_id = row.push_type, row.attempts + 1, row.user_id
         message = session.get(Message, row.message_id)
-    if push_type != "email" and (message is None or message.status != STATUS_UNREAD):
+        unread = message is not None and is_unread_by(session, user_id, message)
+    if push_type != "email" and not unread:
         why = "recalled" if message is not None and message.status == STATUS_RECALLED else "read"
         return _finish(storage, push_id, attempts - 1, SKIPPED, f"message {why} before the push went out")
     if push_type == "email":
@@ -202,8 +205,7 @@ def plan_digest(storage: Storage, user_id: int) -> int | None:
     storage.redis.delete(DIGEST_KEY.format(user_id))
     with storage.sessions() as session:
         prefs = load_preferences(session, user_id)
-        latest = session.scalar(select(Message).where(Message.receiver_id == user_id, Message.status == STATUS_UNREAD)
-                                .order_by(Message.id.desc()).limit(1))
+        latest = next(iter(latest_unread(session, user_id, 1, prefs.muted_conversations)), None)
     if not prefs.email or "email" not in prefs.channels or latest is None:
         return None
     return _pending_row(storage, user_id, latest.id, "email", "email", None, PRIORITY_DIGEST,
@@ -214,11 +216,10 @@ def _mail_digest(storage: Storage, user_id: int, email_client):
     """Compose and send the digest of what the user has not read yet."""
     with storage.sessions() as session:
         prefs = load_preferences(session, user_id)
-        rows = session.execute(
-            select(Message, User.username).join(User, User.id == Message.sender_id)
-            .where(Message.receiver_id == user_id, Message.status == STATUS_UNREAD)
-            .order_by(Message.id.desc()).limit(200)).all()
-    unread = [(m, name) for m, name in rows if not prefs.is_muted(m.conversation_id)]
+        messages = latest_unread(session, user_id, DIGEST_MAX_MESSAGES, prefs.muted_conversations)
+        names = dict(session.execute(select(User.id, User.username).where(
+            User.id.in_({m.sender_id for m in messages}))).all()) if messages else {}
+    unread = [(m, names.get(m.sender_id, "someone")) for m in messages]
     if not prefs.email or "email" not in prefs.channels:
         return None, "email is no longer enabled"
     if not unread:

@@ -1,4 +1,4 @@
-"""`recall`: the sender takes a message back within two minutes."""
+"""`recall`: the sender takes a message back within two minutes (a group's owner at any time)."""
 from __future__ import annotations
 
 import time
@@ -10,9 +10,9 @@ from app.conversations import invalidate_conversation_lists
 from app.errors import Forbidden, NotFound, RecallExpired
 from app.snowflake import timestamp_of
 from app.storage import Storage
-from app.sync import append_entries
-from app.unread import rebuild_unread
-from models import ENTRY_RECALL, STATUS_RECALLED, Conversation, Message
+from app.sync import append_entries, entries_of
+from app.unread import forget_unread, rebuild_unread
+from models import ENTRY_MESSAGE, ENTRY_RECALL, STATUS_RECALLED, ChatGroup, Conversation, Message
 
 RECALL_WINDOW_MS = 2 * 60 * 1000
 RECALLED_PREVIEW = "[message recalled]"
@@ -29,35 +29,62 @@ class RecallOutcome:
 
 def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | None = None) -> RecallOutcome:
     """Clear the message's content, mark it recalled, and put a recall entry in
-    every party's sync stream. Recalling it again changes nothing in MySQL."""
+    the sync stream of everyone who received it. Recalling it again changes
+    nothing in MySQL but completes what an interrupted attempt left undone.
+
+    Private: the sender, within 2 minutes. Group: the sender within 2 minutes,
+    or the group owner at any time.
+    """
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     _await_persisted(storage, msg_id, now_ms)
     with storage.session() as session:
         msg = session.scalar(select(Message).where(Message.id == msg_id).with_for_update())
-        if msg is None or user_id not in (msg.sender_id, msg.receiver_id):
+        parties = _parties(session, msg) if msg is not None else []
+        if user_id not in parties:
             raise NotFound(f"message {msg_id} does not exist")
-        if msg.sender_id != user_id:
-            raise Forbidden("only the sender can recall a message")
-        parties = [msg.sender_id, msg.receiver_id]
+        by_owner = msg.is_group and msg.sender_id != user_id and session.scalar(
+            select(ChatGroup.owner_id).where(ChatGroup.id == msg.group_id)) == user_id
+        if msg.sender_id != user_id and not by_owner:
+            raise Forbidden("only the sender can recall a message" + (" (or the group owner)" if msg.is_group else ""))
         already = msg.status == STATUS_RECALLED
-        if not already and now_ms - msg.timestamp > RECALL_WINDOW_MS:
+        if not already and not by_owner and now_ms - msg.timestamp > RECALL_WINDOW_MS:
             raise RecallExpired("messages can be recalled for 2 minutes after sending")
-        if already:  # a retry: redo the Redis side below, which an earlier attempt may not have finished
+        if already:  # a retry: redo what an earlier attempt may not have finished
             now_ms = msg.recalled_at
         else:
-            _mark_recalled(session, storage, msg, parties, now_ms)
-    rebuild_unread(storage, msg.receiver_id)  # a recalled message no longer counts as unread
+            _mark_recalled(session, msg, now_ms)
+        missing = _without_recall_entry(session, msg.id, parties)
+        chunk = storage.settings.group_fanout_chunk
+        append_entries(session, storage.is_mysql, missing[:chunk], msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+    for start in range(chunk, len(missing), chunk):  # a big group: the rest in bounded transactions
+        with storage.session() as session:
+            append_entries(session, storage.is_mysql, _without_recall_entry(session, msg.id, missing[start:start + chunk]),
+                           msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+    if msg.is_group:
+        forget_unread(storage, parties)  # recounted from MySQL when next asked for
+    else:
+        rebuild_unread(storage, msg.receiver_id)  # a recalled message no longer counts as unread
     invalidate_conversation_lists(storage, parties)
     return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms)
 
 
-def _mark_recalled(session, storage: Storage, msg: Message, parties: list[int], now_ms: int) -> None:
+def _parties(session, msg: Message) -> list[int]:
+    """Who has the message: both sides of a private chat; the members it was delivered to in a group."""
+    if not msg.is_group:
+        return [msg.sender_id, msg.receiver_id]
+    return sorted(entries_of(session, msg.id, ENTRY_MESSAGE))
+
+
+def _without_recall_entry(session, msg_id: int, user_ids: list[int]) -> list[int]:
+    done = entries_of(session, msg_id, ENTRY_RECALL, user_ids)
+    return [uid for uid in user_ids if uid not in done]
+
+
+def _mark_recalled(session, msg: Message, now_ms: int) -> None:
     msg.status, msg.content, msg.extra, msg.recalled_at = STATUS_RECALLED, "", None, now_ms
-    session.execute(update(Conversation).where(  # user_id first: the unique index, two rows locked
-        Conversation.user_id.in_(parties), Conversation.conversation_id == msg.conversation_id,
-        Conversation.last_msg_id == msg.id)
+    session.execute(update(Conversation).where(  # the conversation_id index: every member's row
+        Conversation.conversation_id == msg.conversation_id, Conversation.last_msg_id == msg.id)
         .values(last_message=RECALLED_PREVIEW))
-    append_entries(session, storage.is_mysql, parties, msg.id, msg.conversation_id, kind=ENTRY_RECALL)
 
 
 def _await_persisted(storage: Storage, msg_id: int, now_ms: int) -> None:

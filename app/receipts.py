@@ -1,9 +1,14 @@
-"""`read`: a user read a conversation up to a message."""
+"""`read`: a user read a conversation up to a message.
+
+Private chats mark the receiver's messages read (status 1); in groups each
+member has a read position (conversation.last_read_msg_id) and the message
+rows stay as they are.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from app.conversations import invalidate_conversation_lists, require_member
 from app.storage import Storage
@@ -16,7 +21,7 @@ class ReadOutcome:
     conversation_id: str
     msg_id: int
     reader: int
-    peer: int | None  # the other party of a private chat, who gets a receipt
+    peer: int | None  # who gets a receipt: the other party of a private chat, the author in a group
     unread_left: int
 
 
@@ -28,10 +33,16 @@ def mark_read(storage: Storage, user_id: int, conversation_id: str, msg_id: int)
             Message.conversation_id == conversation_id, Message.receiver_id == user_id,
             Message.status == STATUS_UNREAD, Message.id <= msg_id).values(status=STATUS_READ))
         # The read position only moves forward (reads from two devices may cross).
-        if conv.last_read_msg_id is None or conv.last_read_msg_id < msg_id:
-            session.execute(update(Conversation).where(Conversation.id == conv.id)
-                            .values(last_read_msg_id=msg_id))
-        peer = None if conv.is_group else conv.target_id
+        session.execute(update(Conversation).where(
+            Conversation.id == conv.id,
+            Conversation.last_read_msg_id.is_(None) | (Conversation.last_read_msg_id < msg_id))
+            .values(last_read_msg_id=msg_id))
+        if conv.is_group:  # a receipt to the author of the message read up to, if someone else
+            author = session.scalar(select(Message.sender_id).where(
+                Message.id == msg_id, Message.conversation_id == conversation_id))
+            peer = author if author is not None and author != user_id else None
+        else:
+            peer = conv.target_id
     counts = rebuild_unread(storage, user_id)
     invalidate_conversation_lists(storage, [user_id])
     return ReadOutcome(conversation_id, msg_id, user_id, peer, counts.get(conversation_id, 0))

@@ -77,6 +77,22 @@ class Storage:
         self.redis.close()
 
 
+def insert_ignoring_duplicates(model, is_mysql: bool):
+    """INSERT that skips rows whose unique key exists (redelivery-safe bulk inserts).
+
+    Not MySQL's INSERT IGNORE, which would also swallow truncation and other errors.
+    """
+    if is_mysql:
+        from sqlalchemy.dialects.mysql import insert
+
+        stmt = insert(model)
+        key = model.__table__.primary_key.columns.values()[0].name
+        return stmt.on_duplicate_key_update({key: stmt.table.c[key]})
+    from sqlalchemy.dialects.sqlite import insert
+
+    return insert(model).on_conflict_do_nothing()
+
+
 def upgrade_schema(database_url: str) -> None:
     """Bring the database to the newest Alembic revision (idempotent)."""
     from alembic import command

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidInput
@@ -18,26 +18,40 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 500
 _MESSAGE_COLUMNS = [c for c in Message.__table__.c if c.name != "created_at"]
 
 
-def next_stream_seq(session: Session, is_mysql: bool, user_id: int) -> int:
-    """Take the user's next sequence number; holds the user row lock until commit."""
-    if is_mysql:
-        session.execute(update(User).where(User.id == user_id)
-                        .values(inbox_seq=func.last_insert_id(User.inbox_seq + 1)))
-        return int(session.scalar(select(func.last_insert_id())))
-    return int(session.execute(update(User).where(User.id == user_id)
-                               .values(inbox_seq=User.inbox_seq + 1).returning(User.inbox_seq)).scalar_one())
+def next_stream_seqs(session: Session, is_mysql: bool, user_ids: list[int]) -> dict[int, int]:
+    """Take each user's next sequence number; holds the user rows' locks until commit.
+
+    One UPDATE locks the rows in primary-key order, the one lock order every
+    writer uses, so concurrent writers queue instead of deadlocking.
+    """
+    if not user_ids:
+        return {}
+    bump = update(User).where(User.id.in_(user_ids)).values(inbox_seq=User.inbox_seq + 1)
+    if not is_mysql:
+        return {uid: seq for uid, seq in session.execute(bump.returning(User.id, User.inbox_seq)).all()}
+    session.execute(bump)
+    # A locking read returns the values this transaction just wrote.
+    return {uid: seq for uid, seq in session.execute(
+        select(User.id, User.inbox_seq).where(User.id.in_(user_ids)).with_for_update()).all()}
 
 
 def append_entries(session: Session, is_mysql: bool, user_ids, msg_id: int, conversation_id: str,
                    kind: int = ENTRY_MESSAGE) -> dict[int, int]:
-    """Add one entry to each user's stream (users in id order: one lock order for all writers)."""
-    seqs = {}
-    for user_id in sorted(set(user_ids)):
-        seq = next_stream_seq(session, is_mysql, user_id)
-        session.add(SyncEntry(user_id=user_id, seq=seq, message_id=msg_id, conversation_id=conversation_id, kind=kind))
-        seqs[user_id] = seq
-    session.flush()
+    """Add one entry to each user's stream; returns the new positions (deleted users left out)."""
+    seqs = next_stream_seqs(session, is_mysql, sorted(set(user_ids)))
+    if seqs:
+        session.execute(insert(SyncEntry), [
+            {"user_id": uid, "seq": seq, "message_id": msg_id, "conversation_id": conversation_id, "kind": kind}
+            for uid, seq in seqs.items()])
     return seqs
+
+
+def entries_of(session: Session, msg_id: int, kind: int, user_ids=None) -> dict[int, int]:
+    """Users whose stream holds this entry, with its position."""
+    query = select(SyncEntry.user_id, SyncEntry.seq).where(SyncEntry.message_id == msg_id, SyncEntry.kind == kind)
+    if user_ids is not None:
+        query = query.where(SyncEntry.user_id.in_(list(user_ids)))
+    return {uid: seq for uid, seq in session.execute(query).all()}
 
 
 def parse_cursor(cursor) -> int:

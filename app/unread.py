@@ -1,7 +1,9 @@
 """Unread counters: `unread:{uid}` in Redis, rebuilt from MySQL.
 
 MySQL is the truth: a private message is unread by its receiver while its
-status is 0. The Redis hash caches the counts per conversation and carries
+status is 0; a group message is unread by a member who received it (it is in
+their sync stream) while it is newer than their read position
+(conversation.last_read_msg_id) and not their own or recalled. The Redis hash caches the counts per conversation and carries
 `_seq`, the user's sync-stream position the counts were taken at. Dispatch
 counts a message only if its stream entry is newer than `_seq` (older ones
 are in the rebuilt numbers already), and only once (`unread:counted:{msg}`).
@@ -15,7 +17,7 @@ from contextlib import contextmanager
 from sqlalchemy import func, select
 
 from app.storage import Storage
-from models import STATUS_UNREAD, Message, User
+from models import ENTRY_MESSAGE, STATUS_RECALLED, STATUS_UNREAD, Conversation, Message, SyncEntry, User
 
 UNREAD_KEY = "unread:{}"
 LOCK_KEY = "unread:rebuilding:{}"
@@ -42,14 +44,72 @@ def count_unread(storage: Storage, user_id: int, msg_id: int, conversation_id: s
                        args=[user_id, conversation_id, entry_seq, storage.settings.dedupe_ttl_seconds]))
 
 
+def count_unread_many(storage: Storage, msg_id: int, conversation_id: str,
+                      receivers: list[tuple[int, int]]) -> None:
+    """count_unread for many receivers of one message (user id, stream position), one round trip."""
+    if not receivers:
+        return
+    script, ttl = storage.script(_COUNT_SCRIPT), storage.settings.dedupe_ttl_seconds
+    pipe = storage.redis.pipeline(transaction=False)
+    for user_id, entry_seq in receivers:
+        script(keys=[UNREAD_KEY.format(user_id), COUNTED_KEY.format(msg_id)],
+               args=[user_id, conversation_id, entry_seq, ttl], client=pipe)
+    pipe.execute()
+
+
+def forget_unread(storage: Storage, user_ids) -> None:
+    """Drop cached counters; each is rebuilt from MySQL when next asked for."""
+    keys = [UNREAD_KEY.format(uid) for uid in user_ids]
+    for i in range(0, len(keys), 1000):
+        storage.redis.delete(*keys[i:i + 1000])
+
+
+def unread_group_messages(user_id: int):
+    """Query of the group messages the user has not read (see the module docstring)."""
+    return (select(Message)
+            .join(Conversation, (Conversation.user_id == user_id)
+                  & (Conversation.conversation_id == Message.conversation_id) & Conversation.is_group.is_(True))
+            .join(SyncEntry, (SyncEntry.user_id == user_id) & (SyncEntry.message_id == Message.id)
+                  & (SyncEntry.kind == ENTRY_MESSAGE))
+            .where(Message.id > func.coalesce(Conversation.last_read_msg_id, 0), Message.sender_id != user_id,
+                   Message.status != STATUS_RECALLED))
+
+
+def unread_private_messages(user_id: int):
+    return select(Message).where(Message.receiver_id == user_id, Message.status == STATUS_UNREAD,
+                                 Message.is_group.is_(False))
+
+
+def latest_unread(session, user_id: int, limit: int, muted=()) -> list[Message]:
+    """The user's newest unread messages, private and group, newest first (muted conversations left out)."""
+    found = []
+    for query in (unread_private_messages(user_id), unread_group_messages(user_id)):
+        if muted:
+            query = query.where(Message.conversation_id.not_in(list(muted)))
+        found.extend(session.scalars(query.order_by(Message.id.desc()).limit(limit)).all())
+    return sorted(found, key=lambda m: m.id, reverse=True)[:limit]
+
+
+def is_unread_by(session, user_id: int, message: Message) -> bool:
+    """Whether this user still has the message unread (it may have been read or recalled since)."""
+    if message.status == STATUS_RECALLED:
+        return False
+    if not message.is_group:
+        return message.receiver_id == user_id and message.status == STATUS_UNREAD
+    read_upto = session.scalar(select(Conversation.last_read_msg_id).where(
+        Conversation.user_id == user_id, Conversation.conversation_id == message.conversation_id))
+    return (read_upto or 0) < message.id
+
+
 def _counts_from_mysql(storage: Storage, user_id: int) -> tuple[int, dict[str, int]]:
-    with storage.session() as session:
+    with storage.session() as session:  # one snapshot: the position and the counts agree
         seq = session.scalar(select(User.inbox_seq).where(User.id == user_id)) or 0
-        rows = session.execute(
-            select(Message.conversation_id, func.count()).where(
-                Message.receiver_id == user_id, Message.status == STATUS_UNREAD, Message.is_group.is_(False),
-            ).group_by(Message.conversation_id)).all()
-    return seq, {cid: n for cid, n in rows}
+        counts = {}
+        for query in (unread_private_messages(user_id), unread_group_messages(user_id)):
+            inner = query.with_only_columns(Message.conversation_id, Message.id).subquery()
+            counts.update(session.execute(
+                select(inner.c.conversation_id, func.count()).group_by(inner.c.conversation_id)).all())
+    return seq, counts
 
 
 def rebuild_unread(storage: Storage, user_id: int) -> dict[str, int]:

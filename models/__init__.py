@@ -70,6 +70,7 @@ class Message(Base):
         Index("idx_conversation", "conversation_id", "timestamp"),
         Index("idx_receiver", "receiver_id", "status"),
         Index("idx_sender", "sender_id", "timestamp"),
+        Index("idx_conversation_msg", "conversation_id", "id"),  # history pages and unread counts by id
         MYSQL_TABLE_ARGS,
     )
 
@@ -86,6 +87,9 @@ class Message(Base):
     timestamp: Mapped[int] = mapped_column(BigInteger)  # ms since epoch, assigned at the gateway
     status: Mapped[int] = mapped_column(SmallInteger, default=STATUS_UNREAD, server_default="0")
     recalled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms
+    # Group messages: the group's sequence number, taken under the group row lock in
+    # commit order; membership bounds (joined_seq, left_seq] say who may see it.
+    group_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
@@ -217,6 +221,8 @@ class ChatGroup(Base):
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(100))
     owner_id: Mapped[int] = mapped_column(BigInteger)
+    # Last group_seq given to a message; sends and membership changes both take this row's lock.
+    msg_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
@@ -232,4 +238,8 @@ class GroupMember(Base):
     group_id: Mapped[int] = mapped_column(BigInteger)
     user_id: Mapped[int] = mapped_column(BigInteger)
     role: Mapped[str] = mapped_column(String(16), default="member", server_default="member")  # owner/admin/member
-    joined_at: Mapped[int] = mapped_column(BigInteger)  # ms; history is visible from here on
+    joined_at: Mapped[int] = mapped_column(BigInteger)  # ms, latest join
+    # The member sees messages with joined_seq < group_seq <= left_seq (left_seq NULL: still a member).
+    joined_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    left_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    left_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms

@@ -17,10 +17,11 @@ from sqlalchemy.exc import DBAPIError
 from app import maintenance
 from app.config import Settings
 from app.errors import Unavailable
+from app.group_messages import fan_out_group_message, persist_group_message
 from app.messaging import dispatch_private_message, persist_private_message
 from app.presence import sweep_presence as sweep_presence_entries
 from app.push import (
-    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, PRIORITY_PRIVATE, attempt_push, mark_queued, plan_digest,
+    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, PRIORITY_GROUP, PRIORITY_PRIVATE, attempt_push, mark_queued, plan_digest,
     plan_pushes, schedule_once,
 )
 from app.storage import Storage
@@ -57,13 +58,26 @@ def _fresh_connections(**_):
 # A retry republishes the arguments: keep the message text out of Flower and task events.
 @app.task(bind=True, acks_late=True, **RETRY, retry_kwargs={"argsrepr": "[message payload not shown]"})
 def persist_message(self, message: dict) -> dict:
-    """Store an accepted private message, then hand it to dispatch."""
+    """Store an accepted message, then hand it to dispatch (a group's in chunks of members)."""
+    if message.get("group_id") is not None:
+        return _persist_group(message)
     outcome = persist_private_message(storage(), message)
     if outcome.dispatch:
         dispatch_message.apply_async(args=[str(outcome.msg_id), message.get("origin_conn")],
                                      argsrepr=f"[{outcome.msg_id}]")
     log.info("msg %s persisted (new=%s)", outcome.msg_id, outcome.stored)
     return {"msg_id": str(outcome.msg_id), "stored": outcome.stored}
+
+
+def _persist_group(message: dict) -> dict:
+    outcome = persist_group_message(storage(), message)
+    for number, members in enumerate(outcome.chunks):
+        dispatch_group_message.apply_async(
+            args=[str(outcome.msg_id), message.get("origin_conn"), [str(uid) for uid in members]],
+            argsrepr=f"[{outcome.msg_id}, chunk {number + 1}/{len(outcome.chunks)}, {len(members)} members]")
+    log.info("msg %s persisted in group %s (new=%s, %d recipients in %d chunks)", outcome.msg_id,
+             message["group_id"], outcome.stored, sum(map(len, outcome.chunks)), len(outcome.chunks))
+    return {"msg_id": str(outcome.msg_id), "stored": outcome.stored, "chunks": len(outcome.chunks)}
 
 
 @app.task(bind=True, acks_late=True, **RETRY)
@@ -77,6 +91,18 @@ def dispatch_message(self, msg_id: str, origin_conn: str | None = None) -> dict:
     log.info("msg %s dispatched: %d live connections, %d offline", msg_id, outcome.live_connections,
              len(outcome.offline_users))
     return {"msg_id": msg_id, "live": outcome.live_connections, "offline": [str(u) for u in outcome.offline_users]}
+
+
+@app.task(bind=True, acks_late=True, **RETRY)
+def dispatch_group_message(self, msg_id: str, origin_conn: str | None, member_ids: list[str]) -> dict:
+    """One chunk of a group message's members: streams, live delivery, unread, offline index, pushes."""
+    outcome = fan_out_group_message(storage(), int(msg_id), [int(uid) for uid in member_ids], origin_conn)
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or self.request.retries > 0
+    for user_id in outcome.offline_users:
+        schedule_push(msg_id, user_id, PRIORITY_GROUP, redelivered)
+    log.info("msg %s dispatched to %d group members: %d live connections, %d offline", msg_id,
+             len(member_ids), outcome.live_connections, len(outcome.offline_users))
+    return {"msg_id": msg_id, "live": outcome.live_connections, "offline": len(outcome.offline_users)}
 
 
 def enqueue(task, args: list, priority: int, countdown: float | None = None) -> None:
@@ -187,10 +213,12 @@ def sweep_presence() -> int:
 
 
 def publish_persist(payload: dict, timeout: float) -> None:
-    """Publish an accepted message to private_messages; returns once RabbitMQ confirmed it."""
+    """Publish an accepted message to private_messages or group_messages; returns once RabbitMQ confirmed it."""
+    route = {"queue": "group_messages", "routing_key": "group.message"} if payload.get("group_id") is not None \
+        else {}
     try:
         persist_message.apply_async(
-            args=[payload], retry=True, retry_policy=GATEWAY_PUBLISH_RETRY,
+            args=[payload], retry=True, retry_policy=GATEWAY_PUBLISH_RETRY, **route,
             confirm_timeout=timeout, timeout=timeout,
             task_id=f"persist-{payload['msg_id']}", argsrepr=f"[msg {payload['msg_id']}]",
         )

@@ -132,7 +132,9 @@ class Cluster:
         self.push = self.start_push_worker()
 
     def start_persist_worker(self) -> Worker:
-        return Worker("persist", "private_messages,group_messages", self.services, self.log_dir, **self.fakes.env)
+        # Chunks of two members: every group test fans out over several dispatch tasks.
+        return Worker("persist", "private_messages,group_messages", self.services, self.log_dir,
+                      GROUP_FANOUT_CHUNK="2", **self.fakes.env)
 
     def start_dispatch_worker(self) -> Worker:
         return Worker("dispatch", "offline_messages", self.services, self.log_dir, **self.fakes.env)

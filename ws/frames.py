@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 
-from app.errors import InvalidInput, NotFound, TooLarge
+from app.errors import InvalidInput, TooLarge
 from app.messaging import SendRequest
 
 CLIENT_MSG_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces (fullmatch)
@@ -51,10 +51,8 @@ def parse_send(frame: dict, max_content_bytes: int) -> SendRequest:
     has_to, has_group = frame.get("to") is not None, frame.get("group_id") is not None
     if has_to == has_group:
         raise InvalidInput("a send needs exactly one of 'to' (private) or 'group_id' (group)")
-    if has_group:
-        group_id = parse_id(frame["group_id"], "group_id")
-        raise NotFound(f"group {group_id} does not exist")
-    to = parse_id(frame["to"], "to")
+    to = parse_id(frame["to"], "to") if has_to else None
+    group_id = parse_id(frame["group_id"], "group_id") if has_group else None
     content = frame.get("content")
     if not isinstance(content, str) or not content:
         raise InvalidInput("'content' must be a non-empty string")
@@ -70,7 +68,8 @@ def parse_send(frame: dict, max_content_bytes: int) -> SendRequest:
         raise InvalidInput("'extra' must be a JSON object")
     if _utf8_size(json.dumps(extra, ensure_ascii=False), "extra") > MAX_EXTRA_BYTES:
         raise TooLarge(f"'extra' is larger than {MAX_EXTRA_BYTES} bytes")
-    return SendRequest(client_msg_id=cmid, to=to, content=content, message_type=message_type, extra=extra)
+    return SendRequest(client_msg_id=cmid, to=to, group_id=group_id, content=content, message_type=message_type,
+                       extra=extra)
 
 
 def _utf8_size(text: str, name: str) -> int:
