@@ -25,13 +25,22 @@ return 1
 """
 
 
+# KEYS: (cached list, generation) per user. ARGV: generation TTL.
+_INVALIDATE = """
+for i = 1, #KEYS, 2 do
+  redis.call('INCR', KEYS[i + 1])
+  redis.call('EXPIRE', KEYS[i + 1], ARGV[1])
+  redis.call('DEL', KEYS[i])
+end
+return #KEYS / 2
+"""
+
+
 def invalidate_conversation_lists(storage: Storage, user_ids) -> None:
-    pipe = storage.redis.pipeline(transaction=False)
-    for uid in set(user_ids):
-        pipe.incr(GENERATION_KEY.format(uid))
-        pipe.expire(GENERATION_KEY.format(uid), CACHE_TTL * 2)
-        pipe.delete(CACHE_KEY.format(uid))
-    pipe.execute()
+    """Drop the users' cached lists and announce the change (one round trip for a whole chunk)."""
+    keys = [key for uid in set(user_ids) for key in (CACHE_KEY.format(uid), GENERATION_KEY.format(uid))]
+    if keys:
+        storage.script(_INVALIDATE)(keys=keys, args=[CACHE_TTL * 2])
 
 
 def list_conversations(storage: Storage, user_id: int) -> list[dict]:

@@ -109,11 +109,12 @@ def fan_out_group_message(storage: Storage, msg_id: int, user_ids: list[int],
         except IntegrityError:  # another copy of this chunk committed first: take its entries
             if attempt == FANOUT_ATTEMPTS - 1:
                 raise
-    invalidate_conversation_lists(storage, seqs.keys())
     outcome = FanoutOutcome(msg_id)
+    # Live frames first: they are what members wait for; the rest is bookkeeping.
     live = deliver_to_users(storage, message_frame(msg), seqs.keys(), skip_conn=origin_conn)
     outcome.live_connections = sum(1 for conns in live.values() for c in conns if c.conn_id != origin_conn)
     outcome.offline_users = [uid for uid in seqs if uid != msg.sender_id and not live.get(uid)]
+    invalidate_conversation_lists(storage, seqs.keys())
     _index_offline(storage, msg, outcome.offline_users)
     # Counted last (a visible sign the chunk ran); not for the sender, nor for a
     # member who already read past this message (a read that committed first).

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sqlalchemy import func, select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,7 @@ from app.snowflake import LeasedIds
 from app.storage import Storage
 from app.sync import append_entries
 from app.unread import count_unread
-from models import ENTRY_MESSAGE, STATUS_RECALLED, Conversation, Message, OfflineMessageIndex, SyncEntry, User
+from models import ENTRY_MESSAGE, STATUS_RECALLED, Message, OfflineMessageIndex, SyncEntry, User
 
 log = logging.getLogger(__name__)
 
@@ -252,38 +252,42 @@ def message_preview(message_type: str, content: str, limit: int = PREVIEW_CHARS)
     return content[:limit] if message_type == "text" else f"[{message_type}]"
 
 
+_UPSERT_SQL = {
+    # Only VALUES() references after ON DUPLICATE KEY: PyMySQL then sends many
+    # rows as one multi-row INSERT. MySQL assigns left to right: last_msg_id last.
+    "mysql": """
+        INSERT INTO conversation (conversation_id, user_id, target_id, is_group, last_message,
+                                  last_message_time, last_msg_id, unread_count)
+        VALUES (:conversation_id, :user_id, :target_id, :is_group, :last_message, :last_message_time,
+                :last_msg_id, :unread_count)
+        ON DUPLICATE KEY UPDATE
+          last_message = IF(VALUES(last_msg_id) > COALESCE(last_msg_id, 0), VALUES(last_message), last_message),
+          last_message_time = IF(VALUES(last_msg_id) > COALESCE(last_msg_id, 0), VALUES(last_message_time),
+                                 last_message_time),
+          updated_at = IF(VALUES(last_msg_id) > COALESCE(last_msg_id, 0), NOW(), updated_at),
+          last_msg_id = GREATEST(COALESCE(last_msg_id, 0), VALUES(last_msg_id))""",
+    "sqlite": """
+        INSERT INTO conversation (conversation_id, user_id, target_id, is_group, last_message,
+                                  last_message_time, last_msg_id, unread_count, created_at, updated_at)
+        VALUES (:conversation_id, :user_id, :target_id, :is_group, :last_message, :last_message_time,
+                :last_msg_id, :unread_count, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)
+        ON CONFLICT (user_id, conversation_id) DO UPDATE SET
+          last_message = excluded.last_message, last_message_time = excluded.last_message_time,
+          last_msg_id = excluded.last_msg_id, updated_at = CURRENT_TIMESTAMP
+        WHERE excluded.last_msg_id > COALESCE(conversation.last_msg_id, 0)""",
+}
+
+
 def upsert_conversations(session: Session, is_mysql: bool, rows: list[dict]) -> None:
     """Create each user's row for a conversation, or move it to this message if newer.
 
     rows: conversation_id, user_id, target_id, is_group, last_message,
     last_message_time, last_msg_id. Commits land out of id order, so an
-    older message never overwrites a newer one. One statement for all rows.
+    older message never overwrites a newer one.
     """
-    if not rows:
-        return
-    table = Conversation.__table__
-    if is_mysql:
-        from sqlalchemy.dialects.mysql import insert
-
-        stmt = insert(table).values(rows)
-        new = stmt.inserted
-        newer = new.last_msg_id > func.coalesce(table.c.last_msg_id, 0)
-        # MySQL assigns left to right: last_msg_id must change last.
-        session.execute(stmt.on_duplicate_key_update([
-            ("last_message", func.if_(newer, new.last_message, table.c.last_message)),
-            ("last_message_time", func.if_(newer, new.last_message_time, table.c.last_message_time)),
-            ("updated_at", func.if_(newer, func.now(), table.c.updated_at)),
-            ("last_msg_id", func.greatest(func.coalesce(table.c.last_msg_id, 0), new.last_msg_id)),
-        ]))
-        return
-    from sqlalchemy.dialects.sqlite import insert
-
-    stmt = insert(table).values(rows)
-    session.execute(stmt.on_conflict_do_update(
-        index_elements=[table.c.user_id, table.c.conversation_id],
-        set_={"last_message": stmt.excluded.last_message, "last_message_time": stmt.excluded.last_message_time,
-              "last_msg_id": stmt.excluded.last_msg_id, "updated_at": func.now()},
-        where=stmt.excluded.last_msg_id > func.coalesce(table.c.last_msg_id, 0)))
+    if rows:
+        session.execute(text(_UPSERT_SQL["mysql" if is_mysql else "sqlite"]),
+                        [dict(row, unread_count=0) for row in rows])
 
 
 # --- dispatch ----------------------------------------------------------------

@@ -58,8 +58,8 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
         append_entries(session, storage.is_mysql, missing[:chunk], msg.id, msg.conversation_id, kind=ENTRY_RECALL)
     for start in range(chunk, len(missing), chunk):  # a big group: the rest in bounded transactions
         with storage.session() as session:
-            append_entries(session, storage.is_mysql, _without_recall_entry(session, msg.id, missing[start:start + chunk]),
-                           msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+            todo = _without_recall_entry(session, msg.id, missing[start:start + chunk])
+            append_entries(session, storage.is_mysql, todo, msg.id, msg.conversation_id, kind=ENTRY_RECALL)
     if msg.is_group:
         forget_unread(storage, parties)  # recounted from MySQL when next asked for
     else:

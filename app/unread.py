@@ -3,8 +3,9 @@
 MySQL is the truth: a private message is unread by its receiver while its
 status is 0; a group message is unread by a member who received it (it is in
 their sync stream) while it is newer than their read position
-(conversation.last_read_msg_id) and not their own or recalled. The Redis hash caches the counts per conversation and carries
-`_seq`, the user's sync-stream position the counts were taken at. Dispatch
+(conversation.last_read_msg_id) and not their own or recalled. The Redis
+hash caches the counts per conversation and carries `_seq`, the user's
+sync-stream position the counts were taken at. Dispatch
 counts a message only if its stream entry is newer than `_seq` (older ones
 are in the rebuilt numbers already), and only once (`unread:counted:{msg}`).
 """
@@ -26,35 +27,38 @@ COUNTED_KEY = "unread:counted:{}"
 SEQ_FIELD = "_seq"
 MAX_REBUILD_ROUNDS = 5
 
-# KEYS: unread hash, counted set. ARGV: user id, conversation id, entry seq, counted TTL.
+# One call counts a message for many receivers. KEYS: the message's counted
+# set, then each receiver's unread hash. ARGV: conversation id, counted-set
+# TTL, then (user id, stream position) per receiver.
 _COUNT_SCRIPT = """
-local built = redis.call('HGET', KEYS[1], '_seq')
-if not built or tonumber(ARGV[3]) <= tonumber(built) then return 0 end
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('HINCRBY', KEYS[1], ARGV[2], 1)
-return 1
+local counted = 0
+for i = 2, #KEYS do
+  local user, seq = ARGV[2 * i - 1], ARGV[2 * i]
+  local built = redis.call('HGET', KEYS[i], '_seq')
+  if built and tonumber(seq) > tonumber(built) and redis.call('SADD', KEYS[1], user) == 1 then
+    redis.call('HINCRBY', KEYS[i], ARGV[1], 1)
+    counted = counted + 1
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return counted
 """
 
 
 def count_unread(storage: Storage, user_id: int, msg_id: int, conversation_id: str, entry_seq: int) -> bool:
     """Count one newly dispatched message for its receiver; harmless if repeated."""
-    script = storage.script(_COUNT_SCRIPT)
-    return bool(script(keys=[UNREAD_KEY.format(user_id), COUNTED_KEY.format(msg_id)],
-                       args=[user_id, conversation_id, entry_seq, storage.settings.dedupe_ttl_seconds]))
+    return count_unread_many(storage, msg_id, conversation_id, [(user_id, entry_seq)]) == 1
 
 
 def count_unread_many(storage: Storage, msg_id: int, conversation_id: str,
-                      receivers: list[tuple[int, int]]) -> None:
-    """count_unread for many receivers of one message (user id, stream position), one round trip."""
+                      receivers: list[tuple[int, int]]) -> int:
+    """Count a message for its receivers (user id, stream position): only for a
+    receiver whose counters were built before that position, and only once."""
     if not receivers:
-        return
-    script, ttl = storage.script(_COUNT_SCRIPT), storage.settings.dedupe_ttl_seconds
-    pipe = storage.redis.pipeline(transaction=False)
-    for user_id, entry_seq in receivers:
-        script(keys=[UNREAD_KEY.format(user_id), COUNTED_KEY.format(msg_id)],
-               args=[user_id, conversation_id, entry_seq, ttl], client=pipe)
-    pipe.execute()
+        return 0
+    keys = [COUNTED_KEY.format(msg_id)] + [UNREAD_KEY.format(uid) for uid, _ in receivers]
+    args = [conversation_id, storage.settings.dedupe_ttl_seconds] + [v for pair in receivers for v in pair]
+    return int(storage.script(_COUNT_SCRIPT)(keys=keys, args=args))
 
 
 def forget_unread(storage: Storage, user_ids) -> None:
