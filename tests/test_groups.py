@@ -306,3 +306,37 @@ def test_a_dispatch_worker_killed_mid_fan_out_loses_and_duplicates_nothing(
 def _stored_in(storage, cid):
     with storage.sessions() as session:
         return session.query(Message).filter(Message.conversation_id == cid).count()
+
+
+def test_a_persist_worker_killed_mid_transaction_loses_no_group_message(
+        real_services, cluster, make_user, connect, storage, api):
+    from tests.test_crash_recovery import _admin_connection
+
+    alice, bob, carol = make_user(), make_user(), make_user()
+    cid = make_group(api, alice, [bob, carol])["conversation_id"]
+    a, b, c = connect(alice, cluster.gw1), connect(bob, cluster.gw2), connect(carol, cluster.gw1)
+    locker = _admin_connection(real_services.database_url)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLES chat_group WRITE")  # persist waits on the group's sequence number
+        ack = group_send(a, cid[2:], "survives a crash")
+        assert ack["type"] == "ack"
+
+        def persist_blocked():
+            with locker.cursor() as cur:
+                cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() "
+                            "AND INFO LIKE 'UPDATE chat_group%%' AND ID <> CONNECTION_ID()")
+                return cur.fetchone()[0]
+
+        wait_until(persist_blocked, timeout=15, what="persist to block on the group row")
+        cluster.persist.kill()
+    finally:
+        with locker.cursor() as cur:
+            cur.execute("UNLOCK TABLES")
+        locker.close()
+    cluster.ensure_persist_worker()  # the unacknowledged task is redelivered
+    for client in (b, c):
+        assert client.wait_message(ack["msg_id"], timeout=30)["content"] == "survives a crash"
+    assert _stored_in(storage, cid) == 1
+    for member in (alice, bob, carol):
+        assert stream_entries(storage, member, ack["msg_id"]) == [0]
