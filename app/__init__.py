@@ -23,6 +23,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     # simple-websocket closes a connection whose frame exceeds this (close code 1009).
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.ws_max_frame_bytes, "ping_interval": 25}
     app.extensions["netherlink.storage"] = Storage(settings)
+    if settings.trusted_proxy_count:  # client addresses (rate limits, logs) from X-Forwarded-For
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_count,
+                                x_proto=settings.trusted_proxy_count)
 
     from app.api.auth import bp as auth_bp
     from app.api.chat import bp as chat_bp
@@ -52,7 +57,11 @@ def _register_error_handlers(app: Flask) -> None:
     def _chat_error(err: ChatError):
         # REST bodies are requests, not frames: same error, REST's name for it.
         code = "invalid_request" if isinstance(err, InvalidInput) else err.code
-        return jsonify(error=code, message=err.message), err.http_status
+        if err.retry_after_ms is None:
+            return jsonify(error=code, message=err.message), err.http_status
+        response = jsonify(error=code, message=err.message, retry_after_ms=err.retry_after_ms)
+        response.headers["Retry-After"] = str(max(1, -(-err.retry_after_ms // 1000)))  # whole seconds, rounded up
+        return response, err.http_status
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):

@@ -67,6 +67,23 @@ class Settings:
     offline_index_retention_days: int = 7
     push_log_retention_days: int = 30
     group_max_members: int = 2000
+    # Rate limits (0 switches one off). Sends per user, across all their connections.
+    send_rate_per_second: float = 10.0
+    send_burst: int = 50
+    # Frames of any kind per connection (in-process); a connection that keeps
+    # flooding after being told is closed with 1008.
+    frame_rate_per_second: float = 30.0
+    frame_burst: int = 120
+    flood_close_after: int = 100
+    # WebSocket connection attempts per client IP, and open connections per user.
+    connect_rate_per_minute: float = 120.0
+    connect_burst: int = 60
+    max_connections_per_user: int = 10
+    # Login attempts per client IP and per username.
+    login_rate_per_minute: float = 10.0
+    login_burst: int = 10
+    # Proxies in front of the app whose X-Forwarded-For is trusted (nginx: 1).
+    trusted_proxy_count: int = 0
     group_fanout_chunk: int = 500
     flower_basic_auth: str = field(default="", repr=False)
     log_level: str = "INFO"

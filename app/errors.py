@@ -6,9 +6,10 @@ class ChatError(Exception):
     code = "internal"
     http_status = 500
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, retry_after_ms: int | None = None):
         super().__init__(message)
         self.message = message
+        self.retry_after_ms = retry_after_ms  # set on rate_limited: when a retry can succeed
 
 
 class InvalidInput(ChatError):

@@ -173,8 +173,15 @@ class Process:
         self._log.close()
 
 
+# Tests and benches make hundreds of users and connections from 127.0.0.1 in
+# seconds: rate limits are off unless a test turns one on (tests/test_limits.py).
+NO_RATE_LIMITS = {"SEND_RATE_PER_SECOND": "0", "FRAME_RATE_PER_SECOND": "0", "CONNECT_RATE_PER_MINUTE": "0",
+                  "MAX_CONNECTIONS_PER_USER": "0", "LOGIN_RATE_PER_MINUTE": "0"}
+
+
 class Gateway(Process):
     def __init__(self, gateway_id: str, services: Services, log_dir: Path, **env):
+        env = {**NO_RATE_LIMITS, **env}
         self.port = free_port()
         self.gateway_id = gateway_id
         super().__init__(f"gateway-{gateway_id}", gateway_command(self.port),

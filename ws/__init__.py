@@ -5,7 +5,9 @@ from flask import Flask, current_app, g, request
 from flask_sock import Sock
 
 from app.auth import verify_token
-from app.errors import Unauthorized
+from app.errors import RateLimited, Unauthorized
+from app.presence import Presence
+from app.ratelimit import Limit, take
 from models import User
 
 sock = Sock()
@@ -22,6 +24,10 @@ def init_gateway(app: Flask) -> None:
         # Refuse before the upgrade: an unauthenticated socket never opens.
         if request.path != "/ws":
             return None
+        settings, storage = app.config["SETTINGS"], app.extensions["netherlink.storage"]
+        # Counted before the token check: guessing tokens costs attempts too.
+        take(storage, "connect", request.remote_addr or "unknown",
+             Limit.per_minute(settings.connect_rate_per_minute, settings.connect_burst), "connection attempts")
         token = request.args.get("token")
         header = request.headers.get("Authorization", "")
         if not token and header.startswith("Bearer "):
@@ -30,6 +36,11 @@ def init_gateway(app: Flask) -> None:
         with app.extensions["netherlink.storage"].sessions() as session:
             if session.get(User, claims.user_id) is None:
                 raise Unauthorized("invalid token: the account does not exist")
+        limit = settings.max_connections_per_user
+        if limit and len(Presence(storage.redis, settings.presence_ttl_seconds)
+                         .live_connections([claims.user_id])[claims.user_id]) >= limit:
+            raise RateLimited(f"too many open connections for this account (at most {limit}); close one first",
+                              retry_after_ms=5000)
         g.ws_claims = claims
         return None
 

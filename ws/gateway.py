@@ -15,13 +15,14 @@ import uuid
 from simple_websocket import ConnectionClosed
 
 from app.config import Settings
-from app.errors import ChatError, InvalidInput
+from app.errors import ChatError, InvalidInput, RateLimited
 from app.delivery import deliver_to_users
 from app.messaging import MessageIntake, message_frame
 from app.receipts import mark_read
 from app.recall import recall_message
 from app.sync import parse_cursor, parse_limit, read_stream
 from app.presence import DELIVERY_CHANNEL, Presence, now_ms
+from app.ratelimit import Limit, LocalBucket, take
 from app.snowflake import LeasedIds, NodeLease
 from app.storage import Storage
 from ws.frames import client_msg_id_of, parse_frame, parse_id, parse_read, parse_send
@@ -34,6 +35,7 @@ CLOSE_HEARTBEAT_TIMEOUT = 4408
 CLOSE_TOO_SLOW = 4429
 CLOSE_RESYNC = 4503
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455 registry: reconnect, to another gateway
+CLOSE_POLICY_VIOLATION = 1008  # kept flooding after being told to slow down
 DRAIN_FLUSH_SECONDS = 5
 GATEWAY_ALIVE_EVERY = 5
 LEASE_RENEW_EVERY = 20
@@ -42,8 +44,10 @@ LEASE_RENEW_EVERY = 20
 class Connection:
     """One client socket. Every outgoing frame goes through its outbox and writer."""
 
-    def __init__(self, ws, user_id: int, conn_id: str, gateway_id: str):
+    def __init__(self, ws, user_id: int, conn_id: str, gateway_id: str, frame_limit: Limit):
         self.ws = ws
+        self.frames = LocalBucket(frame_limit)
+        self.refused_in_a_row = 0
         self.user_id = user_id
         self.conn_id = conn_id
         self.gateway_id = gateway_id
@@ -117,6 +121,7 @@ class Gateway:
         self.draining = False
         self.ids: LeasedIds | None = None
         self.intake: MessageIntake | None = None
+        self.send_limit = Limit(settings.send_rate_per_second, settings.send_burst)
         self._handlers = {"ping": self._on_ping, "send": self._on_send, "sync": self._on_sync,
                           "read": self._on_read, "recall": self._on_recall}
 
@@ -224,7 +229,8 @@ class Gateway:
     def serve(self, ws, user_id: int, token_expires_at: int, remote_addr: str | None) -> None:
         """Run one authenticated connection until it closes."""
         self._ensure_started()
-        conn = Connection(ws, user_id, f"{self.gateway_id}-{uuid.uuid4().hex[:16]}", self.gateway_id)
+        conn = Connection(ws, user_id, f"{self.gateway_id}-{uuid.uuid4().hex[:16]}", self.gateway_id,
+                          Limit(self.settings.frame_rate_per_second, self.settings.frame_burst))
         self.connections[conn.conn_id] = conn  # registered before the check: a drain cannot miss it
         if self.draining:
             self.connections.pop(conn.conn_id, None)
@@ -270,16 +276,33 @@ class Gateway:
         frame: dict = {}
         try:
             frame = parse_frame(raw)
+            self._admit(conn)
             kind = frame["type"]
             handler = self._handlers.get(kind)
             if handler is None:
                 raise InvalidInput(f"unknown frame type {kind!r}")
             handler(conn, frame)
         except ChatError as err:
-            conn.send(_error_frame(err.code, err.message, frame))
+            conn.send(_error_frame(err.code, err.message, frame, err.retry_after_ms))
         except Exception:
             log.exception("conn %s: frame handling failed", conn.conn_id)
             conn.send(_error_frame("internal", "internal error; retry later", frame))
+
+    def _admit(self, conn: Connection) -> None:
+        """The connection's frame budget: refused frames get rate_limited; a flood is cut off."""
+        if self.settings.frame_rate_per_second <= 0:
+            return
+        wait_ms = conn.frames.take()
+        if not wait_ms:
+            conn.refused_in_a_row = 0
+            return
+        conn.refused_in_a_row += 1
+        if conn.refused_in_a_row >= self.settings.flood_close_after:
+            log.warning("conn %s: flooding (%d frames refused in a row); closing", conn.conn_id,
+                        conn.refused_in_a_row)
+            conn.close_after_queued(CLOSE_POLICY_VIOLATION, "flooding: too many frames")
+        raise RateLimited(f"too many frames on this connection; retry in {wait_ms / 1000:.1f} s",
+                          retry_after_ms=wait_ms)
 
     def _on_ping(self, conn: Connection, frame: dict) -> None:
         conn.send({"type": "pong"})
@@ -293,6 +316,7 @@ class Gateway:
 
     def _on_send(self, conn: Connection, frame: dict) -> None:
         req = parse_send(frame, self.settings.message_max_content_bytes)
+        take(self.storage, "send", conn.user_id, self.send_limit, "messages")
         ack = self.intake.accept(conn.user_id, conn.conn_id, req)
         log.info("conn %s: msg %s acked", conn.conn_id, ack.msg_id)
         conn.send({"type": "ack", "client_msg_id": ack.client_msg_id, "msg_id": str(ack.msg_id),
@@ -323,9 +347,11 @@ class Gateway:
         log.info("conn %s: msg %s recalled", conn.conn_id, outcome.msg_id)
 
 
-def _error_frame(code: str, message: str, frame: dict) -> dict:
+def _error_frame(code: str, message: str, frame: dict, retry_after_ms: int | None = None) -> dict:
     """An error frame, naming the client_msg_id of the frame it answers when it had a valid one."""
     reply = {"type": "error", "code": code, "message": message}
+    if retry_after_ms is not None:
+        reply["retry_after_ms"] = retry_after_ms
     cmid = client_msg_id_of(frame)
     if cmid:
         reply["client_msg_id"] = cmid

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 
 from app.api import json_body, settings, storage
 from app.auth import authenticate, issue_token, register_user
+from app.ratelimit import Limit, take
 
 log = logging.getLogger(__name__)
 bp = Blueprint("auth", __name__, url_prefix="/api/auth")
@@ -24,6 +25,11 @@ def register():
 @bp.post("/login")
 def login():
     body = json_body()
+    limit = Limit.per_minute(settings().login_rate_per_minute, settings().login_burst)
+    take(storage(), "login-ip", request.remote_addr or "unknown", limit, "login attempts from this address")
+    username = body.get("username")
+    if isinstance(username, str):  # per account too: a distributed guess at one password is slowed as well
+        take(storage(), "login-user", username.strip().lower()[:64], limit, "login attempts for this account")
     with storage().sessions() as session:
         user = authenticate(session, settings(), body.get("username"), body.get("password"))
     token = issue_token(settings(), user.id)
