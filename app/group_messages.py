@@ -24,10 +24,13 @@ from app.conversations import invalidate_conversation_lists
 from app.delivery import deliver_to_users
 from app.groups import next_group_seq, recipients_of
 from app.messaging import IdCollision, message_frame, message_preview, upsert_conversations
+from app.recall import RECALLED_PREVIEW
 from app.storage import Storage, insert_ignoring_duplicates
 from app.sync import append_entries, entries_of
 from app.unread import count_unread_many
-from models import ENTRY_MESSAGE, ChatGroup, Conversation, Message, OfflineMessageIndex, User
+from models import (
+    ENTRY_MESSAGE, ENTRY_RECALL, STATUS_RECALLED, ChatGroup, Conversation, Message, OfflineMessageIndex, User,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +107,15 @@ def fan_out_group_message(storage: Storage, msg_id: int, user_ids: list[int],
     preview = f"{sender_name}: {message_preview(msg.message_type, msg.content)}"
     for attempt in range(FANOUT_ATTEMPTS):
         try:
-            seqs, read_upto = _write_streams(storage, msg, user_ids, preview)
+            seqs, read_upto, recalled = _write_streams(storage, msg, user_ids, preview)
             break
         except IntegrityError:  # another copy of this chunk committed first: take its entries
             if attempt == FANOUT_ATTEMPTS - 1:
                 raise
     outcome = FanoutOutcome(msg_id)
+    if recalled:  # recalled before this chunk ran: streamed as recalled, nothing to show or count
+        invalidate_conversation_lists(storage, seqs.keys())
+        return outcome
     # Live frames first: they are what members wait for; the rest is bookkeeping.
     live = deliver_to_users(storage, message_frame(msg), seqs.keys(), skip_conn=origin_conn)
     outcome.live_connections = sum(1 for conns in live.values() for c in conns if c.conn_id != origin_conn)
@@ -125,17 +131,25 @@ def fan_out_group_message(storage: Storage, msg_id: int, user_ids: list[int],
 
 
 def _write_streams(storage: Storage, msg: Message, user_ids: list[int], preview: str):
-    """One transaction: conversation rows moved to this message, a stream entry per member."""
+    """One transaction: conversation rows moved to this message, a stream entry per member
+    (and, for a message recalled meanwhile, its recall entry right after)."""
     with storage.session() as session:
+        # A shared lock on the message: a recall either sees these entries or is seen here.
+        recalled = session.scalar(select(Message.status).where(Message.id == msg.id)
+                                  .with_for_update(read=True)) == STATUS_RECALLED
+        if recalled:
+            preview = RECALLED_PREVIEW
         have = entries_of(session, msg.id, ENTRY_MESSAGE, user_ids)
         missing = [uid for uid in user_ids if uid not in have]
         # Conversation rows first, then user rows: the private path's lock order.
         _upsert_group_conversations(session, storage.is_mysql, msg, missing, preview)
         seqs = {**have, **append_entries(session, storage.is_mysql, missing, msg.id, msg.conversation_id)}
+        if recalled:
+            append_entries(session, storage.is_mysql, missing, msg.id, msg.conversation_id, kind=ENTRY_RECALL)
         read_upto = {uid: pos for uid, pos in session.execute(
             select(Conversation.user_id, Conversation.last_read_msg_id).where(
                 Conversation.conversation_id == msg.conversation_id, Conversation.user_id.in_(user_ids))).all()}
-    return seqs, read_upto
+    return seqs, read_upto, recalled
 
 
 def _upsert_group_conversations(session, is_mysql: bool, msg: Message, user_ids: list[int], preview: str) -> None:

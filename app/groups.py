@@ -257,7 +257,7 @@ def members_of(storage: Storage, user_id: int, group_id: int) -> list[dict]:
         rows = session.execute(
             select(GroupMember, User.username).join(User, User.id == GroupMember.user_id)
             .where(GroupMember.group_id == group_id, GroupMember.left_seq.is_(None))
-            .order_by(GroupMember.id)).all()
+            .order_by(GroupMember.joined_at, GroupMember.id)).all()
     return [{"user_id": str(m.user_id), "username": name, "role": m.role, "joined_at": m.joined_at}
             for m, name in rows]
 

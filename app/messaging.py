@@ -91,7 +91,6 @@ class MessageIntake:
 
     def accept(self, sender_id: int, origin_conn: str, req: SendRequest) -> Ack:
         if req.group_id is not None:
-            require_sender(self.storage, sender_id, req.group_id)  # read from MySQL: a removal counts at once
             conversation_id = group_conversation_id(req.group_id)
         else:
             if req.to == sender_id:
@@ -110,6 +109,8 @@ class MessageIntake:
                     self.redis.set(key, stored.to_json(), ex=self.dedupe_ttl)
                     return stored
             if value is None:
+                if req.group_id is not None:  # a new send (not a retry): only members may, checked in MySQL
+                    require_sender(self.storage, sender_id, req.group_id)
                 # The id is kept for the whole dedupe window, published or not: every
                 # retry publishes this same id, and persist collapses copies by id.
                 fresh = f"p:{self._next_id()}:{int(self.clock() * 1000)}"

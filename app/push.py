@@ -59,9 +59,10 @@ class PushPlan:
     push_ids: list[int] = field(default_factory=list)
     digest: bool = False
     skipped: str | None = None  # why nothing is pushed
+    priority: int = PRIORITY_PRIVATE
 
 
-def plan_pushes(storage: Storage, user_id: int, priority: int, now: datetime | None = None) -> PushPlan:
+def plan_pushes(storage: Storage, user_id: int, now: datetime | None = None) -> PushPlan:
     """Push the user's newest unread message to each enabled device, once.
 
     Runs after the coalescing window: whatever arrived meanwhile is covered by
@@ -83,6 +84,8 @@ def plan_pushes(storage: Storage, user_id: int, priority: int, now: datetime | N
     if prefs.is_quiet(now):
         plan.skipped = "do-not-disturb hours"
         return plan
+    # A coalesced push goes at the priority of what it shows, not of what opened the window.
+    priority = plan.priority = PRIORITY_GROUP if latest.is_group else PRIORITY_PRIVATE
     badge = sum(unread_counts(storage, user_id).values())
     body = message_preview(latest.message_type, latest.content, PREVIEW_CHARS)
     title = sender
@@ -219,7 +222,11 @@ def _mail_digest(storage: Storage, user_id: int, email_client):
         messages = latest_unread(session, user_id, DIGEST_MAX_MESSAGES, prefs.muted_conversations)
         names = dict(session.execute(select(User.id, User.username).where(
             User.id.in_({m.sender_id for m in messages}))).all()) if messages else {}
-    unread = [(m, names.get(m.sender_id, "someone")) for m in messages]
+        groups = dict(session.execute(select(ChatGroup.id, ChatGroup.name).where(
+            ChatGroup.id.in_({m.group_id for m in messages if m.is_group}))).all()) if messages else {}
+    # "alice" for a private message, "alice in Ops" for a group one.
+    unread = [(m, names.get(m.sender_id, "someone") + (f" in {groups.get(m.group_id)}" if m.is_group else ""))
+              for m in messages]
     if not prefs.email or "email" not in prefs.channels:
         return None, "email is no longer enabled"
     if not unread:

@@ -40,9 +40,10 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
     with storage.session() as session:
         msg = session.scalar(select(Message).where(Message.id == msg_id).with_for_update())
         parties = _parties(session, msg) if msg is not None else []
-        if user_id not in parties:
+        # The sender may recall before the fan-out reached their own stream.
+        if msg is None or (user_id not in parties and user_id != msg.sender_id):
             raise NotFound(f"message {msg_id} does not exist")
-        by_owner = msg.is_group and msg.sender_id != user_id and session.scalar(
+        by_owner = msg.is_group and user_id in parties and session.scalar(
             select(ChatGroup.owner_id).where(ChatGroup.id == msg.group_id)) == user_id
         if msg.sender_id != user_id and not by_owner:
             raise Forbidden("only the sender can recall a message" + (" (or the group owner)" if msg.is_group else ""))

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from app.conversations import invalidate_conversation_lists, require_member
 from app.storage import Storage
 from app.unread import rebuild_unread
-from models import STATUS_READ, STATUS_UNREAD, Conversation, Message
+from models import STATUS_READ, STATUS_UNREAD, Conversation, GroupMember, Message
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,20 @@ def mark_read(storage: Storage, user_id: int, conversation_id: str, msg_id: int)
             Conversation.last_read_msg_id.is_(None) | (Conversation.last_read_msg_id < msg_id))
             .values(last_read_msg_id=msg_id))
         if conv.is_group:  # a receipt to the author of the message read up to, if someone else
-            author = session.scalar(select(Message.sender_id).where(
-                Message.id == msg_id, Message.conversation_id == conversation_id))
-            peer = author if author is not None and author != user_id else None
+            peer = _group_receipt_to(session, user_id, conv.target_id, conversation_id, msg_id)
         else:
             peer = conv.target_id
     counts = rebuild_unread(storage, user_id)
     invalidate_conversation_lists(storage, [user_id])
     return ReadOutcome(conversation_id, msg_id, user_id, peer, counts.get(conversation_id, 0))
+
+
+def _group_receipt_to(session, user_id: int, group_id: int, conversation_id: str, msg_id: int) -> int | None:
+    """The author of msg_id, if the reader is still a member and could see that message."""
+    row = session.execute(select(Message.sender_id, Message.group_seq).where(
+        Message.id == msg_id, Message.conversation_id == conversation_id)).first()
+    member = session.scalar(select(GroupMember.joined_seq).where(
+        GroupMember.group_id == group_id, GroupMember.user_id == user_id, GroupMember.left_seq.is_(None)))
+    if row is None or member is None or row.group_seq <= member or row.sender_id == user_id:
+        return None
+    return row.sender_id

@@ -133,9 +133,9 @@ def schedule_push(msg_id: str, user_id: int, priority: int, redelivered: bool = 
 def send_push(self, msg_id: str, user_id: str, priority: int = PRIORITY_PRIVATE) -> dict:
     """Plan the pushes of an offline user (newest unread message, badge) and send them."""
     s = storage()
-    plan = plan_pushes(s, int(user_id), priority)
+    plan = plan_pushes(s, int(user_id))
     for push_id in plan.push_ids:
-        enqueue(deliver_push, [push_id], priority)
+        enqueue(deliver_push, [push_id], plan.priority)
     if plan.digest and schedule_once(s, DIGEST_KEY.format(user_id), s.settings.email_digest_delay_seconds):
         enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=s.settings.email_digest_delay_seconds)
         mark_queued(s, DIGEST_KEY.format(user_id))

@@ -340,3 +340,47 @@ def test_a_persist_worker_killed_mid_transaction_loses_no_group_message(
     assert _stored_in(storage, cid) == 1
     for member in (alice, bob, carol):
         assert stream_entries(storage, member, ack["msg_id"]) == [0]
+
+
+def test_a_retry_of_an_acked_send_gets_its_ack_even_after_the_sender_was_removed(cluster, make_user, connect, api):
+    owner, bob = make_user(), make_user()
+    gid = make_group(api, owner, [bob])["group_id"]
+    b = connect(bob)
+    first = group_send(b, gid, "sent just in time", client_msg_id="late-1")
+    assert first["type"] == "ack"
+    assert api(owner)("DELETE", f"/api/groups/{gid}/members/{bob.user_id}").status_code == 204
+    again = group_send(b, gid, "sent just in time", client_msg_id="late-1")  # the ack was lost: a retry
+    assert (again["type"], again["msg_id"]) == ("ack", first["msg_id"])
+    assert group_send(b, gid, "a new one", client_msg_id="late-2")["code"] == "forbidden"
+
+
+def test_a_message_recalled_before_its_fan_out_reaches_members_as_recalled(cluster, make_user, connect, storage, api):
+    owner, bob, carol = make_user(), make_user(), make_user()
+    cid = make_group(api, owner, [bob, carol])["conversation_id"]
+    unread_counts(storage, int(carol.user_id))
+    o = connect(owner)
+    cluster.dispatch.signal(signal.SIGSTOP)  # the message is stored; its fan-out waits
+    try:
+        ack = group_send(o, cid[2:], "take this back")
+        wait_until(lambda: _stored_in(storage, cid) == 1, what="the message stored")
+        o.send_json({"type": "recall", "msg_id": ack["msg_id"]})
+        assert o.next_frame(lambda f: f["type"] in ("recalled", "error"))["type"] == "recalled"
+    finally:
+        cluster.dispatch.signal(signal.SIGCONT)
+    wait_until(lambda: sorted(stream_entries(storage, carol, ack["msg_id"])) == [0, 1], what="carol's entries")
+    c = connect(carol)
+    entries, _, _ = sync_all(c)
+    mine = [(e["type"], e.get("content")) for e in entries if e["msg_id"] == ack["msg_id"]]
+    assert mine == [("message", ""), ("recalled", None)]
+    assert unread_counts(storage, int(carol.user_id)) == {}
+    [item] = [x for x in api(carol)("GET", "/api/conversations").json()["conversations"] if x["conversation_id"] == cid]
+    assert item["last_message"] == "[message recalled]"
+
+
+def test_the_owner_recalls_their_own_old_message_too(cluster, make_user, connect, storage, api):
+    owner, bob = make_user(), make_user()
+    cid = make_group(api, owner, [bob])["conversation_id"]
+    ack = group_send(connect(owner), cid[2:], "an old announcement")
+    wait_until(lambda: stream_entries(storage, owner, ack["msg_id"]) == [0], what="the owner's entry")
+    later = int(time.time() * 1000) + 60 * 60 * 1000
+    assert recall_message(storage, int(owner.user_id), int(ack["msg_id"]), now_ms=later).recalled_at == later

@@ -63,7 +63,7 @@ def test_running_dispatch_and_push_planning_again_changes_nothing(cluster, make_
     for _ in range(2):
         outcome = dispatch_private_message(storage, int(ack["msg_id"]), None)
         assert outcome.offline_users == [int(bob.user_id)]
-        assert plan_pushes(storage, int(bob.user_id), PRIORITY_PRIVATE).push_ids == []  # already delivered
+        assert plan_pushes(storage, int(bob.user_id)).push_ids == []  # already delivered
     assert storage.redis.hget(f"unread:{bob.user_id}", ack["conversation_id"]) == "1"
     assert len(_offline_rows(storage, bob.user_id)) == 1
     assert len(_push_rows(storage, bob.user_id)) == 1
