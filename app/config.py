@@ -82,6 +82,11 @@ class Settings:
     # Login attempts per client IP and per username.
     login_rate_per_minute: float = 10.0
     login_burst: int = 10
+    # Anti-replay: a frame carrying the client's clock `ts` (ms) is refused when it
+    # is further than this from server time (0: not checked). With FRAME_SIGNING,
+    # hello carries a per-connection key and every send must carry `ts` and `sig`.
+    frame_max_clock_skew_seconds: int = 300
+    frame_signing: bool = False
     # Proxies in front of the app whose X-Forwarded-For is trusted (nginx: 1).
     trusted_proxy_count: int = 0
     group_fanout_chunk: int = 500

@@ -1,10 +1,12 @@
 """Parsing of client frames into typed requests (docs/protocol.md)."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 
-from app.errors import InvalidInput, TooLarge
+from app.errors import InvalidInput, TooLarge, Unauthorized
 from app.messaging import SendRequest
 
 CLIENT_MSG_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces (fullmatch)
@@ -84,3 +86,34 @@ def parse_read(frame: dict) -> tuple[str, int]:
     if not isinstance(conversation_id, str) or not CONVERSATION_ID_RE.fullmatch(conversation_id):
         raise InvalidInput("'conversation_id' must be a conversation id string such as 'p_1_2'")
     return conversation_id, parse_id(frame.get("msg_id"), "msg_id")
+
+
+def check_clock(frame: dict, now_ms: int, max_skew_seconds: int, required: bool = False) -> None:
+    """Refuse a frame whose client timestamp `ts` is too far from server time (a replayed or forged frame)."""
+    ts = frame.get("ts")
+    if ts is None:
+        if required:
+            raise InvalidInput("'ts' (the client's clock, ms since the epoch) is required on signed frames")
+        return
+    if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+        raise InvalidInput("'ts' must be the client's clock in ms since the epoch (an integer)")
+    skew = abs(now_ms - ts) / 1000
+    if max_skew_seconds and skew > max_skew_seconds:
+        raise InvalidInput(f"'ts' is {skew:.0f} s away from server time (limit {max_skew_seconds} s): "
+                           "check the device clock")
+
+
+def signing_payload(frame: dict) -> bytes:
+    """What a signed `send` covers: its identity, its addressee, its content and its time (docs/protocol.md)."""
+    fields = [frame.get("client_msg_id"), frame.get("to"), frame.get("group_id"),
+              frame.get("message_type", "text"), frame.get("content"), frame.get("extra") or {}, frame.get("ts")]
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def verify_signature(frame: dict, key: bytes) -> None:
+    sig = frame.get("sig")
+    if not isinstance(sig, str):
+        raise Unauthorized("'sig' is required: this server verifies send frames (key in hello)")
+    expected = hmac.new(key, signing_payload(frame), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, sig.lower()):
+        raise Unauthorized("'sig' does not match the frame: sign it with this connection's key")

@@ -5,9 +5,11 @@ the code also runs with real threads under a plain WSGI server.
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 import uuid
@@ -25,7 +27,9 @@ from app.presence import DELIVERY_CHANNEL, Presence, now_ms
 from app.ratelimit import Limit, LocalBucket, take
 from app.snowflake import LeasedIds, NodeLease
 from app.storage import Storage
-from ws.frames import client_msg_id_of, parse_frame, parse_id, parse_read, parse_send
+from ws.frames import (
+    check_clock, client_msg_id_of, parse_frame, parse_id, parse_read, parse_send, verify_signature,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class Connection:
     def __init__(self, ws, user_id: int, conn_id: str, gateway_id: str, frame_limit: Limit):
         self.ws = ws
         self.frames = LocalBucket(frame_limit)
+        self.signing_key: bytes | None = None  # FRAME_SIGNING: this connection's HMAC key
         self.refused_in_a_row = 0
         self.user_id = user_id
         self.conn_id = conn_id
@@ -240,8 +245,12 @@ class Gateway:
         try:
             self.presence.connect(user_id, conn.conn_id, self.gateway_id, conn.connected_at)
             log.info("conn %s opened: user %s from %s", conn.conn_id, user_id, remote_addr)
-            conn.send({"type": "hello", "user_id": str(user_id), "conn_id": conn.conn_id,
-                       "gateway_id": self.gateway_id, "heartbeat_interval": self.settings.heartbeat_interval_seconds})
+            hello = {"type": "hello", "user_id": str(user_id), "conn_id": conn.conn_id,
+                     "gateway_id": self.gateway_id, "heartbeat_interval": self.settings.heartbeat_interval_seconds}
+            if self.settings.frame_signing:
+                conn.signing_key = secrets.token_bytes(32)
+                hello["signing_key"] = base64.b64encode(conn.signing_key).decode()
+            conn.send(hello)
             idle_limit = self.settings.heartbeat_interval_seconds * 3
             while True:
                 token_left = token_expires_at - time.time()
@@ -277,6 +286,7 @@ class Gateway:
         try:
             frame = parse_frame(raw)
             self._admit(conn)
+            check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds)
             kind = frame["type"]
             handler = self._handlers.get(kind)
             if handler is None:
@@ -316,6 +326,9 @@ class Gateway:
 
     def _on_send(self, conn: Connection, frame: dict) -> None:
         req = parse_send(frame, self.settings.message_max_content_bytes)
+        if conn.signing_key is not None:
+            check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds, required=True)
+            verify_signature(frame, conn.signing_key)
         take(self.storage, "send", conn.user_id, self.send_limit, "messages")
         ack = self.intake.accept(conn.user_id, conn.conn_id, req)
         log.info("conn %s: msg %s acked", conn.conn_id, ack.msg_id)
