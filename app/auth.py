@@ -65,6 +65,8 @@ def authenticate(session: Session, settings: Settings, username, password) -> Us
         raise Unauthorized("wrong username or password") from None
     if user is None:
         raise Unauthorized("wrong username or password")
+    if user.disabled_at is not None:  # told only to whoever knows the password
+        raise Unauthorized("this account is disabled: contact the operator")
     return user
 
 

@@ -87,6 +87,8 @@ class Settings:
     # hello carries a per-connection key and every send must carry `ts` and `sig`.
     frame_max_clock_skew_seconds: int = 300
     frame_signing: bool = False
+    # How often a gateway re-checks that its connected accounts still exist and are enabled.
+    account_check_seconds: int = 30
     # Proxies in front of the app whose X-Forwarded-For is trusted (nginx: 1).
     trusted_proxy_count: int = 0
     group_fanout_chunk: int = 500

@@ -60,6 +60,7 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
     # Last sequence number of this user's sync stream; bumped under the row lock in commit order.
     inbox_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    disabled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms; set: no login, no token works
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 

@@ -5,10 +5,10 @@ from flask import Flask, current_app, g, request
 from flask_sock import Sock
 
 from app.auth import verify_token
-from app.errors import RateLimited, Unauthorized
+from app.accounts import require_active
+from app.errors import RateLimited
 from app.presence import Presence
 from app.ratelimit import Limit, take
-from models import User
 
 sock = Sock()
 
@@ -33,9 +33,8 @@ def init_gateway(app: Flask) -> None:
         if not token and header.startswith("Bearer "):
             token = header[len("Bearer "):].strip()
         claims = verify_token(app.config["SETTINGS"], token)
-        with app.extensions["netherlink.storage"].sessions() as session:
-            if session.get(User, claims.user_id) is None:
-                raise Unauthorized("invalid token: the account does not exist")
+        with storage.sessions() as session:
+            require_active(session, claims.user_id)
         limit = settings.max_connections_per_user
         if limit and len(Presence(storage.redis, settings.presence_ttl_seconds)
                          .live_connections([claims.user_id])[claims.user_id]) >= limit:

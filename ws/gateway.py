@@ -16,6 +16,7 @@ import uuid
 
 from simple_websocket import ConnectionClosed
 
+from app.accounts import active_among
 from app.config import Settings
 from app.errors import ChatError, InvalidInput, RateLimited
 from app.delivery import deliver_to_users
@@ -179,17 +180,23 @@ class Gateway:
     def _deliver(self, raw: str) -> None:
         try:
             envelope = json.loads(raw)
-            frame, conn_ids = envelope["frame"], envelope["conns"]
+            conn_ids = envelope["conns"]
+            frame = envelope["frame"] if "close" not in envelope else None
         except (ValueError, KeyError, TypeError):
             log.error("gateway %s: malformed delivery envelope dropped", self.gateway_id)
             return
         for conn_id in conn_ids:
             conn = self.connections.get(conn_id)
-            if conn is not None:
+            if conn is None:
+                continue
+            if frame is None:  # an account cut off (app.accounts)
+                log.info("conn %s: closed (%s)", conn_id, envelope.get("reason", ""))
+                conn.close_after_queued(int(envelope["close"]), str(envelope.get("reason", ""))[:120])
+            else:
                 conn.send(frame)
 
     def _maintenance_loop(self) -> None:
-        last_lease = last_presence = time.monotonic()
+        last_lease = last_presence = last_accounts = time.monotonic()
         while True:
             time.sleep(GATEWAY_ALIVE_EVERY)
             if self.draining:
@@ -206,8 +213,20 @@ class Gateway:
                 if now - last_presence >= self.settings.heartbeat_interval_seconds:
                     self._refresh_presence()
                     last_presence = now
+                if now - last_accounts >= self.settings.account_check_seconds:
+                    self._close_inactive_accounts()
+                    last_accounts = now
             except Exception as exc:
                 log.warning("gateway %s: maintenance failed (%s); retrying", self.gateway_id, exc.__class__.__name__)
+
+    def _close_inactive_accounts(self) -> None:
+        """Sockets of accounts deleted or disabled since they connected are closed (4401)."""
+        conns = list(self.connections.values())
+        active = active_among(self.storage, [c.user_id for c in conns])
+        for conn in conns:
+            if conn.user_id not in active:
+                log.info("conn %s: account %s is gone or disabled; closing", conn.conn_id, conn.user_id)
+                conn.close_after_queued(CLOSE_TOKEN_EXPIRED, "account disabled or deleted")
 
     def _refresh_presence(self) -> None:
         conns = list(self.connections.values())

@@ -6,6 +6,7 @@ from functools import wraps
 from flask import Blueprint, g, jsonify, request
 
 from app.api import settings, storage
+from app.accounts import require_active
 from app.auth import verify_token
 from app.conversations import HISTORY_DEFAULT_LIMIT, history, list_conversations
 from app.errors import InvalidInput, NotFound, Unauthorized
@@ -25,6 +26,8 @@ def require_user(view):
         if not header.startswith("Bearer "):
             raise Unauthorized("missing bearer token (Authorization: Bearer <JWT>)")
         g.user_id = verify_token(settings(), header[len("Bearer "):].strip()).user_id
+        with storage().sessions() as session:  # a deleted or disabled account's tokens stop working at once
+            require_active(session, g.user_id)
         return view(*args, **kwargs)
     return wrapper
 
