@@ -22,6 +22,12 @@ RUN_ID = uuid.uuid4().hex[:10]
 REQUIRE_SERVICES = os.environ.get("NETHERLINK_REQUIRE_SERVICES") == "1"
 
 
+def pytest_collection_modifyitems(session, config, items):
+    # The fault suite restarts RabbitMQ, Redis and MariaDB: it runs last, after
+    # every test that relies on the shared gateways and workers.
+    items.sort(key=lambda item: "/tests/faults/" in str(item.path))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "real_services: needs RabbitMQ and MySQL (skipped on embedded defaults)")
 
