@@ -64,6 +64,7 @@ def _membership_bounds(session, group_id: int, user_id: int) -> tuple[int, int |
 
 
 def _load_conversations(storage: Storage, user_id: int) -> list[dict]:
+    # The primary, never the replica: a lagging read would be cached for an hour.
     with storage.sessions() as session:
         rows = session.execute(
             select(Conversation, User.username, ChatGroup.name, GroupMember.left_seq)
@@ -108,7 +109,7 @@ def history(storage: Storage, user_id: int, conversation_id: str, before: int | 
     latest join, none written after they left)."""
     if not 1 <= limit <= HISTORY_MAX_LIMIT:
         raise InvalidInput(f"'limit' must be from 1 to {HISTORY_MAX_LIMIT}")
-    with storage.sessions() as session:
+    with storage.read_sessions() as session:
         conv = require_member(session, user_id, conversation_id)
         query = select(Message).where(Message.conversation_id == conversation_id)
         if conv.is_group:  # only what the member could see: from their join, until they left

@@ -48,6 +48,12 @@ class Storage:
         self.settings = settings
         self.engine = make_engine(settings.database_url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # History, sync pages and conversation lists may read from a replica. A
+        # lagging replica only delays what a sync returns; the stream stays
+        # gap-free because the cursor never passes what it has not returned.
+        self.read_engine = make_engine(settings.database_replica_url) if settings.database_replica_url \
+            else self.engine
+        self.read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
         self.redis = redis.Redis.from_url(
             settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3,
             health_check_interval=30,
@@ -74,6 +80,8 @@ class Storage:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
         self.redis.close()
 
 
