@@ -572,6 +572,10 @@ function onMessage(msg) {
     if (!conv.peer.username) scheduleListRefresh(0);
   }
   if (conv.isGroup && !groups.has(conv.groupId) && groupsAvailable) loadGroups();
+  if (!conv.isGroup && msg.source === "live" && msg.from !== session.userId) {
+    conv.presence = { user_id: msg.from, online: true, last_seen: Date.now() }; // they just wrote
+    if (conv.id === openId) renderHeader();
+  }
   const previousLast = conv.lastMsgId;
   if (!conv.lastMsgId || compareIds(msg.msg_id, conv.lastMsgId) >= 0) {
     Object.assign(conv, { lastMsgId: msg.msg_id, lastTime: msg.timestamp, lastMessage: preview(msg) });
