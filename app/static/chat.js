@@ -60,6 +60,12 @@ function errorText(err) {
   return (err && err.message) || String(err);
 }
 
+/** A 404/405 for the path itself (a server without that API), not a 404 about a thing it names. */
+function missingApi(err) {
+  return err instanceof ApiError && (err.status === 405
+    || (err.status === 404 && /requested URL was not found/i.test(err.message || "")));
+}
+
 function hue(text) {
   let h = 0;
   for (const ch of String(text)) h = (h * 31 + ch.codePointAt(0)) % 360;
@@ -288,7 +294,7 @@ async function loadGroups() {
     renderList();
     if (openId && convs.get(openId) && convs.get(openId).isGroup) renderHeader();
   } catch (err) {
-    if (err instanceof ApiError && (err.status === 404 || err.status === 405)) groupsAvailable = false;
+    if (missingApi(err)) groupsAvailable = false;
   }
 }
 
@@ -371,6 +377,7 @@ async function openConversation(conversationId) {
   renderMessages();
   $("composer").elements.content.focus();
   if (!conv.isGroup && conv.peer) refreshPresence(conv);
+  if (conv.isGroup) loadMemberNames(conv);
   const v = view(conversationId);
   if (!v.loaded) await loadHistory(conversationId);
   v.needsRead = v.needsRead || [...v.messages.values()].some((m) => m.from !== session.userId && m.status === 0);
@@ -758,9 +765,8 @@ async function onCreateGroup(event) {
     $("group-dialog").close();
     openConversation(created.conversation_id);
   } catch (err) {
-    if (err instanceof ApiError && err.status === 404) groupsAvailable = false;
-    showError($("group-error"), err instanceof ApiError && err.status === 404 && err.code === "not_found" && !groupsAvailable
-      ? "Groups are not available on this server yet." : errorText(err));
+    if (missingApi(err)) groupsAvailable = false;
+    showError($("group-error"), missingApi(err) ? "Groups are not available on this server yet." : errorText(err));
   }
 }
 
@@ -771,6 +777,17 @@ async function openMembers() {
   $("members-title").textContent = `Members of ${convTitle(conv)}`;
   $("members-dialog").showModal();
   await renderMembers(conv);
+}
+
+/** Member names for a group's sender labels. */
+async function loadMemberNames(conv) {
+  try {
+    const answer = await api("GET", `/api/groups/${encodeURIComponent(conv.groupId)}/members`);
+    for (const m of answer.members || []) usernames.set(m.user_id, m.username);
+    const group = groups.get(conv.groupId);
+    if (group) group.member_count = (answer.members || []).length;
+    if (openId === conv.id) { renderHeader(); renderMessages({ keepScroll: true }); }
+  } catch { /* names fall back to "User <id>" */ }
 }
 
 async function renderMembers(conv) {

@@ -70,14 +70,17 @@ class PageErrors:
 
 @pytest.fixture
 def open_page(browser):
-    """open_page(base_url, width=1100, height=760) -> page in a fresh browser context (its own storage)."""
+    """open_page(base_url, width=1100, height=760, before=None) -> page in a fresh browser context (its own
+    storage); `before(page)` runs before the page loads (to set up routes)."""
     contexts = []
 
-    def _open(base_url: str, width: int = 1100, height: int = 760):
+    def _open(base_url: str, width: int = 1100, height: int = 760, before=None):
         context = browser.new_context(viewport={"width": width, "height": height})
         contexts.append(context)
         page = context.new_page()
         page.errors = PageErrors(page)
+        if before is not None:
+            before(page)
         page.goto(base_url + "/")
         return page
 
