@@ -251,6 +251,7 @@ export class NetherLinkClient extends EventTarget {
           return;
         }
       }
+      if (this._ws || this._reconnectTimer) return; // connect()/setToken() opened one meanwhile
     }
     this._scheduleReconnect(code, false);
   }
