@@ -8,6 +8,7 @@ from playwright.sync_api import expect
 from app.messaging import private_conversation_id
 from tests.browser.conftest import bubbles, conv_item, log_in, send, start_chat
 from tests.harness import wait_until
+from tests.test_sync import sync_all
 
 
 def _unread_total(gateway, user) -> int:
@@ -108,7 +109,13 @@ def test_history_pages_back_and_own_messages_can_be_recalled(cluster, make_user,
     for i in range(35):
         assert a.send_message(bob.user_id, f"old message {i}")["type"] == "ack"
     cid = private_conversation_id(int(alice.user_id), int(bob.user_id))
+    # This browser synced those 35 before (its stored cursor is past them): what the open
+    # conversation shows comes from history alone, a page at a time.
+    b = connect(bob, cluster.gw2)
+    cursor = wait_until(lambda: (lambda e, c, _: len(e) == 35 and c)(*sync_all(b)), timeout=15,
+                        what="the 35 messages in Bob's stream")
     bob_page = open_page(cluster.gw2.http)
+    bob_page.evaluate("([key, value]) => localStorage.setItem(key, value)", [f"netherlink:cursor:{bob.user_id}", cursor])
     log_in(bob_page, bob.username)
     expect(conv_item(bob_page, cid).locator(".badge")).to_have_text("35")
     conv_item(bob_page, cid).click()
