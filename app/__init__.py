@@ -1,4 +1,4 @@
-"""NetherLink: the Flask application factory (REST API, health, WebSocket gateway)."""
+"""NetherLink: the Flask application factory (REST API, health, WebSocket gateway, web chat page)."""
 from __future__ import annotations
 
 import logging
@@ -34,18 +34,22 @@ def create_app(test_config: dict | None = None) -> Flask:
     from app.api.groups import bp as groups_bp
     from app.api.admin import bp as admin_api_bp
     from app.api.push import bp as push_bp
+    from app.api.users import bp as users_bp
     from app.dashboard import init_dashboard
     from app.api.health import bp as health_bp
     from app.cli import register_commands
+    from app.web import bp as web_bp
     from ws import init_gateway
 
     app.register_blueprint(auth_bp)
     app.register_blueprint(chat_bp)
     app.register_blueprint(groups_bp)
     app.register_blueprint(push_bp)
+    app.register_blueprint(users_bp)
     app.register_blueprint(admin_api_bp)
     init_dashboard(app)
     app.register_blueprint(health_bp)
+    app.register_blueprint(web_bp)
     init_gateway(app)
     register_commands(app)
     _register_error_handlers(app)

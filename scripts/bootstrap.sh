@@ -18,3 +18,27 @@ if [ "$want" != "$have" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
   echo "$want" > .venv/.requirements.sha256
 fi
+
+# The browser tests (tests/browser) drive Debian's Chromium; Playwright never downloads
+# a browser here. scripts/test.sh asks for it with NETHERLINK_NEEDS_BROWSER=1;
+# NETHERLINK_BROWSER=skip leaves it out (the browser tests then fail, saying why).
+if [ "${NETHERLINK_NEEDS_BROWSER:-0}" = 1 ] && [ "${NETHERLINK_BROWSER:-}" != skip ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "the browser tests need Debian's Chromium: run 'apt-get install -y chromium chromium-driver' as root" \
+         "(or set NETHERLINK_BROWSER=skip to run without it)" >&2
+    exit 1
+  fi
+  echo "installing Debian's chromium and chromium-driver for the browser tests (apt-get)" >&2
+  apt_log=$(mktemp)
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -q chromium chromium-driver >"$apt_log" 2>&1; then
+    apt-get update -q >>"$apt_log" 2>&1 || true
+    if ! apt-get install -y -q chromium chromium-driver >>"$apt_log" 2>&1; then
+      tail -n 20 "$apt_log" >&2
+      echo "could not install chromium with apt-get (output above): the browser tests cannot run" >&2
+      exit 1
+    fi
+  fi
+  rm -f "$apt_log"
+  [ -x /usr/bin/chromium ] || { echo "apt-get installed chromium but /usr/bin/chromium is missing" >&2; exit 1; }
+fi

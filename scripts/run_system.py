@@ -1,4 +1,5 @@
-"""`scripts/run.sh`: run gateway(s), one worker per queue family, beat and Flower.
+"""`scripts/run.sh`: run gateway(s), one worker per queue family, beat and Flower; print the URLs
+(the web chat page, REST, WebSocket, Flower, admin).
 
 Service URLs come from DATABASE_URL / BROKER_URL / REDIS_URL. Any that is not
 set gets an embedded default: a SQLite file under var/ and a bundled
@@ -83,6 +84,7 @@ def main() -> int:
             _wait_healthy(f"http://127.0.0.1:{port}/healthz", procs)
         wait_for_port(args.flower_port, timeout=30, what="flower")
         print("\nNetherLink is running" + (f" on embedded defaults ({', '.join(embedded)})" if embedded else "") + ":")
+        print(f"  Chat       http://127.0.0.1:{gateway_urls[0]}/   (the web client: open it in two browser windows)")
         for port in gateway_urls:
             print(f"  REST API   http://127.0.0.1:{port}/api/   (health: /healthz, /readyz)")
             print(f"  WebSocket  ws://127.0.0.1:{port}/ws?token=<JWT>")

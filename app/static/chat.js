@@ -1,0 +1,901 @@
+// The NetherLink chat page (served at /). Every piece of user data goes into the
+// page through textContent (the el() helper below), never through innerHTML.
+import {
+  ApiError, NetherLinkClient, apiRequest, compareIds, login, privateConversationId, register, tokenExpiry,
+} from "./netherlink.js";
+
+const BASE = location.origin;
+const SESSION_KEY = "netherlink:session"; // per tab (sessionStorage): two tabs may be two users
+const HISTORY_PAGE = 30;
+const RECALL_WINDOW_MS = 2 * 60 * 1000;
+const PRESENCE_EVERY_MS = 30000;
+
+const $ = (id) => document.getElementById(id);
+
+// ---------------------------------------------------------------- state
+
+let session = null;   // {token, userId, username}
+let client = null;
+const convs = new Map();      // conversation_id -> conversation (see convFrom)
+const views = new Map();      // conversation_id -> {messages: Map(key -> msg), loaded, loading, hasMore, nextBefore, readSent, needsRead}
+const usernames = new Map();  // user_id -> username
+const groups = new Map();     // group_id -> {name, role, member_count, conversation_id}
+let groupsAvailable = true;
+let openId = null;
+let listRefresh = null;       // pending refresh timer
+let presenceTimer = null;
+let recallTimer = null;
+let authMode = "login";
+let listLoaded = false;       // the conversation list has been fetched once
+
+// ---------------------------------------------------------------- DOM helpers
+
+/** Build an element. Strings among `children` become text nodes (never parsed as HTML). */
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function showError(node, message) {
+  node.textContent = message || "";
+  node.hidden = !message;
+}
+
+function errorText(err) {
+  if (err instanceof ApiError) {
+    if (err.status === 0) return "The server cannot be reached. Try again.";
+    return err.message || `Request failed (${err.status}).`;
+  }
+  return (err && err.message) || String(err);
+}
+
+/** A 404/405 for the path itself (a server without that API), not a 404 about a thing it names. */
+function missingApi(err) {
+  return err instanceof ApiError && (err.status === 405
+    || (err.status === 404 && /requested URL was not found/i.test(err.message || "")));
+}
+
+function hue(text) {
+  let h = 0;
+  for (const ch of String(text)) h = (h * 31 + ch.codePointAt(0)) % 360;
+  return h;
+}
+
+function avatar(name, { group = false, presence } = {}) {
+  const node = el("span", { class: group ? "avatar group" : "avatar", "aria-hidden": "true" },
+                  (String(name || "?").match(/[\p{L}\p{N}]/u) || ["?"])[0]);
+  node.style.background = `hsl(${hue(name || "?")} 55% 52%)`;
+  if (presence !== undefined) {
+    node.append(el("span", { class: presence ? "presence online" : "presence", title: presence ? "online" : "offline" }));
+  }
+  return node;
+}
+
+const timeFmt = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
+const dayFmt = new Intl.DateTimeFormat(undefined, { month: "short", day: "numeric" });
+const fullDayFmt = new Intl.DateTimeFormat(undefined, { weekday: "long", month: "long", day: "numeric", year: "numeric" });
+
+function shortTime(ms) {
+  if (!ms) return "";
+  const d = new Date(ms);
+  return d.toDateString() === new Date().toDateString() ? timeFmt.format(d) : dayFmt.format(d);
+}
+
+function lastSeenText(presence) {
+  if (!presence) return "";
+  if (presence.online) return "online";
+  if (!presence.last_seen) return "offline";
+  return `last seen ${shortTime(presence.last_seen)}`;
+}
+
+// ---------------------------------------------------------------- session and auth screen
+
+function loadSession() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
+    if (saved && saved.token && saved.userId) {
+      const exp = tokenExpiry(saved.token);
+      if (exp === null || exp * 1000 > Date.now() + 5000) return saved;
+    }
+  } catch { /* unreadable: log in again */ }
+  return null;
+}
+
+function saveSession(value) {
+  session = value;
+  if (value) sessionStorage.setItem(SESSION_KEY, JSON.stringify(value));
+  else sessionStorage.removeItem(SESSION_KEY);
+}
+
+function setAuthMode(mode) {
+  authMode = mode;
+  $("tab-login").setAttribute("aria-selected", String(mode === "login"));
+  $("tab-register").setAttribute("aria-selected", String(mode === "register"));
+  $("auth-submit").textContent = mode === "login" ? "Log in" : "Create account";
+  $("auth-hint").hidden = mode === "login";
+  $("auth-form").elements.password.autocomplete = mode === "login" ? "current-password" : "new-password";
+  showError($("auth-error"), "");
+}
+
+function showAuth(message) {
+  $("app").hidden = true;
+  $("auth").hidden = false;
+  showError($("auth-error"), message || "");
+  document.title = "NetherLink";
+  $("auth-form").elements.username.focus();
+}
+
+async function onAuthSubmit(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const username = form.elements.username.value.trim();
+  const password = form.elements.password.value;
+  const submit = $("auth-submit");
+  submit.disabled = true;
+  showError($("auth-error"), "");
+  try {
+    if (authMode === "register") await register(BASE, username, password);
+    const answer = await login(BASE, username, password);
+    form.reset();
+    saveSession({ token: answer.access_token, userId: answer.user_id, username });
+    startApp();
+  } catch (err) {
+    showError($("auth-error"), err instanceof ApiError && err.status === 409
+      ? `The username “${username}” is taken.` : errorText(err));
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+function logout(message) {
+  if (client) client.close();
+  client = null;
+  clearInterval(presenceTimer);
+  clearInterval(recallTimer);
+  clearTimeout(listRefresh);
+  convs.clear(); views.clear(); groups.clear(); usernames.clear();
+  openId = null;
+  listLoaded = false;
+  saveSession(null);
+  $("conversations").replaceChildren();
+  closeConversationView();
+  showAuth(message);
+}
+
+// ---------------------------------------------------------------- app start
+
+function startApp() {
+  $("auth").hidden = true;
+  $("app").hidden = false;
+  usernames.set(session.userId, session.username);
+  $("me-name").textContent = session.username;
+  $("me-avatar").replaceWith(Object.assign(avatar(session.username), { id: "me-avatar" }));
+  closeConversationView();
+
+  client = new NetherLinkClient({ baseUrl: BASE, token: session.token });
+  client.on("state", onState);
+  client.on("message", onMessage);
+  client.on("ack", onAck);
+  client.on("error", onClientError);
+  client.on("receipt", onReceipt);
+  client.on("recalled", onRecalled);
+  client.on("status", onStatus);
+  client.on("read_ok", onReadOk);
+  client.on("synced", () => scheduleListRefresh(0));
+  client.on("unauthorized", () => logout("Your session has ended: log in again."));
+  client.connect();
+
+  refreshList();
+  loadGroups();
+  presenceTimer = setInterval(refreshPresence, PRESENCE_EVERY_MS);
+  recallTimer = setInterval(hideExpiredRecalls, 5000);
+}
+
+function api(method, path, options = {}) {
+  return apiRequest(BASE, method, path, { token: session.token, ...options }).catch((err) => {
+    if (err instanceof ApiError && err.status === 401) logout("Your session has ended: log in again.");
+    throw err;
+  });
+}
+
+function onState({ state, retryIn, code }) {
+  const node = $("conn-state");
+  node.dataset.state = state;
+  if (state === "open") node.textContent = "Connected";
+  else if (state === "connecting") node.textContent = "Connecting…";
+  else if (retryIn !== undefined) node.textContent = `Offline: reconnecting${retryIn >= 1500 ? ` in ${Math.round(retryIn / 1000)} s` : "…"}`;
+  else node.textContent = "Offline";
+  document.body.classList.toggle("offline", state !== "open");
+}
+
+// ---------------------------------------------------------------- conversation list
+
+function preview(msg) {
+  if (msg.status === 2) return "[message recalled]";
+  if (msg.message_type && msg.message_type !== "text") return `[${msg.message_type}]`;
+  return String(msg.content || "").slice(0, 200);
+}
+
+function convTitle(conv) {
+  if (conv.isGroup) {
+    const group = groups.get(conv.groupId);
+    return (group && group.name) || conv.name || `Group ${conv.groupId}`;
+  }
+  return (conv.peer && conv.peer.username) || usernames.get(conv.peer && conv.peer.user_id) || `User ${conv.peer && conv.peer.user_id}`;
+}
+
+function ensureConv(conversationId, fields = {}) {
+  let conv = convs.get(conversationId);
+  if (!conv) {
+    conv = { id: conversationId, isGroup: conversationId.startsWith("g_"), peer: null, groupId: null, name: null,
+             lastMessage: "", lastTime: 0, lastMsgId: null, unread: 0, liveUnread: new Set(), readAt: 0,
+             presence: undefined, presenceAt: 0 };
+    if (conv.isGroup) conv.groupId = conversationId.slice(2);
+    convs.set(conversationId, conv);
+  }
+  Object.assign(conv, fields);
+  return conv;
+}
+
+function peerOf(msg) {
+  return msg.from === session.userId ? msg.to : msg.from;
+}
+
+async function refreshList() {
+  if (!session) return;
+  const started = Date.now();
+  let answer;
+  try {
+    answer = await api("GET", "/api/conversations");
+  } catch (err) {
+    return; // shown as offline by the socket state; the next refresh tries again
+  }
+  for (const item of answer.conversations) {
+    const conv = ensureConv(item.conversation_id, {
+      isGroup: Boolean(item.is_group), peer: item.peer || null, groupId: item.group_id || null,
+      lastMessage: item.last_message || "", lastTime: item.last_message_time || 0,
+      lastMsgId: item.last_msg_id || null,
+    });
+    if (item.name) conv.name = item.name;
+    if (item.peer) usernames.set(item.peer.user_id, item.peer.username);
+    if (isOpenAndVisible(conv.id)) conv.unread = 0;
+    else if (conv.readAt <= started) conv.unread = Math.max(item.unread || 0, conv.liveUnread.size);
+  }
+  listLoaded = true;
+  renderList();
+  refreshPresence();
+}
+
+function scheduleListRefresh(delay = 800) {
+  clearTimeout(listRefresh);
+  listRefresh = setTimeout(refreshList, delay);
+}
+
+async function loadGroups() {
+  try {
+    const answer = await api("GET", "/api/groups");
+    groupsAvailable = true;
+    for (const g of answer.groups || []) {
+      groups.set(g.group_id, g);
+      const conv = ensureConv(g.conversation_id || `g_${g.group_id}`, { isGroup: true, groupId: g.group_id, name: g.name });
+      conv.role = g.role;
+    }
+    renderList();
+    if (openId && convs.get(openId) && convs.get(openId).isGroup) renderHeader();
+  } catch (err) {
+    if (missingApi(err)) groupsAvailable = false;
+  }
+}
+
+function sortedConvs() {
+  return [...convs.values()].sort((a, b) => (b.lastTime || 0) - (a.lastTime || 0) || compareIds(b.lastMsgId || "0", a.lastMsgId || "0"));
+}
+
+function renderList() {
+  const list = $("conversations");
+  const items = sortedConvs();
+  list.replaceChildren(...items.map((conv) => {
+    const title = convTitle(conv);
+    const unread = isOpenAndVisible(conv.id) ? 0 : conv.unread;
+    return el("li", {
+      class: unread ? "conv unread" : "conv", dataset: { conversationId: conv.id }, tabindex: "0",
+      "aria-current": conv.id === openId ? "true" : "false",
+      onclick: () => openConversation(conv.id),
+      onkeydown: (e) => { if (e.key === "Enter") openConversation(conv.id); },
+    },
+    avatar(title, { group: conv.isGroup, presence: conv.isGroup ? undefined : Boolean(conv.presence && conv.presence.online) }),
+    el("span", { class: "conv-name" }, title),
+    el("span", { class: "conv-time" }, shortTime(conv.lastTime)),
+    el("span", { class: "conv-preview" }, conv.lastMessage || (conv.isGroup ? "New group" : "")),
+    unread ? el("span", { class: "badge", "aria-label": `${unread} unread` }, String(unread > 99 ? "99+" : unread)) : el("span"));
+  }));
+  $("no-conversations").hidden = items.length > 0;
+  const total = items.reduce((n, c) => n + (isOpenAndVisible(c.id) ? 0 : c.unread), 0);
+  document.title = total ? `(${total}) NetherLink` : "NetherLink";
+}
+
+async function refreshPresence(only) {
+  const now = Date.now();
+  const targets = only ? [only] : sortedConvs().filter((c) => !c.isGroup && c.peer).slice(0, 40);
+  await Promise.all(targets.map(async (conv) => {
+    if (!only && now - conv.presenceAt < PRESENCE_EVERY_MS - 1000) return;
+    conv.presenceAt = now;
+    try {
+      conv.presence = await api("GET", `/api/users/${encodeURIComponent(conv.peer.user_id)}/presence`);
+    } catch { /* keep the last known */ }
+  }));
+  renderList();
+  if (openId) renderHeader();
+}
+
+// ---------------------------------------------------------------- opening a conversation
+
+function isOpenAndVisible(conversationId) {
+  return conversationId === openId && document.visibilityState === "visible";
+}
+
+function view(conversationId) {
+  let v = views.get(conversationId);
+  if (!v) {
+    v = { messages: new Map(), loaded: false, loading: false, hasMore: false, nextBefore: null,
+          readSent: null, needsRead: false, receiptUpTo: null };
+    views.set(conversationId, v);
+  }
+  return v;
+}
+
+function closeConversationView() {
+  $("placeholder").hidden = false;
+  $("conv-head").hidden = true;
+  $("messages").hidden = true;
+  $("composer").hidden = true;
+  $("app").classList.remove("show-conversation");
+}
+
+async function openConversation(conversationId) {
+  const conv = ensureConv(conversationId);
+  openId = conversationId;
+  conv.unread = 0;
+  $("placeholder").hidden = true;
+  $("conv-head").hidden = false;
+  $("messages").hidden = false;
+  $("composer").hidden = false;
+  $("app").classList.add("show-conversation");
+  renderHeader();
+  renderList();
+  renderMessages();
+  $("composer").elements.content.focus();
+  if (!conv.isGroup && conv.peer) refreshPresence(conv);
+  if (conv.isGroup) loadMemberNames(conv);
+  const v = view(conversationId);
+  if (!v.loaded) await loadHistory(conversationId);
+  v.needsRead = v.needsRead || [...v.messages.values()].some((m) => m.from !== session.userId && m.status === 0);
+  maybeSendRead();
+}
+
+function renderHeader() {
+  const conv = convs.get(openId);
+  if (!conv) return;
+  const title = convTitle(conv);
+  $("conv-title").textContent = title;
+  const sub = conv.isGroup
+    ? (groups.get(conv.groupId) ? `${groups.get(conv.groupId).member_count} members` : "group")
+    : lastSeenText(conv.presence);
+  $("conv-sub").textContent = sub;
+  $("conv-avatar").replaceWith(Object.assign(
+    avatar(title, { group: conv.isGroup, presence: conv.isGroup ? undefined : Boolean(conv.presence && conv.presence.online) }),
+    { id: "conv-avatar" }));
+  $("members").hidden = !conv.isGroup;
+}
+
+async function loadHistory(conversationId, older = false) {
+  const v = view(conversationId);
+  if (v.loading) return;
+  v.loading = true;
+  const box = $("messages");
+  const fromBottom = box.scrollHeight - box.scrollTop;
+  try {
+    const answer = await api("GET", `/api/conversations/${encodeURIComponent(conversationId)}/messages`,
+                             { query: { limit: HISTORY_PAGE, before: older ? v.nextBefore : undefined } });
+    for (const msg of answer.messages) addMessage(conversationId, msg);
+    v.hasMore = answer.has_more;
+    v.nextBefore = answer.next_before;
+  } catch (err) {
+    if (!(err instanceof ApiError && err.status === 404)) { // 404: no message yet
+      v.loading = false;
+      showError($("sidebar-error"), `Could not load messages: ${errorText(err)}`);
+      return;
+    }
+  }
+  v.loaded = true;
+  v.loading = false;
+  if (openId !== conversationId) return;
+  renderMessages();
+  if (older) box.scrollTop = box.scrollHeight - fromBottom;
+}
+
+// ---------------------------------------------------------------- messages
+
+/** Add or update a message in its conversation's view; dedupes by msg_id and by our own client_msg_id. */
+function addMessage(conversationId, msg) {
+  const v = view(conversationId);
+  if (msg.from === session.userId && msg.client_msg_id && v.messages.has(`c:${msg.client_msg_id}`)) {
+    v.messages.delete(`c:${msg.client_msg_id}`); // our pending copy: the stored one replaces it
+  }
+  const key = `m:${msg.msg_id}`;
+  const existing = v.messages.get(key);
+  if (existing) {
+    if ((msg.status || 0) > (existing.status || 0)) Object.assign(existing, { status: msg.status, content: msg.status === 2 ? "" : existing.content });
+    return existing;
+  }
+  const stored = { ...msg, state: msg.from === session.userId ? "sent" : undefined };
+  if (stored.from === session.userId && v.receiptUpTo && compareIds(stored.msg_id, v.receiptUpTo) <= 0 && stored.status === 0) stored.status = 1;
+  if (msg.from && msg.from !== session.userId && msg.status === 0) v.needsRead = true;
+  v.messages.set(key, stored);
+  return stored;
+}
+
+function sortedMessages(v) {
+  const acked = [], pending = [];
+  for (const m of v.messages.values()) (m.msg_id ? acked : pending).push(m);
+  acked.sort((a, b) => compareIds(a.msg_id, b.msg_id));
+  pending.sort((a, b) => a.localSeq - b.localSeq);
+  return acked.concat(pending);
+}
+
+function messageState(msg) {
+  if (msg.from !== session.userId) return null;
+  if (msg.state === "failed") return ["failed", `Not sent: ${msg.error || "error"}`];
+  if (!msg.msg_id) return ["sending", "Sending…"];
+  if (msg.status === 1) return ["read", "Read"];
+  return ["sent", "Sent"];
+}
+
+function renderMessages({ keepScroll = false } = {}) {
+  const conv = convs.get(openId);
+  if (!conv) return;
+  const v = view(openId);
+  const box = $("messages");
+  const nearBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  const previousTop = box.scrollTop;
+  const nodes = [];
+  let lastDay = null, lastSender = null;
+  for (const msg of sortedMessages(v)) {
+    const day = new Date(msg.timestamp || Date.now()).toDateString();
+    if (day !== lastDay) {
+      nodes.push(el("li", { class: "day" }, fullDayFmt.format(new Date(msg.timestamp || Date.now()))));
+      lastDay = day; lastSender = null;
+    }
+    nodes.push(renderMessage(conv, msg, msg.from === lastSender));
+    lastSender = msg.from;
+  }
+  $("message-list").replaceChildren(...nodes);
+  $("load-older").hidden = !v.hasMore;
+  if (!keepScroll || nearBottom) box.scrollTop = box.scrollHeight;
+  else box.scrollTop = previousTop;
+}
+
+function renderMessage(conv, msg, sameSender) {
+  const mine = msg.from === session.userId;
+  const recalled = msg.status === 2;
+  const classes = ["msg", mine ? "mine" : "theirs"];
+  if (recalled) classes.push("recalled");
+  if (sameSender) classes.push("same-sender");
+  const state = messageState(msg);
+  const meta = el("div", { class: "meta" },
+    el("time", { datetime: new Date(msg.timestamp || Date.now()).toISOString() }, timeFmt.format(new Date(msg.timestamp || Date.now()))),
+    state && !recalled ? el("span", { class: "msg-state", dataset: { state: state[0] } }, state[1]) : null);
+  if (mine && msg.msg_id && !recalled && Date.now() - msg.timestamp < RECALL_WINDOW_MS) {
+    meta.append(el("button", { type: "button", class: "recall", onclick: () => recallMessage(msg) }, "Recall"));
+  }
+  if (msg.recallError) meta.append(el("span", { class: "msg-error" }, msg.recallError));
+  const body = recalled
+    ? el("div", { class: "text" }, mine ? "You recalled a message" : "Message recalled")
+    : msg.message_type && msg.message_type !== "text"
+      ? el("div", { class: "text" }, `[${msg.message_type}] `, msg.content)
+      : el("div", { class: "text" }, msg.content);
+  return el("li", { class: classes.join(" "), dataset: { msgId: msg.msg_id || "", clientMsgId: msg.client_msg_id || "" } },
+    conv.isGroup && !mine && !sameSender ? el("div", { class: "sender" }, usernames.get(msg.from) || `User ${msg.from}`) : null,
+    el("div", { class: "bubble" }, body),
+    meta);
+}
+
+let localSeq = 0;
+
+function onSend(event) {
+  event.preventDefault();
+  const textarea = $("composer").elements.content;
+  const content = textarea.value;
+  if (!content.trim() || !openId) return;
+  const conv = convs.get(openId);
+  const target = conv.isGroup ? { groupId: conv.groupId } : { to: conv.peer.user_id };
+  let sent;
+  try {
+    sent = client.send({ ...target, content });
+  } catch (err) {
+    showError($("sidebar-error"), err.message);
+    return;
+  }
+  textarea.value = "";
+  autosize(textarea);
+  const v = view(openId);
+  const msg = { client_msg_id: sent.clientMsgId, conversation_id: openId, from: session.userId,
+                to: conv.isGroup ? null : conv.peer.user_id, group_id: conv.isGroup ? conv.groupId : null,
+                message_type: "text", content, extra: {}, timestamp: Date.now(), status: 0, state: "sending",
+                localSeq: ++localSeq };
+  v.messages.set(`c:${sent.clientMsgId}`, msg);
+  Object.assign(conv, { lastMessage: preview(msg), lastTime: msg.timestamp });
+  renderMessages();
+  renderList();
+}
+
+function findPending(clientMsgId) {
+  for (const [conversationId, v] of views) {
+    const msg = v.messages.get(`c:${clientMsgId}`);
+    if (msg) return { conversationId, v, msg };
+  }
+  return null;
+}
+
+function onAck(ack) {
+  const found = findPending(ack.client_msg_id);
+  if (!found) return;
+  const { v, msg, conversationId } = found;
+  v.messages.delete(`c:${ack.client_msg_id}`);
+  Object.assign(msg, { msg_id: ack.msg_id, timestamp: ack.timestamp, state: "sent" });
+  if (!v.messages.has(`m:${ack.msg_id}`)) v.messages.set(`m:${ack.msg_id}`, msg);
+  const conv = ensureConv(ack.conversation_id || conversationId);
+  if (!conv.lastMsgId || compareIds(ack.msg_id, conv.lastMsgId) > 0) Object.assign(conv, { lastMsgId: ack.msg_id, lastTime: ack.timestamp });
+  if (conversationId === openId) renderMessages({ keepScroll: true });
+  renderList();
+}
+
+function onClientError(error) {
+  if (error.client_msg_id && !error.retrying) {
+    const found = findPending(error.client_msg_id);
+    if (found) {
+      Object.assign(found.msg, { state: "failed", error: error.message || error.code });
+      if (found.conversationId === openId) renderMessages({ keepScroll: true });
+    }
+  }
+}
+
+function onMessage(msg) {
+  const conv = ensureConv(msg.conversation_id);
+  if (!conv.isGroup && !conv.peer) {
+    const peer = peerOf(msg);
+    conv.peer = { user_id: peer, username: usernames.get(peer) || null };
+    if (!conv.peer.username) scheduleListRefresh(0);
+  }
+  if (conv.isGroup && !groups.has(conv.groupId) && groupsAvailable) loadGroups();
+  if (!conv.isGroup && msg.source === "live" && msg.from !== session.userId) {
+    conv.presence = { user_id: msg.from, online: true, last_seen: Date.now() }; // they just wrote
+    if (conv.id === openId) renderHeader();
+  }
+  const previousLast = conv.lastMsgId;
+  if (!conv.lastMsgId || compareIds(msg.msg_id, conv.lastMsgId) >= 0) {
+    Object.assign(conv, { lastMsgId: msg.msg_id, lastTime: msg.timestamp, lastMessage: preview(msg) });
+  }
+  const incoming = msg.from !== session.userId && msg.status === 0;
+  // Live, or caught up by sync and newer than what the conversation list showed: unread here.
+  // (Older sync entries are already in the list's counts; a new device syncs its whole history.)
+  const fresh = msg.source === "live" || (listLoaded && previousLast && compareIds(msg.msg_id, previousLast) > 0);
+  if (incoming && fresh && !isOpenAndVisible(conv.id)) {
+    if (!conv.liveUnread.has(msg.msg_id)) {
+      conv.liveUnread.add(msg.msg_id);
+      conv.unread += 1;
+    }
+  }
+  const v = views.get(conv.id);
+  if (v || conv.id === openId) {
+    addMessage(conv.id, msg);
+    if (conv.id === openId) {
+      renderMessages({ keepScroll: false });
+      maybeSendRead();
+    }
+  }
+  renderList();
+}
+
+function onStatus({ msg_id: msgId, conversation_id: conversationId, status }) {
+  const v = views.get(conversationId);
+  const msg = v && v.messages.get(`m:${msgId}`);
+  if (msg && status > (msg.status || 0)) {
+    msg.status = status;
+    if (conversationId === openId) renderMessages({ keepScroll: true });
+  }
+}
+
+function onRecalled({ msg_id: msgId, conversation_id: conversationId }) {
+  const conv = convs.get(conversationId);
+  if (conv) {
+    if (conv.liveUnread.delete(msgId) && conv.unread > 0) conv.unread -= 1;
+    if (conv.lastMsgId === msgId) conv.lastMessage = "[message recalled]";
+  }
+  const v = views.get(conversationId);
+  const msg = v && v.messages.get(`m:${msgId}`);
+  if (msg) Object.assign(msg, { status: 2, content: "", extra: {} });
+  if (conversationId === openId) renderMessages({ keepScroll: true });
+  renderList();
+}
+
+function onReceipt({ conversation_id: conversationId, reader, msg_id: upTo }) {
+  if (reader === session.userId) return;
+  const v = view(conversationId);
+  if (!v.receiptUpTo || compareIds(upTo, v.receiptUpTo) > 0) v.receiptUpTo = upTo;
+  for (const msg of v.messages.values()) {
+    if (msg.from === session.userId && msg.msg_id && msg.status === 0 && compareIds(msg.msg_id, upTo) <= 0) msg.status = 1;
+  }
+  if (conversationId === openId) renderMessages({ keepScroll: true });
+}
+
+function onReadOk({ conversation_id: conversationId, msg_id: upTo }) {
+  const conv = convs.get(conversationId);
+  if (!conv) return;
+  for (const id of [...conv.liveUnread]) if (compareIds(id, upTo) <= 0) conv.liveUnread.delete(id);
+  if (conv.id !== openId) {
+    conv.unread = conv.liveUnread.size;
+    conv.readAt = Date.now();
+    scheduleListRefresh(); // read on another device: the server has the exact count
+  }
+  renderList();
+}
+
+/** Tell the server what the user has seen: the open conversation, while the page is visible. */
+function maybeSendRead() {
+  if (!openId || document.visibilityState !== "visible" || !client) return;
+  const v = views.get(openId);
+  const conv = convs.get(openId);
+  if (!v || !conv) return;
+  let newest = null;
+  for (const msg of v.messages.values()) {
+    if (msg.msg_id && (!newest || compareIds(msg.msg_id, newest) > 0)) newest = msg.msg_id;
+  }
+  if (!newest) return;
+  if (!v.needsRead) return; // nothing new from the other side since the last read
+  v.needsRead = false;
+  v.readSent = newest;
+  for (const msg of v.messages.values()) if (msg.from !== session.userId && msg.status === 0) msg.status = 1;
+  conv.unread = 0;
+  conv.liveUnread.clear();
+  conv.readAt = Date.now();
+  client.read(openId, newest);
+  renderList();
+}
+
+async function recallMessage(msg) {
+  msg.recallError = null;
+  try {
+    await client.recall(msg.msg_id);
+  } catch (err) {
+    msg.recallError = err.code === "recall_expired" ? "Too late to recall (2 minutes)." : `Recall failed: ${err.message}`;
+    if (msg.conversation_id === openId) renderMessages({ keepScroll: true });
+  }
+}
+
+/** Re-render the open conversation when one of its Recall buttons has just run out. */
+function hideExpiredRecalls() {
+  const v = openId && views.get(openId);
+  if (!v) return;
+  const now = Date.now();
+  for (const msg of v.messages.values()) {
+    const age = now - msg.timestamp;
+    if (msg.from === session.userId && msg.msg_id && msg.status !== 2 && age >= RECALL_WINDOW_MS && age < RECALL_WINDOW_MS + 6000) {
+      renderMessages({ keepScroll: true });
+      return;
+    }
+  }
+}
+
+function autosize(textarea) {
+  textarea.style.height = "auto";
+  textarea.style.height = `${Math.min(textarea.scrollHeight + 2, 160)}px`;
+}
+
+// ---------------------------------------------------------------- new chats and groups
+
+async function lookupUser(username) {
+  return api("GET", "/api/users", { query: { username } });
+}
+
+async function onNewChat(event) {
+  event.preventDefault();
+  const input = event.currentTarget.elements.username;
+  const username = input.value.trim();
+  showError($("sidebar-error"), "");
+  if (!username) return;
+  try {
+    const user = await lookupUser(username);
+    if (user.user_id === session.userId) {
+      showError($("sidebar-error"), "That is you: pick someone else.");
+      return;
+    }
+    usernames.set(user.user_id, user.username);
+    const conversationId = privateConversationId(session.userId, user.user_id);
+    const conv = ensureConv(conversationId, { isGroup: false, peer: { user_id: user.user_id, username: user.username } });
+    if (!conv.lastTime) conv.lastTime = Date.now();
+    input.value = "";
+    openConversation(conversationId);
+  } catch (err) {
+    showError($("sidebar-error"), err instanceof ApiError && err.status === 404 ? `No user named “${username}”.` : errorText(err));
+  }
+}
+
+function openGroupDialog() {
+  const dialog = $("group-dialog");
+  $("group-form").reset();
+  showError($("group-error"), groupsAvailable ? "" : "Groups are not available on this server yet.");
+  dialog.showModal();
+}
+
+async function onCreateGroup(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const name = form.elements.name.value.trim();
+  const names = form.elements.members.value.split(",").map((s) => s.trim()).filter(Boolean);
+  showError($("group-error"), "");
+  if (!name) { showError($("group-error"), "Give the group a name."); return; }
+  try {
+    const members = [];
+    for (const username of names) {
+      try {
+        const user = await lookupUser(username);
+        usernames.set(user.user_id, user.username);
+        if (user.user_id !== session.userId) members.push(user.user_id);
+      } catch (err) {
+        if (err instanceof ApiError && err.status === 404) throw new Error(`No user named “${username}”.`);
+        throw err;
+      }
+    }
+    const created = await api("POST", "/api/groups", { body: { name, members } });
+    groups.set(created.group_id, { group_id: created.group_id, conversation_id: created.conversation_id, name,
+                                   role: "owner", member_count: members.length + 1 });
+    ensureConv(created.conversation_id, { isGroup: true, groupId: created.group_id, name, lastTime: Date.now() });
+    $("group-dialog").close();
+    openConversation(created.conversation_id);
+  } catch (err) {
+    if (missingApi(err)) groupsAvailable = false;
+    showError($("group-error"), missingApi(err) ? "Groups are not available on this server yet." : errorText(err));
+  }
+}
+
+async function openMembers() {
+  const conv = convs.get(openId);
+  if (!conv || !conv.isGroup) return;
+  showError($("members-error"), "");
+  $("members-title").textContent = `Members of ${convTitle(conv)}`;
+  $("members-dialog").showModal();
+  await renderMembers(conv);
+}
+
+/** Member names for a group's sender labels. */
+async function loadMemberNames(conv) {
+  try {
+    const answer = await api("GET", `/api/groups/${encodeURIComponent(conv.groupId)}/members`);
+    for (const m of answer.members || []) usernames.set(m.user_id, m.username);
+    const group = groups.get(conv.groupId);
+    if (group) group.member_count = (answer.members || []).length;
+    if (openId === conv.id) { renderHeader(); renderMessages({ keepScroll: true }); }
+  } catch { /* names fall back to "User <id>" */ }
+}
+
+async function renderMembers(conv) {
+  const list = $("member-list");
+  let members = [];
+  try {
+    members = (await api("GET", `/api/groups/${encodeURIComponent(conv.groupId)}/members`)).members || [];
+  } catch (err) {
+    showError($("members-error"), errorText(err));
+  }
+  const me = members.find((m) => m.user_id === session.userId);
+  const canManage = me && (me.role === "owner" || me.role === "admin");
+  $("add-member").hidden = !canManage;
+  for (const m of members) usernames.set(m.user_id, m.username);
+  const group = groups.get(conv.groupId);
+  if (group) group.member_count = members.length;
+  list.replaceChildren(...members.map((m) => el("li", {},
+    avatar(m.username),
+    el("span", { class: "grow" }, m.username, m.user_id === session.userId ? " (you)" : ""),
+    el("span", { class: "role" }, m.role || "member"),
+    canManage && m.user_id !== session.userId && m.role !== "owner"
+      ? el("button", { type: "button", class: "ghost danger", onclick: () => removeMember(conv, m.user_id) }, "Remove")
+      : null)));
+  renderHeader();
+}
+
+async function onAddMember(event) {
+  event.preventDefault();
+  const conv = convs.get(openId);
+  const input = event.currentTarget.elements.username;
+  const username = input.value.trim();
+  if (!conv || !username) return;
+  showError($("members-error"), "");
+  try {
+    const user = await lookupUser(username);
+    await api("POST", `/api/groups/${encodeURIComponent(conv.groupId)}/members`, { body: { user_ids: [user.user_id] } });
+    input.value = "";
+    await renderMembers(conv);
+  } catch (err) {
+    showError($("members-error"), err instanceof ApiError && err.status === 404 && err.message.startsWith("no user")
+      ? `No user named “${username}”.` : errorText(err));
+  }
+}
+
+async function removeMember(conv, userId) {
+  try {
+    await api("DELETE", `/api/groups/${encodeURIComponent(conv.groupId)}/members/${encodeURIComponent(userId)}`);
+    await renderMembers(conv);
+  } catch (err) {
+    showError($("members-error"), errorText(err));
+  }
+}
+
+async function leaveGroup() {
+  const conv = convs.get(openId);
+  if (!conv || !conv.isGroup) return;
+  try {
+    await api("DELETE", `/api/groups/${encodeURIComponent(conv.groupId)}/members/${encodeURIComponent(session.userId)}`);
+    $("members-dialog").close();
+    groups.delete(conv.groupId);
+    convs.delete(conv.id);
+    views.delete(conv.id);
+    openId = null;
+    closeConversationView();
+    renderList();
+  } catch (err) {
+    showError($("members-error"), errorText(err));
+  }
+}
+
+// ---------------------------------------------------------------- wiring
+
+function init() {
+  $("tab-login").addEventListener("click", () => setAuthMode("login"));
+  $("tab-register").addEventListener("click", () => setAuthMode("register"));
+  $("auth-form").addEventListener("submit", onAuthSubmit);
+  $("logout").addEventListener("click", () => logout());
+  $("new-chat").addEventListener("submit", onNewChat);
+  $("new-group").addEventListener("click", openGroupDialog);
+  $("group-form").addEventListener("submit", onCreateGroup);
+  $("members").addEventListener("click", openMembers);
+  $("add-member").addEventListener("submit", onAddMember);
+  $("leave-group").addEventListener("click", leaveGroup);
+  for (const button of document.querySelectorAll("dialog [data-close]")) {
+    button.addEventListener("click", () => button.closest("dialog").close());
+  }
+  $("composer").addEventListener("submit", onSend);
+  const textarea = $("composer").elements.content;
+  textarea.addEventListener("input", () => autosize(textarea));
+  textarea.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+      e.preventDefault();
+      $("composer").requestSubmit();
+    }
+  });
+  $("load-older").addEventListener("click", () => openId && loadHistory(openId, true));
+  $("back").addEventListener("click", () => {
+    openId = null;
+    closeConversationView();
+    renderList();
+  });
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") maybeSendRead();
+  });
+  session = loadSession();
+  setAuthMode("login");
+  if (session) startApp();
+  else showAuth();
+}
+
+init();

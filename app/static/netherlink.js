@@ -1,0 +1,642 @@
+// NetherLink web client: one WebSocket to a gateway, reconnect, heartbeats,
+// idempotent sends, gap-free sync from a stored cursor, read, recall.
+// A plain ES module with no dependencies: import it from /static/netherlink.js.
+// The wire protocol is docs/protocol.md; this module's API is docs/web-client.md.
+//
+// Ids (msg_id, user_id, group_id, cursor) stay strings: snowflake ids exceed
+// 2^53 and a JavaScript Number would corrupt them. Compare them with compareIds.
+
+const CLOSE_UNAUTHORIZED = 4401;
+const RECONNECT_AT_ONCE = new Set([1012, 4503, 4429]); // restart, lost delivery channel, too slow
+const RETRYABLE_SEND_ERRORS = new Set(["internal", "rate_limited"]);
+
+const DEFAULTS = {
+  ackTimeout: 15000,        // ms without ack/error before a send is re-sent (same client_msg_id)
+  backoffBase: 500,         // ms, first reconnect delay (doubles per failed attempt)
+  backoffMax: 30000,        // ms, reconnect delay cap
+  syncLimit: 100,           // entries per sync page
+  heartbeatInterval: 30,    // s, until hello says otherwise
+  maxFrameChars: 65536,     // the gateway's WS_MAX_FRAME_BYTES default; larger frames close the socket (1009)
+  seenLimit: 20000,         // msg_ids remembered for de-duplication
+  storagePrefix: "netherlink:",
+};
+
+/** Numeric order of two decimal id strings (no Number() on the way): -1, 0 or 1. */
+export function compareIds(a, b) {
+  a = String(a); b = String(b);
+  if (a.length !== b.length) return a.length < b.length ? -1 : 1;
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+/** The conversation id of a private chat: p_<low>_<high> (ids compared numerically). */
+export function privateConversationId(userA, userB) {
+  return compareIds(userA, userB) <= 0 ? `p_${userA}_${userB}` : `p_${userB}_${userA}`;
+}
+
+/** An error answered by the REST API: `status` (HTTP), `code` and `message` of its JSON body. */
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message || code || `HTTP ${status}`);
+    this.name = "ApiError";
+    this.status = status;
+    this.code = code;
+  }
+}
+
+/** One REST call: JSON in, JSON out; throws ApiError for an error status or a network failure (status 0). */
+export async function apiRequest(baseUrl, method, path, { token, body, query } = {}) {
+  let url = `${trimSlash(baseUrl)}${path}`;
+  if (query) {
+    const qs = new URLSearchParams(Object.entries(query).filter(([, v]) => v !== undefined && v !== null && v !== ""));
+    if ([...qs].length) url += `?${qs}`;
+  }
+  const headers = { Accept: "application/json" };
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let resp;
+  try {
+    resp = await fetch(url, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (err) {
+    throw new ApiError(0, "network", "the server cannot be reached");
+  }
+  if (resp.status === 204) return null;
+  let data = null;
+  try { data = await resp.json(); } catch { /* not JSON */ }
+  if (!resp.ok) throw new ApiError(resp.status, data && data.error, data && data.message);
+  return data;
+}
+
+/** POST /api/auth/login; resolves to {access_token, user_id, expires_in, ...}. */
+export function login(baseUrl, username, password) {
+  return apiRequest(baseUrl, "POST", "/api/auth/login", { body: { username, password } });
+}
+
+/** POST /api/auth/register; resolves to {user_id}. */
+export function register(baseUrl, username, password) {
+  return apiRequest(baseUrl, "POST", "/api/auth/register", { body: { username, password } });
+}
+
+export class NetherLinkClient extends EventTarget {
+  /**
+   * @param {object} options
+   * @param {string} [options.baseUrl]  the gateway's http(s) origin; default: this page's origin
+   * @param {string} options.token      JWT from login
+   * @param {Storage|object|null} [options.storage]  getItem/setItem store for the sync cursor
+   *        (default localStorage; null keeps it in memory only)
+   * Other options (ms unless said): ackTimeout, backoffBase, backoffMax, syncLimit,
+   * maxFrameChars, storagePrefix, WebSocket (a constructor, for non-browser use).
+   */
+  constructor(options = {}) {
+    super();
+    const opts = { ...DEFAULTS, ...options };
+    this.options = opts;
+    this.baseUrl = trimSlash(opts.baseUrl || (typeof location !== "undefined" ? location.origin : ""));
+    this.token = opts.token;
+    this.storage = opts.storage === undefined ? defaultStorage() : opts.storage;
+    this._memoryStore = new Map();
+    this._WebSocket = opts.WebSocket || globalThis.WebSocket;
+    this.state = "closed";          // connecting | open | closed
+    this.userId = null;             // from hello
+    this.connId = null;
+    this._ws = null;
+    this._wanted = false;           // connect() called and not close()d
+    this._attempt = 0;              // failed attempts since the last hello
+    this._reconnectTimer = null;
+    this._heartbeatTimer = null;
+    this._heartbeatInterval = opts.heartbeatInterval;
+    this._lastFrameAt = 0;
+    this._cursor = null;
+    this._syncing = false;
+    this._syncAgain = false;
+    this._pendingSends = new Map(); // client_msg_id -> {frame, resolve, reject, timer, attempts}
+    this._pendingReads = new Map(); // conversation_id -> msg_id (highest asked, not yet read_ok'd)
+    this._pendingRecalls = new Map(); // msg_id -> [{resolve, reject}]
+    this._requests = [];            // non-send requests in flight on this socket, oldest first
+    this._seen = new Map();         // msg_id -> {status, held}: de-duplication, recalls seen early
+    this._cmidPrefix = `web-${randomHex(6)}-${Date.now().toString(36)}`;
+    this._cmidCounter = 0;
+    this._listeners = new Map();    // type -> Map(fn -> listener), for on()/off()
+  }
+
+  // -- events ----------------------------------------------------------------
+
+  /** Subscribe to an event; `fn` gets the event's detail. Returns a function that unsubscribes. */
+  on(type, fn) {
+    if (!this._listeners.has(type)) this._listeners.set(type, new Map());
+    const byFn = this._listeners.get(type);
+    if (!byFn.has(fn)) {
+      const listener = (event) => fn(event.detail);
+      byFn.set(fn, listener);
+      this.addEventListener(type, listener);
+    }
+    return () => this.off(type, fn);
+  }
+
+  off(type, fn) {
+    const byFn = this._listeners.get(type);
+    const listener = byFn && byFn.get(fn);
+    if (listener) {
+      this.removeEventListener(type, listener);
+      byFn.delete(fn);
+    }
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _setState(state, extra = {}) {
+    this.state = state;
+    this._emit("state", { state, ...extra });
+  }
+
+  // -- connection ------------------------------------------------------------
+
+  /** Open the connection (and keep it open: reconnects until close() or a 4401). */
+  connect() {
+    this._wanted = true;
+    if (!this._ws && !this._reconnectTimer) this._open();
+    return this;
+  }
+
+  /** Close for good: no reconnect. Unacknowledged sends stay queued for a later connect(). */
+  close() {
+    this._wanted = false;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._dropSocket(1000, "client closed");
+    this._setState("closed", { code: 1000, reconnecting: false });
+  }
+
+  /** Use a new token (after logging in again); reconnects if the old one was refused. */
+  setToken(token) {
+    this.token = token;
+    if (this._wanted && !this._ws && !this._reconnectTimer) this._open();
+    else if (!this._wanted) this.connect();
+  }
+
+  _wsUrl() {
+    const base = this.baseUrl.replace(/^http(s?):/i, (_, s) => `ws${s}:`);
+    return `${base}/ws?token=${encodeURIComponent(this.token || "")}`;
+  }
+
+  _open() {
+    this._reconnectTimer = null;
+    if (!this._wanted) return;
+    this._setState("connecting", { attempt: this._attempt });
+    let ws;
+    try {
+      ws = new this._WebSocket(this._wsUrl());
+    } catch (err) {
+      this._scheduleReconnect(null, false);
+      return;
+    }
+    this._ws = ws;
+    ws.__helloSeen = false;
+    ws.onmessage = (event) => { if (ws === this._ws) this._onFrame(ws, event.data); };
+    ws.onclose = (event) => { if (ws === this._ws) this._onClose(ws, event.code, event.reason); };
+    ws.onerror = () => { /* a close event follows */ };
+  }
+
+  _dropSocket(code, reason) {
+    const ws = this._ws;
+    this._ws = null;
+    this._stopHeartbeat();
+    this._requests = [];
+    for (const pending of this._pendingSends.values()) clearTimeout(pending.timer);
+    if (ws) {
+      ws.onmessage = ws.onclose = ws.onerror = null;
+      try { ws.close(code, reason); } catch { /* already closed */ }
+    }
+  }
+
+  _onClose(ws, code, reason) {
+    const wasOpen = ws.__helloSeen;
+    this._dropSocket();
+    this._syncing = false;
+    if (code === CLOSE_UNAUTHORIZED) {
+      this._stopForAuth(reason || "token expired: log in again");
+      return;
+    }
+    if (!wasOpen) {
+      // Refused before the upgrade (HTTP 401 shows as 1006 in a browser) or the network failed:
+      // find out which before retrying.
+      this._checkTokenThenReconnect(code);
+      return;
+    }
+    this._scheduleReconnect(code, RECONNECT_AT_ONCE.has(code));
+  }
+
+  _stopForAuth(message) {
+    this._wanted = false;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._setState("closed", { code: CLOSE_UNAUTHORIZED, reconnecting: false });
+    this._emit("unauthorized", { message });
+  }
+
+  async _checkTokenThenReconnect(code) {
+    const exp = tokenExpiry(this.token);
+    if (!this.token || (exp !== null && exp * 1000 <= Date.now())) {
+      this._stopForAuth(this.token ? "token expired: log in again" : "missing token");
+      return;
+    }
+    if (this._attempt >= 1) {
+      // A REST call tells a refused token (401) from a server that is down.
+      try {
+        await apiRequest(this.baseUrl, "GET", "/api/unread", { token: this.token });
+      } catch (err) {
+        if (err instanceof ApiError && err.status === 401) {
+          this._stopForAuth(err.message);
+          return;
+        }
+      }
+      if (this._ws || this._reconnectTimer) return; // connect()/setToken() opened one meanwhile
+    }
+    this._scheduleReconnect(code, false);
+  }
+
+  _scheduleReconnect(code, atOnce) {
+    if (!this._wanted) {
+      this._setState("closed", { code, reconnecting: false });
+      return;
+    }
+    let delay;
+    if (atOnce) {
+      // At once, spread over a quarter second: a whole gateway's clients are closed together.
+      delay = Math.random() * 250;
+    } else {
+      const ceiling = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** this._attempt);
+      delay = ceiling / 2 + Math.random() * (ceiling / 2); // exponential, with jitter
+    }
+    this._attempt += 1;
+    this._setState("closed", { code, reconnecting: true, retryIn: Math.round(delay) });
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = setTimeout(() => this._open(), delay);
+  }
+
+  _sendRaw(frame) {
+    const ws = this._ws;
+    if (!ws || !ws.__helloSeen || ws.readyState !== 1) return false;
+    try {
+      ws.send(JSON.stringify(frame));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  // -- heartbeat ---------------------------------------------------------------
+
+  _startHeartbeat() {
+    this._stopHeartbeat();
+    const every = Math.max(1, this._heartbeatInterval) * 1000;
+    this._heartbeatTimer = setInterval(() => {
+      if (Date.now() - this._lastFrameAt > 2 * every + 5000) {
+        // Nothing came back (not even pongs): the connection is dead without a close.
+        const ws = this._ws;
+        if (ws) this._onClose(ws, 4000, "connection silent");
+        return;
+      }
+      this._sendRaw({ type: "ping" });
+    }, every);
+  }
+
+  _stopHeartbeat() {
+    clearInterval(this._heartbeatTimer);
+    this._heartbeatTimer = null;
+  }
+
+  // -- frames in -----------------------------------------------------------------
+
+  _onFrame(ws, data) {
+    this._lastFrameAt = Date.now();
+    let frame;
+    try { frame = JSON.parse(data); } catch { return; }
+    if (!frame || typeof frame.type !== "string") return;
+    switch (frame.type) {
+      case "hello": return this._onHello(ws, frame);
+      case "pong": return;
+      case "ack": return this._onAck(frame);
+      case "error": return this._onError(frame);
+      case "message": return this._onMessage(frame, "live");
+      case "sync_batch": return this._onSyncBatch(frame);
+      case "read_ok": return this._onReadOk(frame);
+      case "receipt": return this._emit("receipt", frame);
+      case "recalled": return this._onRecalled(frame, "live");
+      default: return;
+    }
+  }
+
+  _onHello(ws, hello) {
+    ws.__helloSeen = true;
+    if (this.userId !== null && this.userId !== hello.user_id) {
+      this._seen.clear(); // another account: nothing of the old one applies
+    }
+    this.userId = hello.user_id;
+    this.connId = hello.conn_id;
+    this._attempt = 0;
+    if (Number.isInteger(hello.heartbeat_interval) && hello.heartbeat_interval > 0) {
+      this._heartbeatInterval = hello.heartbeat_interval;
+    }
+    this._startHeartbeat();
+    this._cursor = this._load("cursor");
+    this._setState("open", { gatewayId: hello.gateway_id, connId: hello.conn_id });
+    this._emit("hello", hello);
+    this.sync();
+    for (const [clientMsgId] of this._pendingSends) this._transmit(clientMsgId);
+    for (const [conversationId, msgId] of this._pendingReads) this._sendRead(conversationId, msgId);
+    for (const msgId of this._pendingRecalls.keys()) this._sendRecall(msgId);
+  }
+
+  _onAck(ack) {
+    const pending = this._pendingSends.get(ack.client_msg_id);
+    this._remember(ack.msg_id, 0, true);
+    if (!pending) return; // a second ack for a retried send
+    this._settleSend(ack.client_msg_id, ack);
+  }
+
+  _settleSend(clientMsgId, ack) {
+    const pending = this._pendingSends.get(clientMsgId);
+    if (!pending) return;
+    clearTimeout(pending.timer);
+    this._pendingSends.delete(clientMsgId);
+    pending.resolve(ack);
+    this._emit("ack", ack);
+  }
+
+  _onError(error) {
+    const cmid = error.client_msg_id;
+    if (cmid && this._pendingSends.has(cmid)) {
+      const pending = this._pendingSends.get(cmid);
+      clearTimeout(pending.timer);
+      if (RETRYABLE_SEND_ERRORS.has(error.code)) {
+        // Not (provably) accepted: retry with the same client_msg_id after a pause.
+        const delay = Math.min(this.options.backoffMax, this.options.backoffBase * 2 ** Math.min(pending.attempts, 6));
+        pending.timer = setTimeout(() => this._transmit(cmid), delay);
+        this._emit("error", { ...error, retrying: true });
+        return;
+      }
+      this._pendingSends.delete(cmid);
+      const err = new Error(error.message || error.code);
+      err.code = error.code;
+      err.clientMsgId = cmid;
+      pending.reject(err);
+      this._emit("error", { ...error, retrying: false });
+      return;
+    }
+    // An error without client_msg_id answers the oldest request still in flight (replies come in order).
+    const request = this._requests.shift();
+    if (request && request.type === "recall") {
+      const waiters = this._pendingRecalls.get(request.msgId) || [];
+      this._pendingRecalls.delete(request.msgId);
+      for (const w of waiters) {
+        const err = new Error(error.message || error.code);
+        err.code = error.code;
+        w.reject(err);
+      }
+    } else if (request && request.type === "read") {
+      if (this._pendingReads.get(request.conversationId) === request.msgId) this._pendingReads.delete(request.conversationId);
+    } else if (request && request.type === "sync") {
+      this._syncing = false;
+    }
+    this._emit("error", { ...error, request: request || null });
+  }
+
+  _dropRequest(match) {
+    const i = this._requests.findIndex(match);
+    if (i >= 0) this._requests.splice(0, i + 1); // replies are in order: earlier ones were answered
+  }
+
+  _onMessage(frame, source) {
+    const message = { ...frame };
+    // Our own message (from another device, or a send whose ack was lost) settles a pending send:
+    // the ack event stands for it, so it is not reported as a new message as well.
+    if (frame.from === this.userId && this._pendingSends.has(frame.client_msg_id)) {
+      this._remember(frame.msg_id, 0, true);
+      this._settleSend(frame.client_msg_id, {
+        type: "ack", client_msg_id: frame.client_msg_id, msg_id: frame.msg_id,
+        conversation_id: frame.conversation_id, timestamp: frame.timestamp,
+      });
+    }
+    const known = this._seen.get(frame.msg_id);
+    if (known && known.status === 2) {
+      // A recall seen before (or an older copy of) this message: keep it recalled.
+      message.status = 2; message.content = ""; message.extra = {};
+    }
+    if (known && known.held) {
+      if ((message.status || 0) > known.status) {
+        known.status = message.status;
+        if (message.status === 2) this._emit("recalled", { msg_id: frame.msg_id, conversation_id: frame.conversation_id, source });
+        else this._emit("status", { msg_id: frame.msg_id, conversation_id: frame.conversation_id, status: message.status, source });
+      }
+      return; // a duplicate (live and sync, history, or a re-dispatch)
+    }
+    this._remember(frame.msg_id, message.status || 0, true);
+    this._emit("message", { ...message, source });
+  }
+
+  _onRecalled(frame, source) {
+    if (this._pendingRecalls.has(frame.msg_id)) {
+      for (const w of this._pendingRecalls.get(frame.msg_id)) w.resolve(frame);
+      this._pendingRecalls.delete(frame.msg_id);
+      this._dropRequest((r) => r.type === "recall" && r.msgId === frame.msg_id);
+    }
+    const known = this._seen.get(frame.msg_id);
+    if (known && known.status === 2) return; // applied already
+    this._remember(frame.msg_id, 2, known ? known.held : false);
+    this._emit("recalled", { ...frame, source });
+  }
+
+  _onReadOk(frame) {
+    if (this._pendingReads.has(frame.conversation_id)
+        && compareIds(frame.msg_id, this._pendingReads.get(frame.conversation_id)) >= 0) {
+      this._pendingReads.delete(frame.conversation_id);
+    }
+    this._dropRequest((r) => r.type === "read" && r.conversationId === frame.conversation_id && r.msgId === frame.msg_id);
+    this._emit("read_ok", frame);
+  }
+
+  _remember(msgId, status, held) {
+    const known = this._seen.get(msgId);
+    if (known) {
+      known.status = Math.max(known.status, status);
+      known.held = known.held || held;
+      return;
+    }
+    this._seen.set(msgId, { status, held });
+    if (this._seen.size > this.options.seenLimit) {
+      this._seen.delete(this._seen.keys().next().value); // oldest first (Map keeps insertion order)
+    }
+  }
+
+  // -- sync ----------------------------------------------------------------------
+
+  /** Catch up from the stored cursor (done by itself after every (re)connect). */
+  sync() {
+    if (this._syncing) { this._syncAgain = true; return; }
+    this._syncing = true;
+    this._syncAgain = false;
+    this._requestSync();
+  }
+
+  _requestSync() {
+    const frame = { type: "sync", cursor: this._cursor, limit: this.options.syncLimit };
+    if (this._sendRaw(frame)) this._requests.push({ type: "sync" });
+    else this._syncing = false;
+  }
+
+  _onSyncBatch(batch) {
+    this._dropRequest((r) => r.type === "sync");
+    for (const entry of batch.messages || []) {
+      if (entry.type === "message") this._onMessage(entry, "sync");
+      else if (entry.type === "recalled") this._onRecalled(entry, "sync");
+    }
+    // Stored only once the batch is handled: a crash in between repeats it, never skips it.
+    this._cursor = batch.cursor;
+    this._save("cursor", batch.cursor);
+    if (batch.has_more) {
+      this._requestSync();
+      return;
+    }
+    this._syncing = false;
+    this._emit("synced", { cursor: batch.cursor });
+    if (this._syncAgain) this.sync();
+  }
+
+  /** The stored sync cursor of the connected user (a string, or null before the first sync). */
+  get cursor() { return this._cursor; }
+
+  // -- send, read, recall -------------------------------------------------------------
+
+  /**
+   * Send a message. Returns {clientMsgId, promise}: the promise resolves with the ack
+   * (msg_id, conversation_id, timestamp) and rejects with an Error whose `code` is the
+   * server's error code. Until the ack, the same frame (same client_msg_id) is re-sent
+   * after `ackTimeout` and after every reconnect.
+   */
+  send({ to, groupId, content, messageType = "text", extra = {}, clientMsgId } = {}) {
+    if ((to == null) === (groupId == null)) throw new TypeError("send needs exactly one of 'to' or 'groupId'");
+    if (typeof content !== "string" || content === "") throw new TypeError("'content' must be a non-empty string");
+    const cmid = clientMsgId || this.newClientMsgId();
+    const frame = { type: "send", client_msg_id: cmid, content, message_type: messageType, extra: extra || {} };
+    if (to != null) frame.to = String(to); else frame.group_id = String(groupId);
+    if (JSON.stringify(frame).length > this.options.maxFrameChars) {
+      throw new RangeError("message too large for one frame");
+    }
+    const existing = this._pendingSends.get(cmid);
+    if (existing) return { clientMsgId: cmid, promise: existing.promise };
+    const pending = { frame, attempts: 0, timer: null };
+    pending.promise = new Promise((resolve, reject) => { pending.resolve = resolve; pending.reject = reject; });
+    pending.promise.catch(() => {}); // callers may ignore failures; the 'error' event reports them
+    this._pendingSends.set(cmid, pending);
+    this._transmit(cmid);
+    return { clientMsgId: cmid, promise: pending.promise };
+  }
+
+  /** client_msg_ids of the sends still waiting for their ack, oldest first. */
+  get pendingSends() { return [...this._pendingSends.keys()]; }
+
+  /** Stop retrying a send (its promise rejects with code "cancelled"). */
+  cancel(clientMsgId) {
+    const pending = this._pendingSends.get(clientMsgId);
+    if (!pending) return false;
+    clearTimeout(pending.timer);
+    this._pendingSends.delete(clientMsgId);
+    const err = new Error("cancelled");
+    err.code = "cancelled";
+    pending.reject(err);
+    return true;
+  }
+
+  newClientMsgId() {
+    this._cmidCounter += 1;
+    return `${this._cmidPrefix}-${this._cmidCounter.toString(36)}`;
+  }
+
+  _transmit(cmid) {
+    const pending = this._pendingSends.get(cmid);
+    if (!pending) return;
+    clearTimeout(pending.timer);
+    if (!this._sendRaw(pending.frame)) return; // re-sent after the next hello
+    pending.attempts += 1;
+    pending.timer = setTimeout(() => this._transmit(cmid), this.options.ackTimeout);
+  }
+
+  /** Mark a conversation read up to msgId (the greatest id shown). Re-sent after a reconnect until read_ok. */
+  read(conversationId, msgId) {
+    msgId = String(msgId);
+    const asked = this._pendingReads.get(conversationId);
+    if (!asked || compareIds(msgId, asked) >= 0) this._pendingReads.set(conversationId, msgId);
+    this._sendRead(conversationId, msgId);
+  }
+
+  _sendRead(conversationId, msgId) {
+    if (this._sendRaw({ type: "read", conversation_id: conversationId, msg_id: msgId })) {
+      this._requests.push({ type: "read", conversationId, msgId });
+    }
+  }
+
+  /** Recall one of your messages (within 2 minutes). Resolves with the `recalled` frame; rejects with code. */
+  recall(msgId) {
+    msgId = String(msgId);
+    return new Promise((resolve, reject) => {
+      const waiters = this._pendingRecalls.get(msgId) || [];
+      waiters.push({ resolve, reject });
+      this._pendingRecalls.set(msgId, waiters);
+      if (waiters.length === 1) this._sendRecall(msgId);
+    });
+  }
+
+  _sendRecall(msgId) {
+    if (this._sendRaw({ type: "recall", msg_id: msgId })) this._requests.push({ type: "recall", msgId });
+  }
+
+  // -- storage ---------------------------------------------------------------------
+
+  _key(name) { return `${this.options.storagePrefix}${name}:${this.userId}`; }
+
+  _load(name) {
+    const key = this._key(name);
+    try {
+      if (this.storage) return this.storage.getItem(key);
+    } catch { /* storage unavailable: memory */ }
+    return this._memoryStore.has(key) ? this._memoryStore.get(key) : null;
+  }
+
+  _save(name, value) {
+    const key = this._key(name);
+    this._memoryStore.set(key, value);
+    try {
+      if (this.storage) this.storage.setItem(key, value);
+    } catch { /* full or unavailable: memory only */ }
+  }
+}
+
+function trimSlash(url) { return String(url || "").replace(/\/+$/, ""); }
+
+function defaultStorage() {
+  try { return typeof localStorage !== "undefined" ? localStorage : null; } catch { return null; }
+}
+
+function randomHex(bytes) {
+  const a = new Uint8Array(bytes);
+  globalThis.crypto.getRandomValues(a);
+  return [...a].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** The `exp` claim (seconds) of a JWT, or null if it cannot be read. */
+export function tokenExpiry(token) {
+  const claims = tokenClaims(token);
+  return claims && Number.isInteger(claims.exp) ? claims.exp : null;
+}
+
+/** The claims of a JWT, unverified (for display and expiry only), or null. */
+export function tokenClaims(token) {
+  try {
+    const part = String(token).split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part + "=".repeat((4 - (part.length % 4)) % 4)));
+  } catch {
+    return null;
+  }
+}

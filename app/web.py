@@ -1,0 +1,27 @@
+"""The web chat page at `/` (a static shell; everything else happens in app/static/chat.js).
+
+The page holds no user data: the browser fetches it with the user's token and
+renders it with textContent. A strict Content-Security-Policy (scripts and
+styles from this origin only, no inline code) backs that up. `connect-src
+'self'` covers the page's own ws:// or wss:// origin (CSP Level 3), also
+behind a proxy on another port.
+"""
+from __future__ import annotations
+
+from flask import Blueprint, make_response, render_template
+
+bp = Blueprint("web", __name__)
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+@bp.get("/")
+def chat_page():
+    resp = make_response(render_template("chat.html"))
+    resp.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    resp.headers["X-Content-Type-Options"] = "nosniff"
+    resp.headers["Referrer-Policy"] = "no-referrer"
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp
