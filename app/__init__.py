@@ -30,6 +30,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from app.api.push import bp as push_bp
     from app.dashboard import init_dashboard
     from app.api.health import bp as health_bp
+    from app.api.metrics import bp as metrics_bp
     from app.cli import register_commands
     from ws import init_gateway
 
@@ -39,6 +40,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(admin_api_bp)
     init_dashboard(app)
     app.register_blueprint(health_bp)
+    app.register_blueprint(metrics_bp)
     init_gateway(app)
     register_commands(app)
     _register_error_handlers(app)

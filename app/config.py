@@ -68,6 +68,11 @@ class Settings:
     push_log_retention_days: int = 30
     flower_basic_auth: str = field(default="", repr=False)
     log_level: str = "INFO"
+    # Metrics (docs/operations.md, "Metrics and alerts"). Gateways always serve /metrics on their port.
+    worker_metrics_port: int = 0  # a Celery worker serves /metrics here from its main process; 0: off
+    worker_metrics_address: str = "0.0.0.0"
+    # Read by prometheus_client itself (multiprocess mode); one directory per worker, required with a port.
+    prometheus_multiproc_dir: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -93,6 +98,8 @@ class Settings:
     def validate(self) -> None:
         if self.env not in ENVIRONMENTS:
             raise ConfigError(f"NETHERLINK_ENV must be one of {', '.join(ENVIRONMENTS)}, got {self.env!r}")
+        if not 0 <= self.worker_metrics_port <= 65535:
+            raise ConfigError(f"WORKER_METRICS_PORT must be 0 (off) or a TCP port, got {self.worker_metrics_port}")
         if self.env != "production":
             return
         problems = []
