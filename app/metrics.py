@@ -41,6 +41,7 @@ from prometheus_client import (  # noqa: E402  (after the directory exists)
 )
 from prometheus_client.core import GaugeMetricFamily  # noqa: E402
 from prometheus_client.exposition import choose_encoder  # noqa: E402
+from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
 
 from app.errors import ChatError  # noqa: E402
 from app.snowflake import EPOCH_MS, NODE_BITS, SEQUENCE_BITS  # noqa: E402
@@ -94,8 +95,9 @@ TASK_RUNTIME = Histogram(
     "netherlink_task_runtime_seconds", "Run time of Celery tasks in the worker, by task.", ["task"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
 
-# Queue depths are read from the broker at scrape time (QueueDepthCollector):
-#   netherlink_queue_messages{queue}, netherlink_queue_consumers{queue}, netherlink_queue_stats_up
+# Queue depths are read from the broker at scrape time (QueueDepthCollector).
+QUEUE_MESSAGES, QUEUE_CONSUMERS, QUEUE_STATS_UP = (
+    "netherlink_queue_messages", "netherlink_queue_consumers", "netherlink_queue_stats_up")
 
 # --- gateway helpers -------------------------------------------------------------
 
@@ -167,6 +169,16 @@ _PUSH_RESULTS = {"success": "success", "failed": "failed", "skipped": "skipped",
 def push_outcome(provider: str, status: str) -> None:
     """One push attempt recorded in push_log; `pending` after an attempt means a retry is scheduled."""
     PUSH_OUTCOMES.labels(provider, _PUSH_RESULTS.get(status, status)).inc()
+
+
+def sample_names() -> set[str]:
+    """Every sample name NetherLink exposes (for checks of alert rules and dashboards)."""
+    names = {QUEUE_MESSAGES, QUEUE_CONSUMERS, QUEUE_STATS_UP}
+    for metric in [m for m in globals().values() if isinstance(m, MetricWrapperBase)]:
+        for family in metric.describe():
+            names |= {family.name + suffix for suffix in
+                      {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])}
+    return names
 
 
 def task_name(task) -> str:
@@ -301,7 +313,7 @@ class QueueDepthCollector:
         self._last_problem: str | None = None
 
     def collect(self):
-        up = GaugeMetricFamily("netherlink_queue_stats_up",
+        up = GaugeMetricFamily(QUEUE_STATS_UP,
                                "1 when this scrape read the queue depths from the broker, 0 when it could not.")
         with self._lock:  # one broker round trip at a time, however many scrapers
             try:
@@ -311,10 +323,10 @@ class QueueDepthCollector:
                 up.add_metric([], 0)
                 yield up
                 return
-        messages = GaugeMetricFamily("netherlink_queue_messages",
+        messages = GaugeMetricFamily(QUEUE_MESSAGES,
                                      "Messages ready in the queue (not yet delivered to a worker).", labels=["queue"])
-        consumers = GaugeMetricFamily("netherlink_queue_consumers", "Consumers (worker processes' channels) "
-                                      "attached to the queue; RabbitMQ only.", labels=["queue"])
+        consumers = GaugeMetricFamily(QUEUE_CONSUMERS, "Consumers attached to the queue (one per worker "
+                                      "node, whatever its concurrency); RabbitMQ only.", labels=["queue"])
         for queue, (count, consumer_count) in depths.items():
             messages.add_metric([queue], count)
             if self.amqp:
