@@ -289,6 +289,30 @@ def health(stack, *args, broker_url=None):
                           capture_output=True, text=True, timeout=60)
 
 
+def test_queue_depths_are_absent_with_a_logged_reason_when_the_broker_cannot_tell(stack, caplog):
+    from kombu import Connection
+
+    from app.metrics import QueueDepthCollector
+
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+    collector = QueueDepthCollector(lambda: Connection(dead, connect_timeout=1), ["private_messages"], amqp=True,
+                                    timeout=1)
+    for _ in range(2):
+        families = {f.name: f for f in collector.collect()}
+        assert list(families) == ["netherlink_queue_stats_up"]
+        assert families["netherlink_queue_stats_up"].samples[0].value == 0
+    assert caplog.text.count("queue depths not available: broker unreachable") == 1  # once per reason
+    assert "guest:guest" not in caplog.text
+
+    if stack.services.real:  # a queue RabbitMQ does not know is left out, the others are read
+        collector = QueueDepthCollector(lambda: Connection(stack.services.broker_url), ["no_such_queue",
+                                        "private_messages"], amqp=True)
+        families = {f.name: f for f in collector.collect()}
+        assert [s.labels["queue"] for s in families["netherlink_queue_messages"].samples] == ["private_messages"]
+        assert families["netherlink_queue_stats_up"].samples[0].value == 1
+        assert "queue(s) no_such_queue not declared on the broker yet" in caplog.text
+
+
 def test_worker_health_command(stack):
     ok = health(stack, stack.persist.node)
     assert ok.returncode == 0 and ok.stdout.startswith(f"healthy: {stack.persist.node}@"), ok
