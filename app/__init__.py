@@ -37,6 +37,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from app.api.users import bp as users_bp
     from app.dashboard import init_dashboard
     from app.api.health import bp as health_bp
+    from app.api.metrics import bp as metrics_bp
     from app.cli import register_commands
     from app.web import bp as web_bp
     from ws import init_gateway
@@ -50,6 +51,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     init_dashboard(app)
     app.register_blueprint(health_bp)
     app.register_blueprint(web_bp)
+    app.register_blueprint(metrics_bp)
     init_gateway(app)
     register_commands(app)
     _register_error_handlers(app)

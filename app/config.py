@@ -94,6 +94,11 @@ class Settings:
     group_fanout_chunk: int = 500
     flower_basic_auth: str = field(default="", repr=False)
     log_level: str = "INFO"
+    # Metrics (docs/operations.md, "Metrics and alerts"). Gateways always serve /metrics on their port.
+    worker_metrics_port: int = 0  # a Celery worker serves /metrics here from its main process; 0: off
+    worker_metrics_address: str = "0.0.0.0"
+    # Read by prometheus_client itself (multiprocess mode); one directory per worker, required with a port.
+    prometheus_multiproc_dir: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -123,6 +128,8 @@ class Settings:
             raise ConfigError("GROUP_MAX_MEMBERS must be from 2 to 100000")
         if not 1 <= self.group_fanout_chunk <= 5000:
             raise ConfigError("GROUP_FANOUT_CHUNK must be from 1 to 5000")
+        if not 0 <= self.worker_metrics_port <= 65535:
+            raise ConfigError(f"WORKER_METRICS_PORT must be 0 (off) or a TCP port, got {self.worker_metrics_port}")
         if self.env != "production":
             return
         problems = []

@@ -20,6 +20,7 @@ from typing import Callable
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from app import metrics
 from app.messaging import message_preview
 from app.providers import DeadToken, Delivered, PushRequest, TemporaryFailure
 from app.push_settings import load_preferences
@@ -200,6 +201,7 @@ def _finish(storage, push_id, attempts, status, error, provider_id=None) -> Atte
         if status == SUCCESS:
             row.push_time, row.provider_id = func.now(), provider_id
         priority = row.priority
+    metrics.push_outcome(row.push_type, status)  # committed (expire_on_commit is off)
     return AttemptResult(push_id, status, priority=priority)
 
 

@@ -4,16 +4,15 @@
         GET http://127.0.0.1:PORT/PATH (PORT defaults to $GATEWAY_PORT, else 8000);
         healthy on a 2xx answer.
     python deploy/healthcheck.py beat
-        Celery beat: its schedule file exists (beat opened it at start) and the
-        broker it publishes to accepts a connection.
+        the same as `python -m tasks.health beat` (schedule file written in the
+        last 10 minutes, broker reachable).
 
-Celery workers are probed with `celery -A tasks inspect ping` instead (see
-docker-compose.yml). Exit status 0 means healthy, 1 unhealthy; one line of
-output says why, and Docker keeps it in `docker inspect`.
+Celery workers and beat are probed with `python -m tasks.health` (see
+docker-compose.yml and docs/operations.md). Exit status 0 means healthy, 1
+unhealthy; one line of output says why, and Docker keeps it in `docker inspect`.
 """
 from __future__ import annotations
 
-import glob
 import os
 import sys
 import urllib.error
@@ -43,25 +42,10 @@ def probe_http(path: str, port: str | None = None) -> int:
 
 
 def probe_beat() -> int:
-    schedule = os.environ.get("BEAT_SCHEDULE_FILE", "/tmp/celerybeat-schedule")
-    # dbm backends name the file with or without a suffix (.db, .dat, ...).
-    if not glob.glob(glob.escape(schedule) + "*"):
-        print(f"unhealthy: beat schedule file {schedule} does not exist")
-        return 1
-    broker_url = os.environ.get("BROKER_URL")
-    if not broker_url:
-        print("healthy: schedule file present (no BROKER_URL to check)")
-        return 0
-    from kombu import Connection
+    """Kept for callers of the old probe: the check lives in tasks/health.py now."""
+    from tasks.health import main as health_main
 
-    try:
-        with Connection(broker_url, connect_timeout=TIMEOUT_SECONDS) as conn:
-            conn.ensure_connection(max_retries=1, timeout=TIMEOUT_SECONDS)
-    except Exception as exc:  # any failure to reach the broker is the answer
-        print(f"unhealthy: broker unreachable: {exc.__class__.__name__}")
-        return 1
-    print("healthy: schedule file present, broker reachable")
-    return 0
+    return health_main(["beat"])
 
 
 def main(argv: list[str]) -> int:

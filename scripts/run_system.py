@@ -33,6 +33,8 @@ def main() -> int:
                         help="port of the first gateway; the next ones count up (default 8000)")
     parser.add_argument("--flower-port", type=int, default=5555)
     parser.add_argument("--concurrency", type=int, default=2, help="processes per Celery worker (default 2)")
+    parser.add_argument("--worker-metrics-port", type=int, default=9101,
+                        help="Prometheus /metrics of the first worker; the next ones count up (default 9101; 0: off)")
     parser.add_argument("--fake-push", action="store_true",
                         help="start local APNs, FCM and SMTP servers and send pushes there (to watch them arrive)")
     args = parser.parse_args()
@@ -73,8 +75,14 @@ def main() -> int:
             gw_env = dict(base_env, GATEWAY_ID=f"gw{i + 1}", GATEWAY_PORT=str(port))
             procs.append((f"gateway:{port}", _spawn(f"gw{i + 1}", gateway_command(port), gw_env)))
             gateway_urls.append(port)
+        worker_metrics = _worker_metrics_ports(args.worker_metrics_port)
         for name, queues in WORKERS.items():
-            procs.append((name, _spawn(name, worker_command(name, queues, args.concurrency), base_env)))
+            worker_env = dict(base_env)
+            if name in worker_metrics:
+                # One multiprocess directory per worker: the worker wipes it at start (app/metrics.py).
+                worker_env.update(WORKER_METRICS_PORT=str(worker_metrics[name]), WORKER_METRICS_ADDRESS="127.0.0.1",
+                                  PROMETHEUS_MULTIPROC_DIR=str(VAR / "metrics" / name))
+            procs.append((name, _spawn(name, worker_command(name, queues, args.concurrency), worker_env)))
         procs.append(("beat", _spawn("beat", beat_command(VAR / "celerybeat-schedule"), base_env)))
         flower_auth = os.environ.get("FLOWER_BASIC_AUTH", "")
         procs.append(("flower", _spawn("flower", flower_command(args.flower_port, flower_auth,
@@ -83,6 +91,8 @@ def main() -> int:
         for port in gateway_urls:
             _wait_healthy(f"http://127.0.0.1:{port}/healthz", procs)
         wait_for_port(args.flower_port, timeout=30, what="flower")
+        for name, port in worker_metrics.items():
+            wait_for_port(port, timeout=60, what=f"{name} worker metrics")
         print("\nNetherLink is running" + (f" on embedded defaults ({', '.join(embedded)})" if embedded else "") + ":")
         print(f"  Chat       http://127.0.0.1:{gateway_urls[0]}/   (the web client: open it in two browser windows)")
         for port in gateway_urls:
@@ -90,6 +100,10 @@ def main() -> int:
             print(f"  WebSocket  ws://127.0.0.1:{port}/ws?token=<JWT>")
         print(f"  Flower     http://127.0.0.1:{args.flower_port}/")
         print(f"  Admin      http://127.0.0.1:{gateway_urls[0]}/admin/   (accounts: flask --app wsgi create-admin NAME)")
+        for i, port in enumerate(gateway_urls):
+            print(f"  Metrics    http://127.0.0.1:{port}/metrics   (gateway gw{i + 1})")
+        for name, port in worker_metrics.items():
+            print(f"  Metrics    http://127.0.0.1:{port}/metrics   ({name} worker, with queue depths)")
         for line in _describe_fakes(fakes):
             print(line)
         print("Press Ctrl-C to stop.\n", flush=True)
@@ -106,6 +120,17 @@ def main() -> int:
         _stop(procs)
         for fake in fakes:
             fake.stop()
+
+
+def _worker_metrics_ports(first: int) -> dict[str, int]:
+    """A /metrics port per worker family, counting up from `first` (a free one if that is taken); {} when 0."""
+    if not first:
+        return {}
+    ports = {}
+    for i, name in enumerate(WORKERS):
+        port = first + i
+        ports[name] = port if not port_open("127.0.0.1", port) else free_port()
+    return ports
 
 
 def _start_push_fakes():

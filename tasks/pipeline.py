@@ -14,7 +14,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DBAPIError
 
-from app import maintenance
+from app import maintenance, metrics
 from app.config import Settings
 from app.errors import Unavailable
 from app.group_messages import fan_out_group_message, persist_group_message
@@ -62,6 +62,7 @@ def persist_message(self, message: dict) -> dict:
     if message.get("group_id") is not None:
         return _persist_group(message)
     outcome = persist_private_message(storage(), message)
+    metrics.message_persisted(outcome.stored)
     if outcome.dispatch:
         dispatch_message.apply_async(args=[str(outcome.msg_id), message.get("origin_conn")],
                                      argsrepr=f"[{outcome.msg_id}]")
@@ -84,6 +85,7 @@ def _persist_group(message: dict) -> dict:
 def dispatch_message(self, msg_id: str, origin_conn: str | None = None) -> dict:
     """Live delivery, unread, offline index; a (coalesced) push for each offline recipient."""
     outcome = dispatch_private_message(storage(), int(msg_id), origin_conn)
+    metrics.message_dispatched(outcome)
     # A second run (redelivery or retry) may find a window it claimed but never queued.
     redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or self.request.retries > 0
     for user_id in outcome.offline_users:

@@ -135,6 +135,40 @@ def provision_embedded(run_id: str, tmp: Path) -> Services:
     return services
 
 
+def extra_broker(services: Services, name: str) -> tuple[str, Callable[[], None]]:
+    """A broker of its own for processes that must not share queues with the others of this run.
+
+    Real services: a new RabbitMQ vhost; embedded: another db of the bundled Redis.
+    Returns its URL and the function that removes it.
+    """
+    if not services.real:
+        base = services.broker_url.rsplit("/", 1)[0]
+        url = f"{base}/{2 + sum(map(ord, name)) % 13}"
+        return url, lambda: redis.Redis.from_url(url).flushdb()
+    vhost = f"{services.broker_url.rsplit('/', 1)[1]}_{name}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                   check=True, capture_output=True, timeout=60)
+    return f"{RABBITMQ_URL}{vhost}", lambda: subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost],
+                                                             capture_output=True, timeout=60)
+
+
+def scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a Prometheus text exposition, by (sample name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain"), resp.headers
+        text = resp.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(samples: dict, name: str, **labels) -> float:
+    """One sample's value; 0 when absent (a labelled counter not moved yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
 class Process:
     """A child process in its own process group with its output in a log file."""
 

@@ -16,6 +16,7 @@ import uuid
 
 from simple_websocket import ConnectionClosed
 
+from app import metrics
 from app.accounts import active_among
 from app.config import Settings
 from app.errors import ChatError, InvalidInput, RateLimited
@@ -60,6 +61,7 @@ class Connection:
         self.connected_at = now_ms()
         self.last_presence_refresh = 0.0
         self.busy = False  # handling a frame: a drain waits for its answer
+        self.close_code: int | None = None  # the code this gateway closed the socket with
         self._outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_LIMIT)
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name=f"writer-{conn_id}")
         self._writer.start()
@@ -75,6 +77,7 @@ class Connection:
     def close(self, code: int, reason: str) -> None:
         try:
             self.ws.close(reason=code, message=reason)
+            self.close_code = self.close_code or code
         except Exception:  # already closed
             pass
 
@@ -105,6 +108,7 @@ class Connection:
                 return
             try:
                 self.ws.send(data)
+                metrics.frame_out(data)
             except (ConnectionClosed, OSError):
                 return
 
@@ -130,6 +134,7 @@ class Gateway:
         self.send_limit = Limit(settings.send_rate_per_second, settings.send_burst)
         self._handlers = {"ping": self._on_ping, "send": self._on_send, "sync": self._on_sync,
                           "read": self._on_read, "recall": self._on_recall}
+        metrics.observe_handlers(self._handlers)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -262,6 +267,7 @@ class Gateway:
             conn.flush(DRAIN_FLUSH_SECONDS)
             return
         try:
+            metrics.connection_opened()
             self.presence.connect(user_id, conn.conn_id, self.gateway_id, conn.connected_at)
             log.info("conn %s opened: user %s from %s", conn.conn_id, user_id, remote_addr)
             hello = {"type": "hello", "user_id": str(user_id), "conn_id": conn.conn_id,
@@ -293,6 +299,7 @@ class Gateway:
         except ConnectionClosed as closed:
             log.info("conn %s closed by peer (%s)", conn.conn_id, getattr(closed, "reason", ""))
         finally:
+            metrics.connection_closed(conn.close_code or ws.close_reason)
             self.connections.pop(conn.conn_id, None)
             conn.stop()
             try:
@@ -316,6 +323,8 @@ class Gateway:
         except Exception:
             log.exception("conn %s: frame handling failed", conn.conn_id)
             conn.send(_error_frame("internal", "internal error; retry later", frame))
+        finally:
+            metrics.frame_in(frame.get("type"))
 
     def _admit(self, conn: Connection) -> None:
         """The connection's frame budget: refused frames get rate_limited; a flood is cut off."""
