@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import re
 
 from app.errors import InvalidInput, TooLarge, Unauthorized
@@ -15,16 +16,37 @@ ID_RE = re.compile(r"[0-9]{1,19}")
 MAX_ID = 2**63  # ids are signed 64-bit in the database
 CONVERSATION_ID_RE = re.compile(r"[a-z]_[0-9_]{1,98}")
 MAX_EXTRA_BYTES = 4096
+# Objects and arrays inside one another in `extra` (the object itself is level 1). The
+# store must take whatever is acked: MariaDB refuses JSON nested more than 31 levels,
+# and at ~700 the persist worker's pickling recursed until the worker died.
+MAX_EXTRA_DEPTH = 16
+
+
+def _not_json(literal: str):
+    raise InvalidInput(f"frame is not valid JSON ({literal} is not a JSON number)")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999: JSON, but no float holds it, and MySQL refuses Infinity
+        raise InvalidInput(f"frame is not valid JSON ({literal[:30]} is out of range)")
+    return value
 
 
 def parse_frame(raw) -> dict:
-    """A JSON text frame holding an object with a string `type`."""
+    """A JSON text frame holding an object with a string `type`.
+
+    Strict RFC 8259 JSON: Python's NaN and Infinity extensions are refused, since a
+    message accepted with them in `extra` could never be stored.
+    """
     if not isinstance(raw, str):
         raise InvalidInput("frames must be JSON text, not binary")
     try:
-        frame = json.loads(raw)
+        frame = json.loads(raw, parse_constant=_not_json, parse_float=_finite_float)
     except ValueError:
         raise InvalidInput("frame is not valid JSON") from None
+    except RecursionError:
+        raise InvalidInput("frame is nested too deeply") from None
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise InvalidInput("frame must be a JSON object with a string 'type'")
     return frame
@@ -68,10 +90,24 @@ def parse_send(frame: dict, max_content_bytes: int) -> SendRequest:
         extra = {}
     if not isinstance(extra, dict):
         raise InvalidInput("'extra' must be a JSON object")
+    if _deeper_than(extra, MAX_EXTRA_DEPTH):
+        raise InvalidInput(f"'extra' is nested more than {MAX_EXTRA_DEPTH} levels deep")
     if _utf8_size(json.dumps(extra, ensure_ascii=False), "extra") > MAX_EXTRA_BYTES:
         raise TooLarge(f"'extra' is larger than {MAX_EXTRA_BYTES} bytes")
     return SendRequest(client_msg_id=cmid, to=to, group_id=group_id, content=content, message_type=message_type,
                        extra=extra)
+
+
+def _deeper_than(value, limit: int) -> bool:
+    """Whether objects and arrays nest more than `limit` levels (iterative: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def _utf8_size(text: str, name: str) -> int:
@@ -97,9 +133,10 @@ def check_clock(frame: dict, now_ms: int, max_skew_seconds: int, required: bool 
         return
     if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
         raise InvalidInput("'ts' must be the client's clock in ms since the epoch (an integer)")
-    skew = abs(now_ms - ts) / 1000
-    if max_skew_seconds and skew > max_skew_seconds:
-        raise InvalidInput(f"'ts' is {skew:.0f} s away from server time (limit {max_skew_seconds} s): "
+    skew_ms = abs(now_ms - ts)  # whole numbers: a huge ts would overflow a float division
+    if max_skew_seconds and skew_ms > max_skew_seconds * 1000:
+        skew = f"{skew_ms // 1000}" if skew_ms < 10**12 else "far too many"
+        raise InvalidInput(f"'ts' is {skew} s away from server time (limit {max_skew_seconds} s): "
                            "check the device clock")
 
 
