@@ -30,11 +30,12 @@ def _bool(raw: str) -> bool:
 @dataclass(frozen=True)
 class Settings:
     env: str = "dev"
-    database_url: str = "sqlite:///var/netherlink.db"
-    database_replica_url: str = ""
-    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    jwt_secret: str = DEV_JWT_SECRET
+    # URLs may carry passwords: like the secrets, never in a repr (logs, tracebacks).
+    database_url: str = field(default="sqlite:///var/netherlink.db", repr=False)
+    database_replica_url: str = field(default="", repr=False)
+    broker_url: str = field(default="amqp://guest:guest@127.0.0.1:5672//", repr=False)
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    jwt_secret: str = field(default=DEV_JWT_SECRET, repr=False)
     jwt_ttl_seconds: int = 86400
     gateway_id: str = "gw1"
     gateway_port: int = 8000
@@ -82,6 +83,9 @@ class Settings:
     # Login attempts per client IP and per username.
     login_rate_per_minute: float = 10.0
     login_burst: int = 10
+    # Registrations per client IP.
+    register_rate_per_minute: float = 5.0
+    register_burst: int = 10
     # Anti-replay: a frame carrying the client's clock `ts` (ms) is refused when it
     # is further than this from server time (0: not checked). With FRAME_SIGNING,
     # hello carries a per-connection key and every send must carry `ts` and `sig`.
@@ -128,6 +132,13 @@ class Settings:
             raise ConfigError("GROUP_MAX_MEMBERS must be from 2 to 100000")
         if not 1 <= self.group_fanout_chunk <= 5000:
             raise ConfigError("GROUP_FANOUT_CHUNK must be from 1 to 5000")
+        for rate, burst in (("send_rate_per_second", "send_burst"), ("frame_rate_per_second", "frame_burst"),
+                            ("connect_rate_per_minute", "connect_burst"), ("login_rate_per_minute", "login_burst"),
+                            ("register_rate_per_minute", "register_burst")):
+            if getattr(self, rate) < 0 or (getattr(self, rate) > 0 and getattr(self, burst) < 1):
+                raise ConfigError(f"{rate.upper()} must be 0 (off) or positive, with {burst.upper()} at least 1")
+        if self.flood_close_after < 1 or self.max_connections_per_user < 0:
+            raise ConfigError("FLOOD_CLOSE_AFTER must be at least 1 and MAX_CONNECTIONS_PER_USER 0 (off) or more")
         if not 0 <= self.worker_metrics_port <= 65535:
             raise ConfigError(f"WORKER_METRICS_PORT must be 0 (off) or a TCP port, got {self.worker_metrics_port}")
         if self.env != "production":

@@ -14,6 +14,7 @@ from flask import Blueprint, abort, redirect, render_template, request, session,
 from app.api import settings, storage
 from app.api.admin import enqueue_deliveries
 from app.auth import authenticate
+from app.ratelimit import limit_login
 from app.errors import ChatError
 from app.push_admin import PROVIDERS, STATUSES, PushFilter, list_pushes, reopen_matching, reopen_push
 from models import User
@@ -59,6 +60,7 @@ def login():
     error = None
     if request.method == "POST":
         try:
+            limit_login(storage(), request.remote_addr, request.form.get("username", ""))
             with storage().sessions() as db:
                 user = authenticate(db, settings(), request.form.get("username", ""), request.form.get("password", ""))
             if not user.is_admin:
@@ -69,8 +71,8 @@ def login():
             target = request.args.get("next", "")
             return redirect(target if target.startswith("/admin/") else url_for("dashboard.pushes"))
         except ChatError as err:
-            error = err.message
-    return render_template("admin/login.html", error=error), (401 if error else 200)
+            error, status = err.message, err.http_status
+    return render_template("admin/login.html", error=error), (status if error else 200)
 
 
 @bp.post("/logout")

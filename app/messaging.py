@@ -108,6 +108,7 @@ class MessageIntake:
                 if stored is not None:
                     self.redis.set(key, stored.to_json(), ex=self.dedupe_ttl)
                     return stored
+            fresh_record = value is None
             if value is None:
                 if req.group_id is not None:  # a new send (not a retry): only members may, checked in MySQL
                     require_sender(self.storage, sender_id, req.group_id)
@@ -121,6 +122,8 @@ class MessageIntake:
             ack = self._ack_of(req.client_msg_id, conversation_id, value)
             if not value.startswith("p:"):
                 return ack  # published and acked before
+            if req.group_id is not None and not fresh_record:  # never acked: still only a member may send it
+                require_sender(self.storage, sender_id, req.group_id)
         except ChatError:
             raise
         except Exception as exc:  # Redis down: refuse rather than risk a second copy

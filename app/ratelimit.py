@@ -64,10 +64,38 @@ def take(storage: Storage, scope: str, ident, limit: Limit, what: str) -> None:
         allowed, wait_ms = storage.script(_TAKE)(keys=[BUCKET_KEY.format(scope, ident)],
                                                  args=[limit.rate, limit.burst, 1])
     except RedisError as exc:
-        log.warning("rate limit %s not enforced: Redis unavailable (%s)", scope, exc.__class__.__name__)
+        warn_unenforced(scope, exc)
         return
     if not allowed:
-        raise RateLimited(f"too many {what}; retry in {wait_ms / 1000:.1f} s", retry_after_ms=int(wait_ms))
+        raise RateLimited(f"too many {what}; retry in {max(0.1, wait_ms / 1000):.1f} s", retry_after_ms=int(wait_ms))
+
+
+_last_warning: dict[str, float] = {}
+
+
+def warn_unenforced(scope: str, exc: Exception, every: float = 30.0) -> None:
+    """One warning per scope every 30 s while Redis is away, not one per request."""
+    now = time.monotonic()
+    if now - _last_warning.get(scope, -every) >= every:
+        _last_warning[scope] = now
+        log.warning("rate limit %s not enforced: Redis unavailable (%s)", scope, exc.__class__.__name__)
+
+
+def limit_login(storage: Storage, remote_addr: str | None, username) -> None:
+    """Login attempts per client address and per account (REST and the admin dashboard)."""
+    settings = storage.settings
+    limit = Limit.per_minute(settings.login_rate_per_minute, settings.login_burst)
+    take(storage, "login-ip", remote_addr or "unknown", limit, "login attempts from this address")
+    if isinstance(username, str):  # per account too: a distributed guess at one password is slowed as well
+        take(storage, "login-user", username.strip().lower()[:64], limit, "login attempts for this account")
+
+
+def limit_registration(storage: Storage, remote_addr: str | None) -> None:
+    """Account creation per client address (each costs an argon2 hash)."""
+    settings = storage.settings
+    take(storage, "register-ip", remote_addr or "unknown",
+         Limit.per_minute(settings.register_rate_per_minute, settings.register_burst),
+         "registrations from this address")
 
 
 class LocalBucket:

@@ -210,7 +210,7 @@ class Process:
 # Tests and benches make hundreds of users and connections from 127.0.0.1 in
 # seconds: rate limits are off unless a test turns one on (tests/test_limits.py).
 NO_RATE_LIMITS = {"SEND_RATE_PER_SECOND": "0", "FRAME_RATE_PER_SECOND": "0", "CONNECT_RATE_PER_MINUTE": "0",
-                  "MAX_CONNECTIONS_PER_USER": "0", "LOGIN_RATE_PER_MINUTE": "0"}
+                  "MAX_CONNECTIONS_PER_USER": "0", "LOGIN_RATE_PER_MINUTE": "0", "REGISTER_RATE_PER_MINUTE": "0"}
 
 
 class Gateway(Process):

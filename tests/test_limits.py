@@ -24,7 +24,7 @@ def limited(services, log_dir, cluster):
 @pytest.fixture(scope="module")
 def guarded(services, log_dir, cluster):
     gw = Gateway("gwguard", services, log_dir, CONNECT_RATE_PER_MINUTE="6", CONNECT_BURST="4",
-                 LOGIN_RATE_PER_MINUTE="6", LOGIN_BURST="3")
+                 LOGIN_RATE_PER_MINUTE="6", LOGIN_BURST="3", REGISTER_RATE_PER_MINUTE="6", REGISTER_BURST="3")
     yield gw
     gw.stop()
 
@@ -111,3 +111,45 @@ def test_login_attempts_are_limited_per_address_and_account(guarded):
     other = requests.post(f"{guarded.http}/api/auth/login",
                           json={"username": f"x{uuid.uuid4().hex[:8]}", "password": "whatever-123"}, timeout=10)
     assert other.status_code == 429  # another account from the same address: the per-address limit holds
+
+
+def test_malformed_frames_count_against_the_budget_too(limited, make_user, connect):
+    client = connect(make_user(), limited)
+    for _ in range(60):
+        try:
+            client.send_json("not json at all")
+        except (websocket.WebSocketConnectionClosedException, BrokenPipeError, ConnectionResetError):
+            break
+    client.ws.settimeout(5)
+    while True:
+        opcode, data = client.ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            assert int.from_bytes(data[:2], "big") == 1008
+            break
+
+
+def test_registrations_and_admin_logins_are_limited_too(guarded):
+    def until_refused(request, attempts=5):
+        statuses = []
+        while len(statuses) < attempts and 429 not in statuses:
+            statuses.append(request().status_code)
+        return statuses
+
+    statuses = until_refused(lambda: requests.post(
+        f"{guarded.http}/api/auth/register",
+        json={"username": f"r{uuid.uuid4().hex[:10]}", "password": "correct-horse"}, timeout=10))
+    assert statuses[-1] == 429 and set(statuses[:-1]) <= {201}  # a burst of at most 3, then refused
+    statuses = until_refused(lambda: requests.post(
+        f"{guarded.http}/admin/login", data={"username": "root", "password": "guess"}, timeout=10))
+    assert statuses[-1] == 429 and set(statuses[:-1]) <= {401}  # the dashboard shares the login budget
+    page = requests.post(f"{guarded.http}/admin/login", data={"username": "root", "password": "guess"}, timeout=10)
+    assert page.status_code == 429 and "too many login attempts" in page.text
+
+
+def test_unsafe_limit_settings_are_refused():
+    from app.config import ConfigError, Settings
+
+    for bad in ({"send_burst": 0}, {"flood_close_after": 0}, {"max_connections_per_user": -1},
+                {"login_rate_per_minute": -5}):
+        with pytest.raises(ConfigError):
+            Settings.from_env({}, **bad)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from flask import Flask, current_app, g, request
 from flask_sock import Sock
+from redis.exceptions import RedisError
 
 from app.auth import verify_token
 from app.accounts import require_active
 from app.errors import RateLimited
 from app.presence import Presence
-from app.ratelimit import Limit, take
+from app.ratelimit import Limit, take, warn_unenforced
 
 sock = Sock()
 
@@ -36,8 +37,13 @@ def init_gateway(app: Flask) -> None:
         with storage.sessions() as session:
             require_active(session, claims.user_id)
         limit = settings.max_connections_per_user
-        if limit and len(Presence(storage.redis, settings.presence_ttl_seconds)
-                         .live_connections([claims.user_id])[claims.user_id]) >= limit:
+        try:
+            open_now = len(Presence(storage.redis, settings.presence_ttl_seconds)
+                           .live_connections([claims.user_id])[claims.user_id]) if limit else 0
+        except RedisError as exc:  # like every limit: not enforced while Redis is away
+            warn_unenforced("connections-per-user", exc)
+            open_now = 0
+        if open_now >= limit > 0:
             raise RateLimited(f"too many open connections for this account (at most {limit}); close one first",
                               retry_after_ms=5000)
         g.ws_claims = claims

@@ -310,8 +310,8 @@ class Gateway:
     def handle_frame(self, conn: Connection, raw) -> None:
         frame: dict = {}
         try:
+            self._admit(conn)  # before parsing: malformed frames count against the budget too
             frame = parse_frame(raw)
-            self._admit(conn)
             check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds)
             kind = frame["type"]
             handler = self._handlers.get(kind)

@@ -7,7 +7,7 @@ from flask import Blueprint, jsonify, request
 
 from app.api import json_body, settings, storage
 from app.auth import authenticate, issue_token, register_user
-from app.ratelimit import Limit, take
+from app.ratelimit import limit_login, limit_registration
 
 log = logging.getLogger(__name__)
 bp = Blueprint("auth", __name__, url_prefix="/api/auth")
@@ -16,6 +16,7 @@ bp = Blueprint("auth", __name__, url_prefix="/api/auth")
 @bp.post("/register")
 def register():
     body = json_body()
+    limit_registration(storage(), request.remote_addr)
     with storage().session() as session:
         user_id = register_user(session, settings(), body.get("username"), body.get("password"))
     log.info("user %s registered", user_id)
@@ -25,11 +26,7 @@ def register():
 @bp.post("/login")
 def login():
     body = json_body()
-    limit = Limit.per_minute(settings().login_rate_per_minute, settings().login_burst)
-    take(storage(), "login-ip", request.remote_addr or "unknown", limit, "login attempts from this address")
-    username = body.get("username")
-    if isinstance(username, str):  # per account too: a distributed guess at one password is slowed as well
-        take(storage(), "login-user", username.strip().lower()[:64], limit, "login attempts for this account")
+    limit_login(storage(), request.remote_addr, body.get("username"))
     with storage().sessions() as session:
         user = authenticate(session, settings(), body.get("username"), body.get("password"))
     token = issue_token(settings(), user.id)
