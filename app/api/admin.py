@@ -38,20 +38,34 @@ def enqueue_deliveries(pushes: list[tuple[int, int]]) -> None:
             raise Unavailable("the broker is unavailable: the retry was not queued") from None
 
 
+MAX_PAGE = 10**15  # (page - 1) * per_page is the database's OFFSET, which must stay below 2^63
+
+
 def _int(name: str, default: int) -> int:
     raw = request.args.get(name, "")
     if raw == "":
         return default
     if not (raw.isascii() and raw.isdigit()):
         raise InvalidInput(f"'{name}' must be a whole number")
-    return int(raw)
+    return int(raw) if len(raw) <= 19 else MAX_PAGE + 1  # too large either way (checked below)
+
+
+def _filter_text(body: dict, name: str):
+    """A filter of a bulk retry: a string, or null (absent). Anything else is refused, not read as no filter."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"'{name}' must be a string or null")
+    return value
 
 
 @bp.get("/pushes")
 @require_admin
 def pushes():
     flt = PushFilter.parse(request.args.get("status"), request.args.get("user_id"), request.args.get("provider"))
-    return jsonify(list_pushes(storage(), flt, _int("page", 1), _int("per_page", 50)))
+    page = _int("page", 1)
+    if page > MAX_PAGE:
+        raise InvalidInput(f"'page' must be at most {MAX_PAGE}")
+    return jsonify(list_pushes(storage(), flt, page, _int("per_page", 50)))
 
 
 @bp.post("/pushes/<int:push_id>/retry")
@@ -66,7 +80,7 @@ def retry_one(push_id: int):
 @require_admin
 def retry_many():
     body = json_body()  # explicit: {} means "every failed push", a missing body is an error
-    flt = PushFilter.parse(body.get("status"), body.get("user_id"), body.get("provider"))
+    flt = PushFilter.parse(_filter_text(body, "status"), body.get("user_id"), _filter_text(body, "provider"))
     reopened = reopen_matching(storage(), flt)
     enqueue_deliveries(reopened)
     return jsonify(retried=len(reopened), ids=[str(i) for i, _ in reopened]), 202

@@ -1,0 +1,101 @@
+"""docs/openapi.yaml against a real gateway, fuzzed by schemathesis.
+
+Every operation of the document gets requests generated from its schemas
+(its examples, boundary cases, and random ones; valid ones, and invalid ones
+that the server must refuse), sent with the bearer token of a fresh user;
+the admin paths are fuzzed once more with an admin's token. Every answer
+must be no 5xx, have a status code and content type the document lists for
+the operation and a body that matches the documented schema; a request the
+schemas allow must not get 400, one they forbid must not succeed, and an
+operation that needs a token must refuse a request without one.
+"""
+from __future__ import annotations
+
+import os
+import zoneinfo
+from pathlib import Path
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance, ignored_auth, missing_required_header, negative_data_rejection,
+    positive_data_acceptance, response_schema_conformance, status_code_conformance,
+)
+
+from tests.harness import register_and_login
+from tests.test_push import make_admin
+
+SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
+# unsupported_method is left out: see test_a_405_names_the_allowed_methods.
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+          negative_data_rejection, positive_data_acceptance, ignored_auth, missing_required_header]
+# A fixed seed makes a failure reproducible; set NETHERLINK_FUZZ_SEED (and _EXAMPLES) to explore further.
+SEED = int(os.environ.get("NETHERLINK_FUZZ_SEED", "20261127"))
+EXAMPLES_PER_OPERATION = int(os.environ.get("NETHERLINK_FUZZ_EXAMPLES", "12"))
+ADMIN = "^/api/admin/"
+
+
+# docs/openapi.yaml's own format: the time zone names the server's zoneinfo knows.
+schemathesis.openapi.format("iana-time-zone", st.sampled_from(sorted(zoneinfo.available_timezones())))
+
+# Loaded when the module is imported; the gateway's address and the token are given per call.
+# (schemathesis.pytest.from_fixture would load it from a fixture, but it sets the node's
+# `_nodeid`, which pytest 9.2 no longer has.)
+schema = schemathesis.openapi.from_path(SPEC, config=schemathesis.Config.from_dict({
+    "seed": SEED,
+    # No made-up extra query parameters: the server ignores unknown ones, as clients expect.
+    "generation": {"max-examples": EXAMPLES_PER_OPERATION, "database": "none", "allow-extra-parameters": False},
+    "phases": {"stateful": {"enabled": False}},
+    "request-timeout": 10,
+}))
+
+
+@schema.hook
+def filter_body(context, body):
+    """Quiet hours must start and end at different times: a rule between two fields, which JSON
+    Schema cannot state (documented in QuietHours' description), so such bodies are not "valid"."""
+    quiet = body.get("do_not_disturb") if isinstance(body, dict) else None
+    return not (isinstance(quiet, dict) and "start" in quiet and quiet.get("start") == quiet.get("end"))
+
+
+# Module-scoped: Hypothesis refuses function-scoped fixtures (they would not be reset between cases).
+@pytest.fixture(scope="module")
+def as_user(cluster):
+    user = register_and_login(cluster.gw1.http)
+    return {"base_url": cluster.gw1.http, "headers": {"Authorization": f"Bearer {user.token}"}}
+
+
+@pytest.fixture(scope="module")
+def as_admin(cluster, storage):
+    admin = register_and_login(cluster.gw1.http)
+    make_admin(storage, admin)
+    return {"base_url": cluster.gw1.http, "headers": {"Authorization": f"Bearer {admin.token}"},
+            "user_id": admin.user_id}
+
+
+@schema.exclude(path_regex=ADMIN).parametrize()
+def test_every_operation_as_a_user(case, as_user):
+    case.call_and_validate(checks=CHECKS, **as_user)
+
+
+@schema.include(path_regex=ADMIN).parametrize()
+def test_the_admin_operations_as_an_admin(case, as_admin):
+    valid = case.meta is not None and case.meta.generation.mode.is_positive
+    if case.operation.path == "/api/admin/pushes/retry" and valid and isinstance(case.body, dict):
+        # A valid bulk retry reopens every matching failed push of the test run: keep it to the
+        # admin's own (none), so other tests' push records are left alone. Invalid ones are refused.
+        case.body["user_id"] = as_admin["user_id"]
+    case.call_and_validate(checks=CHECKS, base_url=as_admin["base_url"], headers=as_admin["headers"])
+
+
+@pytest.mark.xfail(strict=True, reason="app/__init__.py's HTTPException handler answers with a new JSON response and "
+                   "drops werkzeug's headers, so a 405 has no Allow header (RFC 9110 §15.5.6 requires it; "
+                   "schemathesis' unsupported_method check finds it on every path); fix there, outside the wire "
+                   "files of this change")
+def test_a_405_names_the_allowed_methods(cluster):
+    response = requests.request("TRACE", f"{cluster.gw1.http}/api/groups", timeout=10)
+    assert response.status_code == 405 and response.json()["error"] == "method_not_allowed"
+    assert set(response.headers.get("Allow", "").replace(" ", "").split(",")) >= {"GET", "POST"}
