@@ -73,7 +73,11 @@ def _register_error_handlers(app: Flask) -> None:
     def _http_error(err: HTTPException):
         code = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 409: "conflict", 413: "too_large", 429: "rate_limited"}.get(err.code, "error")
-        return jsonify(error=code, message=err.description), err.code
+        response = jsonify(error=code, message=err.description)
+        for name, value in err.get_headers():  # e.g. a 405's Allow; the body is ours, not werkzeug's HTML
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response, err.code
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception):

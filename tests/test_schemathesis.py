@@ -22,15 +22,14 @@ from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance, ignored_auth, missing_required_header, negative_data_rejection,
-    positive_data_acceptance, response_schema_conformance, status_code_conformance,
+    positive_data_acceptance, response_schema_conformance, status_code_conformance, unsupported_method,
 )
 
 from tests.harness import register_and_login
 from tests.test_push import make_admin
 
 SPEC = Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml"
-# unsupported_method is left out: see test_a_405_names_the_allowed_methods.
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+CHECKS = [unsupported_method, not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection, positive_data_acceptance, ignored_auth, missing_required_header]
 # A fixed seed makes a failure reproducible; set NETHERLINK_FUZZ_SEED (and _EXAMPLES) to explore further.
 SEED = int(os.environ.get("NETHERLINK_FUZZ_SEED", "20261127"))
@@ -91,10 +90,6 @@ def test_the_admin_operations_as_an_admin(case, as_admin):
     case.call_and_validate(checks=CHECKS, base_url=as_admin["base_url"], headers=as_admin["headers"])
 
 
-@pytest.mark.xfail(strict=True, reason="app/__init__.py's HTTPException handler answers with a new JSON response and "
-                   "drops werkzeug's headers, so a 405 has no Allow header (RFC 9110 §15.5.6 requires it; "
-                   "schemathesis' unsupported_method check finds it on every path); fix there, outside the wire "
-                   "files of this change")
 def test_a_405_names_the_allowed_methods(cluster):
     response = requests.request("TRACE", f"{cluster.gw1.http}/api/groups", timeout=10)
     assert response.status_code == 405 and response.json()["error"] == "method_not_allowed"
