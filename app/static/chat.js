@@ -9,6 +9,10 @@ const SESSION_KEY = "netherlink:session"; // per tab (sessionStorage): two tabs 
 const HISTORY_PAGE = 30;
 const RECALL_WINDOW_MS = 2 * 60 * 1000;
 const PRESENCE_EVERY_MS = 30000;
+// No frame announces a group change (added, removed): the list is fetched again this often, on
+// reconnect, when a message names a conversation we do not know, and when a group send is refused.
+const LIST_EVERY_MS = 30000;
+const READERS_SHOWN = 3;      // "Read by a, b, c and 2 more"
 
 const $ = (id) => document.getElementById(id);
 
@@ -19,11 +23,12 @@ let client = null;
 const convs = new Map();      // conversation_id -> conversation (see convFrom)
 const views = new Map();      // conversation_id -> {messages: Map(key -> msg), loaded, loading, hasMore, nextBefore, readSent, needsRead}
 const usernames = new Map();  // user_id -> username
-const groups = new Map();     // group_id -> {name, role, member_count, conversation_id}
+const groups = new Map();     // group_id -> {name, role, member_count, conversation_id}: groups we are in
 let groupsAvailable = true;
 let openId = null;
-let listRefresh = null;       // pending refresh timer
-let presenceTimer = null;
+let listRefresh = null;       // the next refresh of the conversation list (periodic, or sooner)
+let listWantsGroups = false;  // ... and of GET /api/groups with it
+let listSeq = 0;              // answers to older list requests are dropped
 let recallTimer = null;
 let authMode = "login";
 let listLoaded = false;       // the conversation list has been fetched once
@@ -161,9 +166,9 @@ async function onAuthSubmit(event) {
 function logout(message) {
   if (client) client.close();
   client = null;
-  clearInterval(presenceTimer);
   clearInterval(recallTimer);
   clearTimeout(listRefresh);
+  listSeq += 1;
   convs.clear(); views.clear(); groups.clear(); usernames.clear();
   openId = null;
   listLoaded = false;
@@ -192,13 +197,11 @@ function startApp() {
   client.on("recalled", onRecalled);
   client.on("status", onStatus);
   client.on("read_ok", onReadOk);
-  client.on("synced", () => scheduleListRefresh(0));
+  client.on("synced", () => scheduleListRefresh(0, { withGroups: true })); // after every (re)connect
   client.on("unauthorized", () => logout("Your session has ended: log in again."));
   client.connect();
 
-  refreshList();
-  loadGroups();
-  presenceTimer = setInterval(refreshPresence, PRESENCE_EVERY_MS);
+  refreshList({ withGroups: true }); // re-arms itself every LIST_EVERY_MS; refreshes presence too
   recallTimer = setInterval(hideExpiredRecalls, 5000);
 }
 
@@ -227,6 +230,18 @@ function preview(msg) {
   return String(msg.content || "").slice(0, 200);
 }
 
+/** The list's preview: in a group the author's name first, as GET /api/conversations has it. */
+function convPreview(conv) {
+  if (!conv.lastMessage) return conv.isGroup ? "New group" : "";
+  if (!conv.isGroup || !conv.lastFrom) return conv.lastMessage;
+  return `${usernames.get(conv.lastFrom) || `User ${conv.lastFrom}`}: ${conv.lastMessage}`;
+}
+
+/** A group we left or were removed from (`group.member` false in the list). */
+function hasLeft(conv) {
+  return Boolean(conv && conv.isGroup && conv.member === false);
+}
+
 function convTitle(conv) {
   if (conv.isGroup) {
     const group = groups.get(conv.groupId);
@@ -239,8 +254,9 @@ function ensureConv(conversationId, fields = {}) {
   let conv = convs.get(conversationId);
   if (!conv) {
     conv = { id: conversationId, isGroup: conversationId.startsWith("g_"), peer: null, groupId: null, name: null,
-             lastMessage: "", lastTime: 0, lastMsgId: null, unread: 0, liveUnread: new Set(), readAt: 0,
-             presence: undefined, presenceAt: 0 };
+             member: undefined, lastMessage: "", lastFrom: null, lastTime: 0, lastMsgId: null, unread: 0,
+             liveUnread: new Set(), readAt: 0, presence: undefined, presenceAt: 0, namesAt: 0,
+             joinedAt: new Map() }; // group: user_id -> joined_at (ms) of the members we have listed
     if (conv.isGroup) conv.groupId = conversationId.slice(2);
     convs.set(conversationId, conv);
   }
@@ -252,32 +268,55 @@ function peerOf(msg) {
   return msg.from === session.userId ? msg.to : msg.from;
 }
 
-async function refreshList() {
+async function refreshList({ withGroups = false } = {}) {
   if (!session) return;
+  clearTimeout(listRefresh);
+  listRefresh = setTimeout(refreshList, LIST_EVERY_MS);
+  withGroups = withGroups || listWantsGroups;
+  listWantsGroups = false;
+  const seq = ++listSeq;
   const started = Date.now();
   let answer;
   try {
     answer = await api("GET", "/api/conversations");
   } catch (err) {
+    if (withGroups) listWantsGroups = true;
     return; // shown as offline by the socket state; the next refresh tries again
+  }
+  if (seq !== listSeq || !session) { // a newer request is on its way
+    if (withGroups && session && groupsAvailable) loadGroups();
+    return;
   }
   for (const item of answer.conversations) {
     const conv = ensureConv(item.conversation_id, {
       isGroup: Boolean(item.is_group), peer: item.peer || null, groupId: item.group_id || null,
-      lastMessage: item.last_message || "", lastTime: item.last_message_time || 0,
-      lastMsgId: item.last_msg_id || null,
     });
-    if (item.name) conv.name = item.name;
+    // The list may predate a message shown live (it is refreshed just as one arrives): keep the newer.
+    if (!conv.lastMsgId || !item.last_msg_id || compareIds(item.last_msg_id, conv.lastMsgId) >= 0) {
+      Object.assign(conv, { lastMessage: item.last_message || "", lastFrom: null,
+                            lastTime: item.last_message_time || 0, lastMsgId: item.last_msg_id || null });
+    }
+    if (item.group) {
+      conv.name = item.group.name;
+      conv.member = item.group.member !== false;
+      if (!conv.member) groups.delete(conv.groupId);
+      else if (!groups.has(conv.groupId)) withGroups = true; // a group we were added to: its role and size
+    }
     if (item.peer) usernames.set(item.peer.user_id, item.peer.username);
     if (isOpenAndVisible(conv.id)) conv.unread = 0;
     else if (conv.readAt <= started) conv.unread = Math.max(item.unread || 0, conv.liveUnread.size);
   }
   listLoaded = true;
   renderList();
+  if (openId) renderHeader(); // a group we were removed from: its notice instead of the composer
+  if (withGroups && groupsAvailable) loadGroups();
   refreshPresence();
 }
 
-function scheduleListRefresh(delay = 800) {
+/** Refresh the list soon (several calls in a row make one request). */
+function scheduleListRefresh(delay = 800, { withGroups = false } = {}) {
+  if (!session) return;
+  if (withGroups) listWantsGroups = true;
   clearTimeout(listRefresh);
   listRefresh = setTimeout(refreshList, delay);
 }
@@ -286,6 +325,7 @@ async function loadGroups() {
   try {
     const answer = await api("GET", "/api/groups");
     groupsAvailable = true;
+    groups.clear(); // the groups we are in now: one we were removed from is no longer here
     for (const g of answer.groups || []) {
       groups.set(g.group_id, g);
       const conv = ensureConv(g.conversation_id || `g_${g.group_id}`, { isGroup: true, groupId: g.group_id, name: g.name });
@@ -298,8 +338,10 @@ async function loadGroups() {
   }
 }
 
+/** As the server orders them: conversations without a message yet (a group we were just added to) first. */
 function sortedConvs() {
-  return [...convs.values()].sort((a, b) => (b.lastTime || 0) - (a.lastTime || 0) || compareIds(b.lastMsgId || "0", a.lastMsgId || "0"));
+  return [...convs.values()].sort((a, b) => (b.lastTime ? 0 : 1) - (a.lastTime ? 0 : 1)
+    || (b.lastTime || 0) - (a.lastTime || 0) || compareIds(b.lastMsgId || "0", a.lastMsgId || "0"));
 }
 
 function renderList() {
@@ -308,16 +350,19 @@ function renderList() {
   list.replaceChildren(...items.map((conv) => {
     const title = convTitle(conv);
     const unread = isOpenAndVisible(conv.id) ? 0 : conv.unread;
+    const left = hasLeft(conv);
     return el("li", {
-      class: unread ? "conv unread" : "conv", dataset: { conversationId: conv.id }, tabindex: "0",
+      class: ["conv", unread ? "unread" : "", left ? "left" : ""].filter(Boolean).join(" "),
+      dataset: { conversationId: conv.id }, tabindex: "0",
       "aria-current": conv.id === openId ? "true" : "false",
       onclick: () => openConversation(conv.id),
       onkeydown: (e) => { if (e.key === "Enter") openConversation(conv.id); },
     },
     avatar(title, { group: conv.isGroup, presence: conv.isGroup ? undefined : Boolean(conv.presence && conv.presence.online) }),
-    el("span", { class: "conv-name" }, title),
+    el("span", { class: "conv-name" }, el("span", { class: "name-text" }, title),
+       left ? [" ", el("span", { class: "tag", title: "You are no longer a member of this group" }, "left")] : null),
     el("span", { class: "conv-time" }, shortTime(conv.lastTime)),
-    el("span", { class: "conv-preview" }, conv.lastMessage || (conv.isGroup ? "New group" : "")),
+    el("span", { class: "conv-preview" }, convPreview(conv)),
     unread ? el("span", { class: "badge", "aria-label": `${unread} unread` }, String(unread > 99 ? "99+" : unread)) : el("span"));
   }));
   $("no-conversations").hidden = items.length > 0;
@@ -349,7 +394,7 @@ function view(conversationId) {
   let v = views.get(conversationId);
   if (!v) {
     v = { messages: new Map(), loaded: false, loading: false, hasMore: false, nextBefore: null,
-          readSent: null, needsRead: false, receiptUpTo: null };
+          readSent: null, needsRead: false, receiptUpTo: null, readers: new Map() }; // readers: group receipts
     views.set(conversationId, v);
   }
   return v;
@@ -360,6 +405,7 @@ function closeConversationView() {
   $("conv-head").hidden = true;
   $("messages").hidden = true;
   $("composer").hidden = true;
+  $("left-notice").hidden = true;
   $("app").classList.remove("show-conversation");
 }
 
@@ -370,9 +416,8 @@ async function openConversation(conversationId) {
   $("placeholder").hidden = true;
   $("conv-head").hidden = false;
   $("messages").hidden = false;
-  $("composer").hidden = false;
   $("app").classList.add("show-conversation");
-  renderHeader();
+  renderHeader(); // also shows the composer, or the notice of a group we left
   renderList();
   renderMessages();
   $("composer").elements.content.focus();
@@ -389,14 +434,18 @@ function renderHeader() {
   if (!conv) return;
   const title = convTitle(conv);
   $("conv-title").textContent = title;
-  const sub = conv.isGroup
-    ? (groups.get(conv.groupId) ? `${groups.get(conv.groupId).member_count} members` : "group")
-    : lastSeenText(conv.presence);
+  const left = hasLeft(conv);
+  const group = conv.isGroup && groups.get(conv.groupId);
+  const sub = !conv.isGroup ? lastSeenText(conv.presence)
+    : left ? "not a member"
+      : group ? `${group.member_count} member${group.member_count === 1 ? "" : "s"}` : "group";
   $("conv-sub").textContent = sub;
   $("conv-avatar").replaceWith(Object.assign(
     avatar(title, { group: conv.isGroup, presence: conv.isGroup ? undefined : Boolean(conv.presence && conv.presence.online) }),
     { id: "conv-avatar" }));
-  $("members").hidden = !conv.isGroup;
+  $("members").hidden = !conv.isGroup || left;
+  $("composer").hidden = left;
+  $("left-notice").hidden = !left;
 }
 
 async function loadHistory(conversationId, older = false) {
@@ -454,10 +503,20 @@ function sortedMessages(v) {
   return acked.concat(pending);
 }
 
-function messageState(msg) {
+function messageState(conv, v, msg) {
   if (msg.from !== session.userId) return null;
   if (msg.state === "failed") return ["failed", `Not sent: ${msg.error || "error"}`];
   if (!msg.msg_id) return ["sending", "Sending…"];
+  if (conv.isGroup) {
+    // Group messages stay at status 0: who has read them is known only from the receipts seen live.
+    // A receipt covers every id up to its own, but a member who joined later never saw the older ones.
+    const readers = [...v.readers].filter(([reader, upTo]) => compareIds(msg.msg_id, upTo) <= 0
+        && !(conv.joinedAt.get(reader) > msg.timestamp))
+      .map(([reader]) => usernames.get(reader) || `User ${reader}`).sort();
+    if (!readers.length) return ["sent", "Sent"];
+    const more = readers.length - READERS_SHOWN;
+    return ["read", `Read by ${readers.slice(0, READERS_SHOWN).join(", ")}${more > 0 ? ` and ${more} more` : ""}`];
+  }
   if (msg.status === 1) return ["read", "Read"];
   return ["sent", "Sent"];
 }
@@ -477,7 +536,7 @@ function renderMessages({ keepScroll = false } = {}) {
       nodes.push(el("li", { class: "day" }, fullDayFmt.format(new Date(msg.timestamp || Date.now()))));
       lastDay = day; lastSender = null;
     }
-    nodes.push(renderMessage(conv, msg, msg.from === lastSender));
+    nodes.push(renderMessage(conv, v, msg, msg.from === lastSender));
     lastSender = msg.from;
   }
   $("message-list").replaceChildren(...nodes);
@@ -486,13 +545,13 @@ function renderMessages({ keepScroll = false } = {}) {
   else box.scrollTop = previousTop;
 }
 
-function renderMessage(conv, msg, sameSender) {
+function renderMessage(conv, v, msg, sameSender) {
   const mine = msg.from === session.userId;
   const recalled = msg.status === 2;
   const classes = ["msg", mine ? "mine" : "theirs"];
   if (recalled) classes.push("recalled");
   if (sameSender) classes.push("same-sender");
-  const state = messageState(msg);
+  const state = messageState(conv, v, msg);
   const meta = el("div", { class: "meta" },
     el("time", { datetime: new Date(msg.timestamp || Date.now()).toISOString() }, timeFmt.format(new Date(msg.timestamp || Date.now()))),
     state && !recalled ? el("span", { class: "msg-state", dataset: { state: state[0] } }, state[1]) : null);
@@ -535,7 +594,7 @@ function onSend(event) {
                 message_type: "text", content, extra: {}, timestamp: Date.now(), status: 0, state: "sending",
                 localSeq: ++localSeq };
   v.messages.set(`c:${sent.clientMsgId}`, msg);
-  Object.assign(conv, { lastMessage: preview(msg), lastTime: msg.timestamp });
+  Object.assign(conv, { lastMessage: preview(msg), lastFrom: conv.isGroup ? session.userId : null, lastTime: msg.timestamp });
   renderMessages();
   renderList();
 }
@@ -567,25 +626,37 @@ function onClientError(error) {
     if (found) {
       Object.assign(found.msg, { state: "failed", error: error.message || error.code });
       if (found.conversationId === openId) renderMessages({ keepScroll: true });
+      // Refused in a group: most likely we were removed (no frame says so). The list knows.
+      if (found.conversationId.startsWith("g_") && (error.code === "forbidden" || error.code === "not_found")) {
+        scheduleListRefresh(0, { withGroups: true });
+      }
     }
   }
 }
 
 function onMessage(msg) {
+  const known = convs.has(msg.conversation_id);
   const conv = ensureConv(msg.conversation_id);
   if (!conv.isGroup && !conv.peer) {
     const peer = peerOf(msg);
     conv.peer = { user_id: peer, username: usernames.get(peer) || null };
     if (!conv.peer.username) scheduleListRefresh(0);
   }
-  if (conv.isGroup && !groups.has(conv.groupId) && groupsAvailable) loadGroups();
+  // A conversation we did not know (a group we were added to), or a live message in a group we
+  // had left (added again): the list has its name and our membership.
+  if (!known || (hasLeft(conv) && msg.source === "live")) scheduleListRefresh(0, { withGroups: true });
+  // The author's name for the preview and the label (the list's own previews name the author already).
+  if (conv.isGroup && !usernames.has(msg.from) && (msg.source === "live" || conv.id === openId)) {
+    loadMemberNames(conv, { throttle: true });
+  }
   if (!conv.isGroup && msg.source === "live" && msg.from !== session.userId) {
     conv.presence = { user_id: msg.from, online: true, last_seen: Date.now() }; // they just wrote
     if (conv.id === openId) renderHeader();
   }
   const previousLast = conv.lastMsgId;
   if (!conv.lastMsgId || compareIds(msg.msg_id, conv.lastMsgId) >= 0) {
-    Object.assign(conv, { lastMsgId: msg.msg_id, lastTime: msg.timestamp, lastMessage: preview(msg) });
+    Object.assign(conv, { lastMsgId: msg.msg_id, lastTime: msg.timestamp, lastMessage: preview(msg),
+                          lastFrom: conv.isGroup && msg.status !== 2 ? msg.from : null });
   }
   const incoming = msg.from !== session.userId && msg.status === 0;
   // Live, or caught up by sync and newer than what the conversation list showed: unread here.
@@ -621,7 +692,7 @@ function onRecalled({ msg_id: msgId, conversation_id: conversationId }) {
   const conv = convs.get(conversationId);
   if (conv) {
     if (conv.liveUnread.delete(msgId) && conv.unread > 0) conv.unread -= 1;
-    if (conv.lastMsgId === msgId) conv.lastMessage = "[message recalled]";
+    if (conv.lastMsgId === msgId) Object.assign(conv, { lastMessage: "[message recalled]", lastFrom: null });
   }
   const v = views.get(conversationId);
   const msg = v && v.messages.get(`m:${msgId}`);
@@ -633,6 +704,14 @@ function onRecalled({ msg_id: msgId, conversation_id: conversationId }) {
 function onReceipt({ conversation_id: conversationId, reader, msg_id: upTo }) {
   if (reader === session.userId) return;
   const v = view(conversationId);
+  if (conversationId.startsWith("g_")) { // one member has read our messages up to upTo
+    const before = v.readers.get(reader);
+    if (!before || compareIds(upTo, before) > 0) v.readers.set(reader, upTo);
+    const conv = convs.get(conversationId);
+    if (conv && !usernames.has(reader)) loadMemberNames(conv, { throttle: true });
+    if (conversationId === openId) renderMessages({ keepScroll: true });
+    return;
+  }
   if (!v.receiptUpTo || compareIds(upTo, v.receiptUpTo) > 0) v.receiptUpTo = upTo;
   for (const msg of v.messages.values()) {
     if (msg.from === session.userId && msg.msg_id && msg.status === 0 && compareIds(msg.msg_id, upTo) <= 0) msg.status = 1;
@@ -761,7 +840,7 @@ async function onCreateGroup(event) {
     const created = await api("POST", "/api/groups", { body: { name, members } });
     groups.set(created.group_id, { group_id: created.group_id, conversation_id: created.conversation_id, name,
                                    role: "owner", member_count: members.length + 1 });
-    ensureConv(created.conversation_id, { isGroup: true, groupId: created.group_id, name, lastTime: Date.now() });
+    ensureConv(created.conversation_id, { isGroup: true, groupId: created.group_id, name, member: true, lastTime: Date.now() });
     $("group-dialog").close();
     openConversation(created.conversation_id);
   } catch (err) {
@@ -779,15 +858,30 @@ async function openMembers() {
   await renderMembers(conv);
 }
 
-/** Member names for a group's sender labels. */
-async function loadMemberNames(conv) {
+/** Names (for labels, previews, readers) and join times (for receipts) of a group's current members. */
+function noteMembers(conv, members) {
+  for (const m of members) {
+    usernames.set(m.user_id, m.username);
+    if (m.joined_at) conv.joinedAt.set(m.user_id, m.joined_at); // kept after they leave: still true
+  }
+}
+
+/** Member names for a group's sender labels, previews and readers (`throttle`: not again within 10 s). */
+async function loadMemberNames(conv, { throttle = false } = {}) {
+  if (hasLeft(conv)) return; // only current members may list them
+  if (throttle && Date.now() - conv.namesAt < 10000) return;
+  conv.namesAt = Date.now();
   try {
     const answer = await api("GET", `/api/groups/${encodeURIComponent(conv.groupId)}/members`);
-    for (const m of answer.members || []) usernames.set(m.user_id, m.username);
+    noteMembers(conv, answer.members || []);
     const group = groups.get(conv.groupId);
     if (group) group.member_count = (answer.members || []).length;
+    renderList();
     if (openId === conv.id) { renderHeader(); renderMessages({ keepScroll: true }); }
-  } catch { /* names fall back to "User <id>" */ }
+  } catch (err) {
+    // names fall back to "User <id>"; a 403 means we are no longer a member: the list says so
+    if (err instanceof ApiError && err.status === 403) scheduleListRefresh(0, { withGroups: true });
+  }
 }
 
 async function renderMembers(conv) {
@@ -797,18 +891,20 @@ async function renderMembers(conv) {
     members = (await api("GET", `/api/groups/${encodeURIComponent(conv.groupId)}/members`)).members || [];
   } catch (err) {
     showError($("members-error"), errorText(err));
+    if (err instanceof ApiError && err.status === 403) scheduleListRefresh(0, { withGroups: true });
   }
   const me = members.find((m) => m.user_id === session.userId);
   const canManage = me && (me.role === "owner" || me.role === "admin");
   $("add-member").hidden = !canManage;
-  for (const m of members) usernames.set(m.user_id, m.username);
+  noteMembers(conv, members);
   const group = groups.get(conv.groupId);
   if (group) group.member_count = members.length;
   list.replaceChildren(...members.map((m) => el("li", {},
     avatar(m.username),
     el("span", { class: "grow" }, m.username, m.user_id === session.userId ? " (you)" : ""),
     el("span", { class: "role" }, m.role || "member"),
-    canManage && m.user_id !== session.userId && m.role !== "owner"
+    // The owner removes anyone; an admin only plain members (the server's rule).
+    canManage && m.user_id !== session.userId && (me.role === "owner" || m.role === "member")
       ? el("button", { type: "button", class: "ghost danger", onclick: () => removeMember(conv, m.user_id) }, "Remove")
       : null)));
   renderHeader();
@@ -847,12 +943,12 @@ async function leaveGroup() {
   try {
     await api("DELETE", `/api/groups/${encodeURIComponent(conv.groupId)}/members/${encodeURIComponent(session.userId)}`);
     $("members-dialog").close();
+    // The group stays in the list (and its history readable), shown as left.
     groups.delete(conv.groupId);
-    convs.delete(conv.id);
-    views.delete(conv.id);
-    openId = null;
-    closeConversationView();
+    conv.member = false;
+    renderHeader();
     renderList();
+    scheduleListRefresh(0);
   } catch (err) {
     showError($("members-error"), errorText(err));
   }

@@ -1,9 +1,9 @@
-"""The group screens of the chat page, against the groups REST contract (DESIGN §4).
+"""The group screens of the chat page, against the groups REST contract (protocol.md §17).
 
-The groups API is served by a branch that is not merged here yet, so its answers are
-scripted with Playwright routes; everything else (login, socket, lookups) is the real
-cluster. The socket is routed through Playwright to record the page's frames and to
-hand it a group message as the gateway will send it.
+The groups API's answers are scripted with Playwright routes, to check the exact requests
+the page makes; everything else (login, socket, lookups) is the real cluster. The socket is
+routed through Playwright to record the page's frames and to hand it a group message as the
+gateway sends it. test_group_chat.py runs the same screens against the real groups API.
 """
 import json
 import re
@@ -81,7 +81,7 @@ def test_create_a_group_add_a_member_and_chat_in_it(cluster, make_user, open_pag
         "extra": {}, "timestamp": int(time.time() * 1000), "status": 0}))
     row = bubbles(page, "hi from bob")
     expect(row.locator(".sender")).to_have_text(bob.username)
-    expect(conv_item(page, "g_777").locator(".conv-preview")).to_have_text("hi from bob")
+    expect(conv_item(page, "g_777").locator(".conv-preview")).to_have_text(f"{bob.username}: hi from bob")
 
     page.locator("#members").click()
     dialog = page.locator("#members-dialog")
