@@ -116,11 +116,12 @@ def fan_out_group_message(storage: Storage, msg_id: int, user_ids: list[int],
     if recalled:  # recalled before this chunk ran: streamed as recalled, nothing to show or count
         invalidate_conversation_lists(storage, seqs.keys())
         return outcome
-    # Live frames first: they are what members wait for; the rest is bookkeeping.
+    # Cached lists go before the live frame: a client that refreshes its list when
+    # the frame arrives must not be served the list from before this message.
+    invalidate_conversation_lists(storage, seqs.keys())
     live = deliver_to_users(storage, message_frame(msg), seqs.keys(), skip_conn=origin_conn)
     outcome.live_connections = sum(1 for conns in live.values() for c in conns if c.conn_id != origin_conn)
     outcome.offline_users = [uid for uid in seqs if uid != msg.sender_id and not live.get(uid)]
-    invalidate_conversation_lists(storage, seqs.keys())
     _index_offline(storage, msg, outcome.offline_users)
     # Counted last (a visible sign the chunk ran); not for the sender, nor for a
     # member who already read past this message (a read that committed first).

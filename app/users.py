@@ -21,3 +21,12 @@ def find_user_by_username(storage: Storage, username) -> dict:
     if user is None:
         raise NotFound(f"no user named {username!r}")
     return {"user_id": str(user.id), "username": user.username}
+
+
+def user_by_id(storage: Storage, user_id: int) -> dict:
+    """{"user_id", "username"}: names for senders and readers a client does not know (former members too)."""
+    with storage.sessions() as session:
+        user = session.get(User, user_id) if 0 < user_id < 2**63 else None
+    if user is None:
+        raise NotFound(f"user {user_id} does not exist")
+    return {"user_id": str(user.id), "username": user.username}

@@ -52,3 +52,13 @@ def test_the_chat_page_and_client_module_are_served_with_a_strict_policy(cluster
     assert "export class NetherLinkClient" in module.text
     for path in ("/static/netherlink.css", "/static/chat.css"):
         assert requests.get(f"{cluster.gw1.http}{path}", timeout=10).status_code == 200
+
+
+def test_a_user_id_resolves_to_its_name_for_any_signed_in_user(cluster, make_user):
+    alice, bob = make_user(), make_user()
+    headers = {"Authorization": f"Bearer {alice.token}"}
+    r = requests.get(f"{cluster.gw1.http}/api/users/{bob.user_id}", headers=headers, timeout=10)
+    assert r.status_code == 200 and r.json() == {"user_id": bob.user_id, "username": bob.username}
+    _assert_json_error(requests.get(f"{cluster.gw1.http}/api/users/999999999999", headers=headers, timeout=10),
+                       404, "not_found")
+    _assert_json_error(requests.get(f"{cluster.gw1.http}/api/users/{bob.user_id}", timeout=10), 401, "unauthorized")

@@ -1,11 +1,11 @@
-"""GET /api/users?username=: look a user up by name (bearer token)."""
+"""GET /api/users?username= and GET /api/users/{user_id}: look a user up by name or id (bearer token)."""
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
 from app.api import storage
 from app.api.chat import require_user
-from app.users import find_user_by_username
+from app.users import find_user_by_username, user_by_id
 
 bp = Blueprint("users", __name__, url_prefix="/api")
 
@@ -14,3 +14,9 @@ bp = Blueprint("users", __name__, url_prefix="/api")
 @require_user
 def lookup_user():
     return jsonify(find_user_by_username(storage(), request.args.get("username")))
+
+
+@bp.get("/users/<int:user_id>")
+@require_user
+def user_name(user_id: int):
+    return jsonify(user_by_id(storage(), user_id))
