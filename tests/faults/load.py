@@ -30,12 +30,12 @@ class SenderStats:
 
 
 class Sender:
-    def __init__(self, user, peer_id: str, gateways: list, prefix: str, interval: float):
+    def __init__(self, user, peer_id: str, gateways: list, prefix: str, interval: float, first_gateway: int = 0):
         self.user, self.peer_id, self.gateways = user, peer_id, gateways
         self.prefix, self.interval = prefix, interval
         self.stats = SenderStats()
         self.ws = None
-        self._gateway_index = hash(user.user_id) % len(gateways)
+        self._gateway_index = first_gateway  # spread over the gateways: every fault hits some senders
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"sender-{user.user_id}")
 

@@ -131,8 +131,8 @@ def _stored(storage, sender_ids) -> dict:
 def run_with_fault(name: str, faults: FaultCluster, storage, inject) -> dict:
     storage.redis.set("dedupe:since", int((time.time() - 3 * 86400) * 1000))  # see the `faults` fixture
     users = [register_and_login(faults.gateways[0].http) for _ in range(2 * PAIRS)]
-    senders = [Sender(users[i], users[i + PAIRS].user_id, faults.gateways, f"{name}-{i}", SEND_INTERVAL).start()
-               for i in range(PAIRS)]
+    senders = [Sender(users[i], users[i + PAIRS].user_id, faults.gateways, f"{name}-{i}", SEND_INTERVAL,
+                      first_gateway=i).start() for i in range(PAIRS)]
     try:
         wait_until(lambda: all(len(s.stats.acked) >= 3 for s in senders), timeout=60, what="a steady load")
         started = time.monotonic()
