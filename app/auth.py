@@ -17,6 +17,7 @@ from app.errors import Conflict, InvalidInput, Unauthorized
 from models import User
 
 JWT_ALGORITHM = "HS256"  # pinned: a token naming any other algorithm (or "none") is refused
+JWT_LEEWAY_SECONDS = 10  # clock skew between the issuing and the checking server
 USERNAME_RE = re.compile(r"[A-Za-z0-9_.-]{3,32}")
 MIN_PASSWORD, MAX_PASSWORD = 8, 256
 
@@ -89,7 +90,7 @@ def verify_token(settings: Settings, token: str | None) -> TokenClaims:
     try:
         claims = jwt.decode(
             token, settings.jwt_secret, algorithms=[JWT_ALGORITHM],
-            options={"require": ["exp", "iat", "sub"]},
+            options={"require": ["exp", "iat", "sub"]}, leeway=JWT_LEEWAY_SECONDS,
         )
         return TokenClaims(int(claims["sub"]), int(claims["exp"]))
     except jwt.ExpiredSignatureError:

@@ -99,3 +99,17 @@ def test_a_socket_is_closed_with_4401_when_its_token_expires(cluster):
     opcode, data = client.ws.recv_data(control_frame=True)
     assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 4401
     assert b"token expired" in data[2:]
+
+
+def test_a_small_clock_skew_is_tolerated_and_no_more():
+    from app.auth import JWT_LEEWAY_SECONDS, issue_token, verify_token
+    from app.config import Settings
+    from app.errors import Unauthorized
+
+    settings = Settings.from_env({}, jwt_ttl_seconds=60)
+    now = time.time()
+    just_expired = issue_token(settings, 7, now=now - 60 - JWT_LEEWAY_SECONDS // 2)  # exp a few seconds ago
+    assert verify_token(settings, just_expired).user_id == 7
+    long_expired = issue_token(settings, 7, now=now - 60 - JWT_LEEWAY_SECONDS * 3)
+    with pytest.raises(Unauthorized):
+        verify_token(settings, long_expired)
