@@ -37,29 +37,26 @@ def register_commands(app: Flask) -> None:
             user.is_admin = True
         click.echo(f"user {username} (id {user.id}) is an admin")
 
+    def _set_disabled(username: str, disabled: bool, done: str) -> None:
+        from app.accounts import set_disabled
+
+        try:
+            user_id = set_disabled(current_app.extensions["netherlink.storage"], username, disabled)
+        except ChatError as err:
+            raise click.ClickException(err.message) from None
+        click.echo(f"user {username} (id {user_id}) {done}")
+
     @app.cli.command("disable-user")
     @click.argument("username")
     def disable_user(username):
         """Disable an account: no login, its tokens refused, its open sockets closed (4401)."""
-        from app.accounts import set_disabled
-
-        try:
-            user_id = set_disabled(current_app.extensions["netherlink.storage"], username, True)
-        except ChatError as err:
-            raise click.ClickException(err.message) from None
-        click.echo(f"user {username} (id {user_id}) is disabled; open connections were closed")
+        _set_disabled(username, True, "is disabled; open connections were closed")
 
     @app.cli.command("enable-user")
     @click.argument("username")
     def enable_user(username):
         """Enable a disabled account again."""
-        from app.accounts import set_disabled
-
-        try:
-            user_id = set_disabled(current_app.extensions["netherlink.storage"], username, False)
-        except ChatError as err:
-            raise click.ClickException(err.message) from None
-        click.echo(f"user {username} (id {user_id}) is enabled")
+        _set_disabled(username, False, "is enabled")
 
     @app.cli.command("rebuild-unread")
     @click.option("--user", "user_ids", type=int, multiple=True, help="only this user id (repeatable)")

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from app.conversations import invalidate_conversation_lists
 from app.delivery import deliver_to_users
 from app.groups import next_group_seq, recipients_of
-from app.messaging import IdCollision, message_frame, message_preview, upsert_conversations
+from app.messaging import message_frame, message_preview, stored_copy, upsert_conversations
 from app.recall import RECALLED_PREVIEW
 from app.storage import Storage, insert_ignoring_duplicates
 from app.sync import append_entries, entries_of
@@ -66,20 +66,12 @@ def persist_group_message(storage: Storage, payload: dict) -> GroupPersistOutcom
             recipients = recipients_of(session, group_id, group_seq)
         return GroupPersistOutcome(msg_id, True, _chunks(recipients, chunk))
     except IntegrityError:
-        with storage.sessions() as session:
-            existing = session.get(Message, msg_id)
-            if existing is not None and (existing.sender_id, existing.client_msg_id) != \
-                    (sender, payload["client_msg_id"]):
-                log.critical("msg id %s collides with another message; dead-lettered for an operator", msg_id)
-                raise IdCollision(f"msg id {msg_id} is taken by another message")
-            if existing is not None:
-                log.info("msg %s already persisted (redelivery)", msg_id)
+        existing, original = stored_copy(storage, msg_id, sender, payload["client_msg_id"])
+        if existing is not None:  # the same recipients again: they follow from the stored sequence number
+            with storage.sessions() as session:
                 return GroupPersistOutcome(msg_id, False,
                                            _chunks(recipients_of(session, group_id, existing.group_seq), chunk))
-            original = session.scalar(select(Message.id).where(
-                Message.sender_id == sender, Message.client_msg_id == payload["client_msg_id"]))
         if original is not None:
-            log.warning("msg %s is a second copy of msg %s (same client_msg_id); dropped", msg_id, original)
             return GroupPersistOutcome(original, False, [])
         raise
 

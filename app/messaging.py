@@ -232,23 +232,35 @@ def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
         invalidate_conversation_lists(storage, [sender, to])
         return PersistOutcome(msg_id, stored=True, dispatch=True)
     except IntegrityError:
-        with storage.sessions() as session:
-            existing = session.get(Message, msg_id)
-            if existing is not None and (existing.sender_id, existing.client_msg_id) != \
-                    (sender, payload["client_msg_id"]):
-                # Two gateways made the same id: never drop either message silently.
-                log.critical("msg id %s collides with another message; dead-lettered for an operator", msg_id)
-                raise IdCollision(f"msg id {msg_id} is taken by another message")
-            if existing is not None:
-                log.info("msg %s already persisted (redelivery)", msg_id)
-                invalidate_conversation_lists(storage, [sender, to])  # the first attempt may have died before it
-                return PersistOutcome(msg_id, stored=False, dispatch=True)
-            original = session.scalar(select(Message.id).where(
-                Message.sender_id == sender, Message.client_msg_id == payload["client_msg_id"]))
+        existing, original = stored_copy(storage, msg_id, sender, payload["client_msg_id"])
+        if existing is not None:
+            invalidate_conversation_lists(storage, [sender, to])  # the first attempt may have died before it
+            return PersistOutcome(msg_id, stored=False, dispatch=True)
         if original is not None:
-            log.warning("msg %s is a second copy of msg %s (same client_msg_id); dropped", msg_id, original)
             return PersistOutcome(original, stored=False, dispatch=False)
         raise
+
+
+def stored_copy(storage: Storage, msg_id: int, sender: int, client_msg_id: str) -> tuple[Message | None, int | None]:
+    """After a failed insert: (this message, already stored: a redelivery) or (None, the id of
+    another copy of the same send, dropped); (None, None) if neither explains the failure.
+
+    Raises IdCollision when another message holds this id (two gateways made one id):
+    never drop either silently.
+    """
+    with storage.sessions() as session:
+        existing = session.get(Message, msg_id)
+        if existing is not None and (existing.sender_id, existing.client_msg_id) != (sender, client_msg_id):
+            log.critical("msg id %s collides with another message; dead-lettered for an operator", msg_id)
+            raise IdCollision(f"msg id {msg_id} is taken by another message")
+        if existing is not None:
+            log.info("msg %s already persisted (redelivery)", msg_id)
+            return existing, None
+        original = session.scalar(select(Message.id).where(
+            Message.sender_id == sender, Message.client_msg_id == client_msg_id))
+    if original is not None:
+        log.warning("msg %s is a second copy of msg %s (same client_msg_id); dropped", msg_id, original)
+    return None, original
 
 
 def message_preview(message_type: str, content: str, limit: int = PREVIEW_CHARS) -> str:
