@@ -167,9 +167,11 @@ class MessageIntake:
         self._known_users.add(user_id)
 
     def _lookup_stored(self, sender_id: int, client_msg_id: str) -> Ack | None:
-        with self.storage.sessions() as session:
-            row = session.scalar(select(Message).where(
-                Message.sender_id == sender_id, Message.client_msg_id == client_msg_id))
+        # Three columns through the unique index, no ORM object: for a day after Redis
+        # lost its data this runs for every new send.
+        with self.storage.engine.connect() as conn:
+            row = conn.execute(select(Message.id, Message.conversation_id, Message.timestamp).where(
+                Message.sender_id == sender_id, Message.client_msg_id == client_msg_id)).first()
         return Ack(client_msg_id, row.id, row.conversation_id, row.timestamp) if row is not None else None
 
     def _stored_ack(self, sender_id: int, req: SendRequest) -> Ack:
