@@ -67,6 +67,12 @@ def test_a_flooding_connection_is_told_then_closed_and_others_are_not(limited, m
             codes.append(frame.get("code") or frame["type"])
     assert codes.count("pong") == 20 and "rate_limited" in codes  # the burst, then refusals
     assert close_code == 1008
+    # A refused send names its client_msg_id, so the client knows which one to resend.
+    n2 = connect(neighbour, limited)
+    for i in range(25):
+        n2.send_json({"type": "send", "client_msg_id": f"burst-{i}", "to": flooder.user_id, "content": "x"})
+    refused = n2.next_frame(lambda fr: fr.get("code") == "rate_limited" and "frames" in fr["message"])
+    assert refused["client_msg_id"].startswith("burst-")
     n.send_json({"type": "ping"})
     assert n.next_frame(lambda fr: fr["type"] == "pong")
 

@@ -310,7 +310,13 @@ class Gateway:
     def handle_frame(self, conn: Connection, raw) -> None:
         frame: dict = {}
         try:
-            self._admit(conn)  # before parsing: malformed frames count against the budget too
+            refused = self._admit(conn)  # every frame counts, malformed ones too
+            if refused is not None:
+                try:  # only to name the refused send's client_msg_id in the answer
+                    frame = parse_frame(raw)
+                except ChatError:
+                    pass
+                raise refused
             frame = parse_frame(raw)
             check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds)
             kind = frame["type"]
@@ -326,21 +332,21 @@ class Gateway:
         finally:
             metrics.frame_in(frame.get("type"))
 
-    def _admit(self, conn: Connection) -> None:
-        """The connection's frame budget: refused frames get rate_limited; a flood is cut off."""
+    def _admit(self, conn: Connection) -> RateLimited | None:
+        """The connection's frame budget: a refused frame gets rate_limited; a flood is cut off."""
         if self.settings.frame_rate_per_second <= 0:
-            return
+            return None
         wait_ms = conn.frames.take()
         if not wait_ms:
             conn.refused_in_a_row = 0
-            return
+            return None
         conn.refused_in_a_row += 1
         if conn.refused_in_a_row >= self.settings.flood_close_after:
             log.warning("conn %s: flooding (%d frames refused in a row); closing", conn.conn_id,
                         conn.refused_in_a_row)
             conn.close_after_queued(CLOSE_POLICY_VIOLATION, "flooding: too many frames")
-        raise RateLimited(f"too many frames on this connection; retry in {wait_ms / 1000:.1f} s",
-                          retry_after_ms=wait_ms)
+        return RateLimited(f"too many frames on this connection; retry in {max(0.1, wait_ms / 1000):.1f} s",
+                           retry_after_ms=wait_ms)
 
     def _on_ping(self, conn: Connection, frame: dict) -> None:
         conn.send({"type": "pong"})
