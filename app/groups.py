@@ -205,6 +205,18 @@ def set_role(storage: Storage, actor_id: int, group_id: int, user_id: int, role)
             actor.role, group.owner_id = ADMIN, user_id
 
 
+def rename_group(storage: Storage, actor_id: int, group_id: int, name) -> None:
+    """The owner or a group admin renames the group; every member's list shows the new name."""
+    name = clean_group_name(name)
+    with storage.session() as session:
+        group = lock_group(session, group_id)
+        if require_current_member(session, group_id, actor_id).role not in (OWNER, ADMIN):
+            raise Forbidden("only the group owner or a group admin can rename the group")
+        group.name = name
+        members = session.scalars(select(GroupMember.user_id).where(GroupMember.group_id == group_id)).all()
+    invalidate_conversation_lists(storage, members)  # former members' lists show the name too
+
+
 def _member_count(session: Session, group_id: int) -> int:
     return session.scalar(select(func.count()).select_from(GroupMember).where(
         GroupMember.group_id == group_id, GroupMember.left_seq.is_(None)))

@@ -161,6 +161,8 @@ REST = [
     ("DELETE", "/api/groups/{group_id}/members/{user_id}", "a group that does not exist",
      "401 401 404 404 404 404 404 404",
      lambda w, role: {"path": f"/api/groups/987654321987/members/{w.victim.user_id}"}),
+    ("PATCH", "/api/groups/{group_id}", "rename the group", "401 401 403 403 403 204 204 403",
+     lambda w, role: {"json": {"name": f"renamed by {role}"}}),
     ("PATCH", "/api/groups/{group_id}/members/{user_id}", "make a plain member a member",
      "401 401 403 403 403 403 204 403", lambda w, role: _member_back(w, role) or {"json": {"role": "member"}}),
     ("GET", "/api/conversations", "my list", "401 401 200 200 200 200 200 200", None),

@@ -384,3 +384,19 @@ def test_the_owner_recalls_their_own_old_message_too(cluster, make_user, connect
     wait_until(lambda: stream_entries(storage, owner, ack["msg_id"]) == [0], what="the owner's entry")
     later = int(time.time() * 1000) + 60 * 60 * 1000
     assert recall_message(storage, int(owner.user_id), int(ack["msg_id"]), now_ms=later).recalled_at == later
+
+
+def test_the_owner_or_an_admin_renames_a_group_and_every_list_shows_it(cluster, make_user, api):
+    owner, admin, member = make_user(), make_user(), make_user()
+    created = make_group(api, owner, [admin, member], name="Old name")
+    gid, cid = created["group_id"], created["conversation_id"]
+    api(owner)("PATCH", f"/api/groups/{gid}/members/{admin.user_id}", json={"role": "admin"}).raise_for_status()
+    assert api(member)("PATCH", f"/api/groups/{gid}", json={"name": "Mine now"}).status_code == 403
+    assert api(admin)("PATCH", f"/api/groups/{gid}", json={"name": " "}).status_code == 400
+    assert api(admin)("PATCH", f"/api/groups/{gid}", json={"name": "  New name ✨ "}).status_code == 204
+    for user in (owner, admin, member):
+        [item] = [c for c in api(user)("GET", "/api/conversations").json()["conversations"]
+                  if c["conversation_id"] == cid]
+        assert item["group"]["name"] == "New name ✨"
+    assert [g["name"] for g in api(member)("GET", "/api/groups").json()["groups"] if g["group_id"] == gid] == \
+        ["New name ✨"]

@@ -6,7 +6,7 @@ from flask import Blueprint, g, jsonify
 from app.api import json_body, storage
 from app.api.chat import require_user
 from app.errors import InvalidInput
-from app.groups import add_members, create_group, members_of, my_groups, remove_member, set_role
+from app.groups import add_members, create_group, members_of, my_groups, remove_member, rename_group, set_role
 from ws.frames import parse_id
 
 bp = Blueprint("groups", __name__, url_prefix="/api")
@@ -36,6 +36,13 @@ def new_group():
 @require_user
 def list_groups():
     return jsonify(groups=my_groups(storage(), g.user_id))
+
+
+@bp.patch("/groups/<group_id>")
+@require_user
+def change_group(group_id: str):
+    rename_group(storage(), g.user_id, parse_id(group_id, "group_id"), json_body().get("name"))
+    return "", 204
 
 
 @bp.get("/groups/<group_id>/members")
