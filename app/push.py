@@ -205,16 +205,26 @@ def _finish(storage, push_id, attempts, status, error, provider_id=None) -> Atte
     return AttemptResult(push_id, status, priority=priority)
 
 
-def plan_digest(storage: Storage, user_id: int) -> int | None:
-    """A pending email row for the user's unread messages; None if there is nothing to mail."""
-    storage.redis.delete(DIGEST_KEY.format(user_id))
+@dataclass(frozen=True)
+class DigestPlan:
+    push_id: int | None = None  # the email row to deliver now
+    defer_seconds: float | None = None  # do-not-disturb hours: plan again when they end
+
+
+def plan_digest(storage: Storage, user_id: int, now: datetime | None = None) -> DigestPlan:
+    """A pending email row for the user's unread messages, or nothing to mail, or later (quiet hours)."""
+    now = now or datetime.now(timezone.utc)
     with storage.sessions() as session:
         prefs = load_preferences(session, user_id)
         latest = next(iter(latest_unread(session, user_id, 1, prefs.muted_conversations)), None)
+    quiet_until = prefs.quiet_until(now)
+    if quiet_until is not None and latest is not None:  # the digest key stays: no second digest meanwhile
+        return DigestPlan(defer_seconds=(quiet_until - now).total_seconds())
+    storage.redis.delete(DIGEST_KEY.format(user_id))  # later messages schedule a new digest
     if not prefs.email or "email" not in prefs.channels or latest is None:
-        return None
-    return _pending_row(storage, user_id, latest.id, "email", "email", None, PRIORITY_DIGEST,
-                        {"msg_id": str(latest.id)})
+        return DigestPlan()
+    return DigestPlan(_pending_row(storage, user_id, latest.id, "email", "email", None, PRIORITY_DIGEST,
+                                   {"msg_id": str(latest.id)}))
 
 
 def _mail_digest(storage: Storage, user_id: int, email_client):

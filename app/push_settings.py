@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, time as dtime
+from datetime import datetime, time as dtime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import select
@@ -80,6 +80,15 @@ class PushPreferences:
         if start <= end:
             return start <= local < end
         return local >= start or local < end  # e.g. 22:00-07:00
+
+    def quiet_until(self, at: datetime) -> datetime | None:
+        """When the do-not-disturb hours around `at` end (aware), or None if `at` is not in them."""
+        if not self.is_quiet(at):
+            return None
+        local = at.astimezone(ZoneInfo(self.time_zone))
+        end = _hhmm(self.dnd_end)
+        until = local.replace(hour=end.hour, minute=end.minute, second=0, microsecond=0)
+        return until if until > local else until + timedelta(days=1)
 
 
 def _hhmm(value: str) -> dtime:

@@ -158,11 +158,15 @@ def deliver_push(self, push_id: int) -> dict:
 
 @app.task(bind=True, acks_late=True, **RETRY)
 def send_digest(self, user_id: str) -> dict:
-    """The email digest of a user's unread messages, after the quiet delay."""
-    push_id = plan_digest(storage(), int(user_id))
-    if push_id is not None:
-        enqueue(deliver_push, [push_id], PRIORITY_DIGEST)
-    return {"user_id": user_id, "push_id": push_id}
+    """The email digest of a user's unread messages, after the quiet delay (and after do-not-disturb hours)."""
+    s = storage()
+    plan = plan_digest(s, int(user_id))
+    if plan.defer_seconds is not None:
+        s.redis.expire(DIGEST_KEY.format(user_id), int(plan.defer_seconds) + 3600)  # held until it goes out
+        enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=plan.defer_seconds)
+    if plan.push_id is not None:
+        enqueue(deliver_push, [plan.push_id], PRIORITY_DIGEST)
+    return {"user_id": user_id, "push_id": plan.push_id, "deferred_s": plan.defer_seconds}
 
 
 _providers: dict | None = None

@@ -284,3 +284,28 @@ def test_bulk_retry_needs_an_explicit_filter_body(cluster, make_user, storage):
     api, headers = f"{cluster.gw1.http}/api/admin/pushes/retry", {"Authorization": f"Bearer {admin.token}"}
     assert requests.post(api, data="user_id=5", headers=headers, timeout=10).status_code == 400
     assert requests.post(api, json={"user_id": True}, headers=headers, timeout=10).status_code == 400
+
+
+def test_a_digest_due_in_quiet_hours_waits_until_they_end(cluster, make_user, connect, storage):
+    from datetime import datetime, timedelta, timezone
+
+    from app.push import DIGEST_KEY, plan_digest
+
+    alice, bob = make_user(), make_user()
+    address = f"bob-{bob.user_id}@example.org"
+    now = datetime.now(timezone.utc)
+    start, end = (now - timedelta(hours=1)).strftime("%H:00"), (now + timedelta(hours=2)).strftime("%H:00")
+    r = requests.put(f"{cluster.gw1.http}/api/push-settings", headers={"Authorization": f"Bearer {bob.token}"},
+                     json={"email": address, "do_not_disturb": {"start": start, "end": end}, "time_zone": "UTC"},
+                     timeout=10)
+    assert r.status_code == 200, r.text
+    connect(alice).send_message(bob.user_id, "sent at night")
+    key = DIGEST_KEY.format(bob.user_id)
+    # The digest task ran and put itself off until the quiet hours end (its key held that long).
+    wait_until(lambda: storage.redis.ttl(key) > 3600, timeout=20, what="the digest deferred")
+    assert cluster.fakes.smtp.mails_to(address) == [] and pushes(storage, bob) == []
+    ends = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=2)
+    deferred = plan_digest(storage, int(bob.user_id), now=now)
+    assert deferred.push_id is None and abs(deferred.defer_seconds - (ends - now).total_seconds()) < 1
+    after = plan_digest(storage, int(bob.user_id), now=ends + timedelta(minutes=1))  # what runs when they end
+    assert after.push_id is not None and after.defer_seconds is None
