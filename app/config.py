@@ -40,6 +40,10 @@ class Settings:
     gateway_id: str = "gw1"
     gateway_port: int = 8000
     ws_max_frame_bytes: int = 65536
+    # permessage-deflate, when a client offers it (browsers do): a compressor
+    # and a decompressor per connection, about 100 KiB more per idle connection
+    # (docs/benchmarks.md). Off: the offer is ignored and frames go uncompressed.
+    ws_permessage_deflate: bool = True
     message_max_content_bytes: int = 16384
     heartbeat_interval_seconds: int = 30
     presence_ttl_seconds: int = 300

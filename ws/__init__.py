@@ -26,6 +26,9 @@ def init_gateway(app: Flask) -> None:
         if request.path != "/ws":
             return None
         settings, storage = app.config["SETTINGS"], app.extensions["netherlink.storage"]
+        if not settings.ws_permessage_deflate:
+            # simple-websocket accepts permessage-deflate whenever it is offered; unoffered, it is not used.
+            request.environ.pop("HTTP_SEC_WEBSOCKET_EXTENSIONS", None)
         # Counted before the token check: guessing tokens costs attempts too.
         take(storage, "connect", request.remote_addr or "unknown",
              Limit.per_minute(settings.connect_rate_per_minute, settings.connect_burst), "connection attempts")

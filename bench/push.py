@@ -1,0 +1,273 @@
+"""Pushes per second of one push worker: `python -m bench.push --users 3000`.
+
+Provisions its own database, vhost and Redis db (like the tests: real services
+when they answer on 127.0.0.1, else embedded) and starts the local APNs
+(tests/fakes/apns_server.py: HTTP/2 over TLS, checks every request like Apple)
+in this process. N offline users each have one iOS device and one unread
+private message (rows made directly in the database, as persist and
+dispatch would leave them).
+
+Two ways in, both through the real tasks:
+  --stage deliver (default): the bench plans the pushes with app.push.plan_pushes
+      (one pending push_log row per user, badge and preview filled in, which
+      is what send_push does) and queues one deliver_push task per row;
+  --stage send: the bench queues one send_push task per user, and the worker
+      plans (send_push) and then delivers (deliver_push) each push itself.
+The tasks are queued before the worker starts; then ONE push worker
+(push_tasks, --concurrency processes; default 8 as in deploy/) drains them.
+The rate is N / (last APNs request - first APNs request); the bench also
+waits until every push_log row is `success` and checks that the fake
+accepted exactly one notification per device, and nothing else.
+
+Prints progress every 2 s and a one-line JSON summary with the worker's task
+times (from its log). --py-spy FILE records the worker's processes while it
+drains. Exit status 1 when a push is missing, duplicated, not `success`, or
+was retried.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench.load import ms, percentile
+
+PROGRESS_EVERY = 2.0
+TASK_LINE = re.compile(r"Task tasks\.pipeline\.(\w+)\[[^\]]+\] succeeded in ([0-9.e-]+)s")
+PROVIDER_LINE = re.compile(r"push \d+ \(msg \d+, apns\): (\w+) after (\d+) ms")
+
+
+def seed(storage, prefix: str, count: int) -> tuple[list[int], dict[int, str]]:
+    """N users, each with an iOS device and one unread private message from one sender."""
+    from sqlalchemy import insert, select
+
+    from app.messaging import private_conversation_id
+    from models import Device, Message, User
+
+    with storage.session() as session:
+        session.execute(insert(User), [{"username": f"{prefix}sender", "password_hash": "!bench"}])
+        for start in range(0, count, 5000):
+            session.execute(insert(User), [{"username": f"{prefix}{i}", "password_hash": "!bench"}
+                                           for i in range(start, min(count, start + 5000))])
+    with storage.sessions() as session:
+        sender = session.scalar(select(User.id).where(User.username == f"{prefix}sender"))
+        users = session.scalars(select(User.id).where(User.username.like(f"{prefix}%"), User.id != sender)
+                                .order_by(User.id)).all()
+    tokens = {uid: secrets.token_hex(32) for uid in users}
+    now = int(time.time() * 1000)
+    base_id = now << 22
+    with storage.session() as session:
+        for start in range(0, count, 5000):
+            chunk = users[start:start + 5000]
+            session.execute(insert(Device), [{"user_id": uid, "platform": "ios", "token": tokens[uid]}
+                                             for uid in chunk])
+            session.execute(insert(Message), [{
+                "id": base_id + start + i, "conversation_id": private_conversation_id(sender, uid),
+                "sender_id": sender, "receiver_id": uid, "client_msg_id": f"push-{uid}", "message_type": "text",
+                "content": f"are we still on for lunch, user {uid}?", "extra": None, "is_group": False,
+                "timestamp": now, "status": 0} for i, uid in enumerate(chunk)])
+    return list(users), tokens
+
+
+def worker_times(log_text: str) -> dict:
+    """Task run times and APNs call times from the worker's INFO log."""
+    tasks: dict[str, list[float]] = collections.defaultdict(list)
+    for name, seconds in TASK_LINE.findall(log_text):
+        tasks[name].append(float(seconds))
+    calls = [int(m) / 1000 for outcome, m in PROVIDER_LINE.findall(log_text) if outcome == "Delivered"]
+    out = {}
+    for name, values in sorted(tasks.items()):
+        out[f"{name}_tasks"] = len(values)
+        out[f"{name}_ms_mean"] = ms(statistics.fmean(values))
+        out[f"{name}_ms_p99"] = ms(percentile(values, 99))
+    if calls:
+        out["apns_call_ms_mean"] = ms(statistics.fmean(calls))
+        out["apns_call_ms_p99"] = ms(percentile(calls, 99))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=3000, help="offline users, one iOS push each (N)")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="push worker processes (deploy/docker-compose.yml and systemd run 8)")
+    parser.add_argument("--stage", choices=["deliver", "send"], default="deliver",
+                        help="queue deliver_push per planned row, or send_push per user (plan + deliver)")
+    parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds of draining")
+    parser.add_argument("--py-spy", dest="py_spy", metavar="FILE",
+                        help="record the worker's processes with py-spy while they drain (collapsed stacks)")
+    parser.add_argument("--services", choices=["auto", "real", "embedded"], default="auto")
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args()
+    if args.users < 1 or args.concurrency < 1:
+        parser.error("need --users >= 1 and --concurrency >= 1")
+
+    from tests.fakes.apns_server import FakeApnsServer
+    from tests.harness import Worker, provision_embedded, provision_real, real_services_reachable
+
+    kind = args.services if args.services != "auto" else ("real" if real_services_reachable() else "embedded")
+    tmp = Path(tempfile.mkdtemp(prefix="nl-bench-push-"))
+    run_id = uuid.uuid4().hex[:10]
+    services = provision_real(run_id) if kind == "real" else provision_embedded("bench-push", tmp)
+    fake = FakeApnsServer().start()
+    worker, ok, t_start = None, False, time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - t_start:6.1f}s] {text}", flush=True)
+
+    try:
+        push_env = {**fake.env(), "PUSH_RETRY_BASE_SECONDS": "0.5", "PUSH_MAX_RETRIES": "5"}
+        os.environ.update({k: v for k, v in services.env(**push_env).items()
+                           if k in ("DATABASE_URL", "BROKER_URL", "REDIS_URL", "NETHERLINK_ENV", "JWT_SECRET")
+                           or k.startswith(("APNS_", "PUSH_"))})
+        from sqlalchemy import func, select
+
+        from app.config import Settings
+        from app.push import PRIORITY_PRIVATE, plan_pushes
+        from app.storage import Storage, upgrade_schema
+        from models import PushLog
+
+        upgrade_schema(services.database_url)
+        storage = Storage(Settings.from_env())
+        say(f"seeding {args.users} offline users with an iOS device and an unread message ({kind} services)...")
+        users, tokens = seed(storage, f"push{run_id}-", args.users)
+
+        from tasks.pipeline import deliver_push, enqueue, send_push
+
+        if args.stage == "deliver":
+            say(f"planning {args.users} pushes with app.push.plan_pushes (push_log rows)...")
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                plans = list(pool.map(lambda uid: plan_pushes(storage, uid), users))
+            jobs = [(deliver_push, [pid], plan.priority) for plan in plans for pid in plan.push_ids]
+            if len(jobs) != args.users:
+                raise SystemExit(f"planned {len(jobs)} pushes for {args.users} users: "
+                                 f"{collections.Counter(p.skipped for p in plans)}")
+        else:
+            jobs = [(send_push, ["0", str(uid), PRIORITY_PRIVATE], PRIORITY_PRIVATE) for uid in users]
+        say(f"queueing {len(jobs)} {jobs[0][0].name.rsplit('.', 1)[-1]} tasks (confirmed publishes)...")
+        for task, task_args, priority in jobs:
+            enqueue(task, task_args, priority)
+
+        # Watch the fake from before the worker starts: the first request starts the clock.
+        seen = {"first": None, "last": None, "count": 0}
+        stop_watch = threading.Event()
+
+        def watch() -> None:
+            while not stop_watch.is_set():
+                count = len(fake.requests)
+                now = time.monotonic()
+                if count and seen["first"] is None:
+                    seen["first"] = now
+                if count != seen["count"]:
+                    seen["count"], seen["last"] = count, now
+                stop_watch.wait(0.01)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        say(f"starting one push worker (--concurrency {args.concurrency}, logs in {tmp})...")
+        worker = Worker("push", "push_tasks", services, tmp, concurrency=args.concurrency, **push_env)
+        spy = None
+        if args.py_spy:
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                                    str(worker.proc.pid), "--subprocesses", "--rate", "50", "--format", "raw",
+                                    "--output", args.py_spy, "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+        def successes() -> int:
+            with storage.sessions() as session:
+                return session.scalar(select(func.count()).select_from(PushLog)
+                                      .where(PushLog.push_status == "success")) or 0
+
+        deadline = time.monotonic() + args.timeout
+        next_progress = time.monotonic() + PROGRESS_EVERY
+        done = 0
+        while time.monotonic() < deadline:
+            done = successes()
+            if done >= args.users:
+                break
+            if not worker.alive():
+                raise SystemExit(f"the push worker exited:\n{worker.log_text()[-3000:]}")
+            time.sleep(0.2)
+            if time.monotonic() >= next_progress:
+                next_progress += PROGRESS_EVERY
+                elapsed = time.monotonic() - seen["first"] if seen["first"] else 0
+                say(f"draining: {seen['count']} APNs requests, {done}/{args.users} push_log rows success"
+                    + (f", {seen['count'] / elapsed:.0f}/s" if elapsed > 0 else ""))
+        rows_done_at = time.monotonic()
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # like Ctrl-C: py-spy writes what it sampled and exits
+            spy.wait(60)
+        stop_watch.set()
+        watcher.join(2)
+
+        # Exactly once, and nothing else.
+        notes = fake.requests
+        accepted = collections.Counter(r.token for r in notes if r.status == 200)
+        refused = collections.Counter(r.reason for r in notes if r.status != 200)
+        expected = set(tokens.values())
+        missing = len(expected - set(accepted))
+        duplicated = sum(n - 1 for n in accepted.values() if n > 1)
+        unexpected = sum(n for t, n in accepted.items() if t not in expected)
+        with storage.sessions() as session:
+            statuses = dict(session.execute(select(PushLog.push_status, func.count()).group_by(PushLog.push_status))
+                            .all())
+            retried = session.scalar(select(func.count()).select_from(PushLog).where(PushLog.attempts > 1)) or 0
+        first, last = seen["first"], seen["last"]
+        span = (last - first) if first and last and last > first else None
+        fake_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+        summary = {
+            "bench": "push", "services": kind, "users": args.users, "stage": args.stage,
+            "concurrency": args.concurrency, "apns_requests": len(notes), "accepted": sum(accepted.values()),
+            "refused": dict(refused), "pushes_per_second": round(len(notes) / span, 1) if span else None,
+            "drain_seconds": round(span, 2) if span else None,
+            "rows_success_seconds": round(rows_done_at - first, 2) if first else None,
+            "push_log": statuses, "retried": retried, "lost": missing, "duplicated": duplicated,
+            "unexpected": unexpected, "apns_connections": fake.connections_opened,
+            "bench_process_cpu_percent": round(100 * fake_cpu / span, 1) if span else None,  # mostly the APNs fake
+            **worker_times(worker.log_text()),
+        }
+        if spy is not None:
+            from bench.conns import spy_summary
+
+            for share, name in spy_summary(args.py_spy, 30, ("deliver_push", "send_push", "asynloop")):
+                print(f"  py-spy {share:5.1f} %  {name}", flush=True)
+            summary["py_spy"] = args.py_spy
+        ok = (missing == 0 and duplicated == 0 and unexpected == 0 and not refused and retried == 0
+              and statuses.get("success", 0) == args.users and len(statuses) == 1)
+        summary["ok"] = ok
+        print(json.dumps(summary), flush=True)
+        storage.dispose()
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        print("interrupted: stopping everything", flush=True)
+        return 130
+    finally:
+        if worker is not None:
+            worker.stop()
+        fake.stop()
+        services.close()
+        if ok and not args.keep_logs:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
