@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -50,6 +51,10 @@ redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
 redis.call('EXPIRE', KEYS[1], 3600)
 return 1
 """
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def rate(count: int, seconds: float) -> float:
@@ -253,7 +258,7 @@ def bench_chain(report: Report, services, tmp: Path, count: int, concurrency: in
     import redis
 
     from scripts.processes import BIN
-    from tests.harness import Process, wait_until
+    from tests.harness import Process
 
     env = services.env()
     procs = []
@@ -266,7 +271,7 @@ def bench_chain(report: Report, services, tmp: Path, count: int, concurrency: in
                 f"{self.node}@%h", "--concurrency", str(concurrency), "--loglevel", "INFO", "--without-mingle",
                 "--without-gossip"], env, tmp)
             procs.append(self)
-            wait_until(self._ready, timeout=60, what=f"chain worker {step} ready")
+            self._wait_started(self._ready, 60, f"chain worker {step} ready")
 
         def _ready(self) -> bool:
             if not self.alive():
@@ -331,6 +336,7 @@ def main() -> int:
 
     from tests.harness import provision_embedded, provision_real, real_services_reachable
 
+    signal.signal(signal.SIGTERM, interrupted)  # `kill` cleans up like Ctrl-C
     kind = args.services if args.services != "auto" else ("real" if real_services_reachable() else "embedded")
     tmp = Path(tempfile.mkdtemp(prefix="nl-bench-baseline-"))
     services = provision_real(uuid.uuid4().hex[:10]) if kind == "real" else provision_embedded("bench-base", tmp)

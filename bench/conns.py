@@ -604,6 +604,9 @@ def main() -> int:
         ChatClient, Gateway, provision_embedded, provision_real, real_services_reachable, sample, scrape, wait_until,
     )
 
+    from bench.baseline import interrupted
+
+    signal.signal(signal.SIGTERM, interrupted)  # `kill` cleans up like Ctrl-C
     soft, hard = raise_nofile()  # the gateway is started from here and inherits it
     kind = args.services if args.services != "auto" else ("real" if real_services_reachable() else "embedded")
     tmp = Path(tempfile.mkdtemp(prefix="nl-bench-conns-"))

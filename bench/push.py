@@ -120,6 +120,9 @@ def main() -> int:
     from tests.fakes.apns_server import FakeApnsServer
     from tests.harness import Worker, provision_embedded, provision_real, real_services_reachable
 
+    from bench.baseline import interrupted
+
+    signal.signal(signal.SIGTERM, interrupted)  # `kill` cleans up like Ctrl-C
     kind = args.services if args.services != "auto" else ("real" if real_services_reachable() else "embedded")
     tmp = Path(tempfile.mkdtemp(prefix="nl-bench-push-"))
     run_id = uuid.uuid4().hex[:10]

@@ -196,6 +196,14 @@ class Process:
         self.signal(signal.SIGKILL)
         self.proc.wait(timeout=10)
 
+    def _wait_started(self, condition: Callable[[], object], timeout: float, what: str) -> None:
+        """Wait until the process is up; if it never is, stop it (nobody else holds it yet) and fail."""
+        try:
+            wait_until(condition, timeout=timeout, what=what)
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self) -> None:
         if self.alive():
             self.signal(signal.SIGTERM)
@@ -222,7 +230,7 @@ class Gateway(Process):
                          services.env(GATEWAY_ID=gateway_id, GATEWAY_PORT=str(self.port), **env), log_dir)
         self.http = f"http://127.0.0.1:{self.port}"
         self.ws = f"ws://127.0.0.1:{self.port}/ws"
-        wait_until(self._healthy, timeout=30, what=f"gateway {gateway_id} health")
+        self._wait_started(self._healthy, 30, f"gateway {gateway_id} health")
 
     def _healthy(self) -> bool:
         if not self.alive():
@@ -239,7 +247,7 @@ class Worker(Process):
         self.node = f"{name}-{uuid.uuid4().hex[:6]}"
         super().__init__(f"worker-{name}", worker_command(self.node, queues, concurrency), services.env(**env),
                          log_dir)
-        wait_until(self._ready, timeout=60, what=f"worker {name} ready")
+        self._wait_started(self._ready, 60, f"worker {name} ready")
 
     def _ready(self) -> bool:
         if not self.alive():
