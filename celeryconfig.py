@@ -2,7 +2,7 @@
 
 chat.direct   (direct) private.message -> private_messages   persist_message
 chat.direct   (direct) group.message   -> group_messages     persist_message (groups)
-chat.topic    (topic)  offline.#       -> offline_messages   dispatch_message, dispatch_group_message (chunks)
+chat.topic    (topic)  offline.#       -> offline_messages   dispatch_message(s), dispatch_group_message (chunks)
 notification.direct    push.task       -> push_tasks         send_push (x-max-priority 10)
 """
 from kombu import Exchange, Queue
@@ -44,6 +44,7 @@ dead_letter_queue = Queue("dead_letters", dead_letters, durable=True)
 task_routes = {
     "tasks.pipeline.persist_message": {"queue": "private_messages", "routing_key": "private.message"},
     "tasks.pipeline.dispatch_message": {"queue": "offline_messages", "routing_key": "offline.private"},
+    "tasks.pipeline.dispatch_messages": {"queue": "offline_messages", "routing_key": "offline.private"},
     "tasks.pipeline.dispatch_group_message": {"queue": "offline_messages", "routing_key": "offline.group"},
     "tasks.pipeline.send_push": {"queue": "push_tasks", "routing_key": "push.task"},
     "tasks.pipeline.deliver_push": {"queue": "push_tasks", "routing_key": "push.task"},

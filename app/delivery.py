@@ -10,11 +10,19 @@ from app.storage import Storage
 
 def deliver_to_gateways(client, frame: dict, targets: dict[str, list[str]]) -> None:
     """Publish one frame to each gateway's delivery channel, naming its connections."""
-    body = json.dumps(frame, ensure_ascii=False)
+    deliver_frames(client, [(frame, targets)])
+
+
+def deliver_frames(client, deliveries: list[tuple[dict, dict[str, list[str]]]]) -> None:
+    """Many (frame, {gateway: connections}) in one round trip; each gateway gets them in this order."""
     pipe = client.pipeline(transaction=False)
-    for gateway_id, conn_ids in targets.items():
-        pipe.publish(DELIVERY_CHANNEL.format(gateway_id), json.dumps({"conns": conn_ids, "frame": body}))
-    pipe.execute()
+    for frame, targets in deliveries:
+        if targets:
+            body = json.dumps(frame, ensure_ascii=False)
+            for gateway_id, conn_ids in targets.items():
+                pipe.publish(DELIVERY_CHANNEL.format(gateway_id), json.dumps({"conns": conn_ids, "frame": body}))
+    if len(pipe):
+        pipe.execute()
 
 
 def deliver_to_users(storage: Storage, frame: dict, user_ids: Iterable[int],

@@ -11,18 +11,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.conversations import invalidate_conversation_lists
-from app.delivery import deliver_to_users
+from app.delivery import deliver_frames
 from app.errors import ChatError, InvalidInput, NotFound, Unavailable
 from app.groups import group_conversation_id, require_sender
 from app.snowflake import LeasedIds
-from app.storage import Storage
-from app.sync import append_entries
-from app.unread import count_unread
+from app.presence import Presence
+from app.storage import Storage, insert_ignoring_duplicates
+from app.sync import append_entries, append_entries_many
+from app.unread import count_unread_each
 from models import ENTRY_MESSAGE, STATUS_RECALLED, Message, OfflineMessageIndex, SyncEntry, User
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ class PersistOutcome:
     msg_id: int
     stored: bool  # False: this copy was a duplicate and nothing new was written
     dispatch: bool  # whether the message should (still) be dispatched
+    collided: bool = False  # another message holds this id: not stored, for an operator
 
 
 def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
@@ -218,13 +220,7 @@ def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
     sender, to = int(payload["sender_id"]), int(payload["to"])
     try:
         with storage.session() as session:
-            session.add(Message(
-                id=msg_id, conversation_id=payload["conversation_id"], sender_id=sender, receiver_id=to,
-                group_id=None, client_msg_id=payload["client_msg_id"], message_type=payload["message_type"],
-                content=payload["content"], extra=payload.get("extra") or None, is_group=False,
-                timestamp=int(payload["timestamp"]),
-            ))
-            session.flush()
+            session.execute(insert(Message), [_message_row(payload)])
             preview = message_preview(payload["message_type"], payload["content"])
             upsert_conversations(session, storage.is_mysql, [  # in user order: one lock order, no deadlocks
                 {"conversation_id": payload["conversation_id"], "user_id": user_id, "target_id": peer,
@@ -241,6 +237,56 @@ def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
         if original is not None:
             return PersistOutcome(original, stored=False, dispatch=False)
         raise
+
+
+def persist_private_messages(storage: Storage, payloads: list[dict]) -> list[PersistOutcome]:
+    """Store many private messages in one transaction: one commit, one sequence bump
+    per user, multi-row inserts. This is what makes persist keep up under load.
+
+    Taken for the common case, all of them new. If any is already stored (a
+    redelivery, or a second copy of a send), the batch is rolled back and each
+    message goes through `persist_private_message` on its own, which knows
+    every case; one whose id another message holds (IdCollision) comes back
+    `collided`, for the caller to set aside, so it cannot hold up the others.
+    """
+    if len(payloads) <= 1:
+        return [persist_private_message(storage, payload) for payload in payloads]
+    try:
+        with storage.session() as session:
+            session.execute(insert(Message), [_message_row(payload) for payload in payloads])
+            newest: dict[tuple[int, str], dict] = {}  # one row per (user, conversation): its newest message
+            for payload in payloads:
+                sender, to, msg_id = int(payload["sender_id"]), int(payload["to"]), int(payload["msg_id"])
+                for user_id, peer in ((sender, to), (to, sender)):
+                    key = (user_id, payload["conversation_id"])
+                    if key not in newest or newest[key]["last_msg_id"] < msg_id:
+                        newest[key] = {
+                            "conversation_id": payload["conversation_id"], "user_id": user_id, "target_id": peer,
+                            "is_group": False, "last_msg_id": msg_id, "last_message_time": int(payload["timestamp"]),
+                            "last_message": message_preview(payload["message_type"], payload["content"])}
+            upsert_conversations(session, storage.is_mysql, [newest[key] for key in sorted(newest)])  # lock order
+            append_entries_many(session, storage.is_mysql, [
+                ([int(p["sender_id"]), int(p["to"])], int(p["msg_id"]), p["conversation_id"]) for p in payloads])
+    except IntegrityError:
+        log.info("batch of %d holds a message stored before; persisting one by one", len(payloads))
+        return [_persist_alone(storage, payload) for payload in payloads]
+    invalidate_conversation_lists(storage, [int(p[k]) for p in payloads for k in ("sender_id", "to")])
+    return [PersistOutcome(int(p["msg_id"]), stored=True, dispatch=True) for p in payloads]
+
+
+def _persist_alone(storage: Storage, payload: dict) -> PersistOutcome:
+    try:
+        return persist_private_message(storage, payload)
+    except IdCollision:
+        return PersistOutcome(int(payload["msg_id"]), stored=False, dispatch=False, collided=True)
+
+
+def _message_row(payload: dict) -> dict:
+    return {"id": int(payload["msg_id"]), "conversation_id": payload["conversation_id"],
+            "sender_id": int(payload["sender_id"]), "receiver_id": int(payload["to"]), "group_id": None,
+            "client_msg_id": payload["client_msg_id"], "message_type": payload["message_type"],
+            "content": payload["content"], "extra": payload.get("extra") or None, "is_group": False,
+            "timestamp": int(payload["timestamp"])}
 
 
 def stored_copy(storage: Storage, msg_id: int, sender: int, client_msg_id: str) -> tuple[Message | None, int | None]:
@@ -335,27 +381,42 @@ def dispatch_private_message(storage: Storage, msg_id: int, origin_conn: str | N
 
     Returns which users are offline; the caller enqueues their pushes.
     """
+    return dispatch_private_messages(storage, [(msg_id, origin_conn)])[0]
+
+
+def dispatch_private_messages(storage: Storage, items: list[tuple[int, str | None]]) -> list[DispatchOutcome]:
+    """`dispatch_private_message` for many messages (msg id, sending connection) at once:
+    one read of the messages and their stream positions, one presence lookup, one
+    Redis round trip for the live frames and one for unread, one offline-index insert."""
+    ids = [msg_id for msg_id, _ in items]
     with storage.sessions() as session:
-        msg = session.get(Message, msg_id)
-        entry_seq = session.scalar(select(SyncEntry.seq).where(
-            SyncEntry.user_id == msg.receiver_id, SyncEntry.message_id == msg_id,
-            SyncEntry.kind == ENTRY_MESSAGE)) if msg is not None else None
-    if msg is None or entry_seq is None:
-        raise LookupError(f"msg {msg_id} is not persisted")
-    outcome = DispatchOutcome(msg_id)
-    recipient = msg.receiver_id
-    live = deliver_to_users(storage, message_frame(msg), [recipient, msg.sender_id], skip_conn=origin_conn)
-    outcome.live_connections = sum(1 for conns in live.values() for c in conns if c.conn_id != origin_conn)
-    if not live[recipient]:
-        _index_offline(storage, recipient, msg)
-        outcome.offline_users.append(recipient)
-    count_unread(storage, recipient, msg_id, msg.conversation_id, entry_seq)  # last: a visible sign dispatch ran
-    return outcome
-
-
-def _index_offline(storage: Storage, user_id: int, msg: Message) -> None:
-    try:
-        with storage.session() as session:
-            session.add(OfflineMessageIndex(user_id=user_id, message_id=msg.id, conversation_id=msg.conversation_id))
-    except IntegrityError:
-        pass  # redelivery: the row is there
+        messages = {msg.id: msg for msg in session.scalars(select(Message).where(Message.id.in_(ids)))}
+        positions = {(uid, mid): seq for uid, mid, seq in session.execute(
+            select(SyncEntry.user_id, SyncEntry.message_id, SyncEntry.seq).where(
+                SyncEntry.message_id.in_(ids), SyncEntry.kind == ENTRY_MESSAGE))}
+    missing = [mid for mid in ids if mid not in messages or (messages[mid].receiver_id, mid) not in positions]
+    if missing:
+        raise LookupError(f"msg {', '.join(map(str, missing))} is not persisted")
+    live = Presence(storage.redis, storage.settings.presence_ttl_seconds).live_connections(
+        uid for mid in ids for uid in (messages[mid].receiver_id, messages[mid].sender_id))
+    deliveries, outcomes, offline = [], [], []
+    for msg_id, origin_conn in items:
+        msg, outcome = messages[msg_id], DispatchOutcome(msg_id)
+        targets: dict[str, list[str]] = {}
+        for conn in live[msg.receiver_id] + live[msg.sender_id]:
+            if conn.conn_id != origin_conn:
+                targets.setdefault(conn.gateway_id, []).append(conn.conn_id)
+        outcome.live_connections = sum(map(len, targets.values()))
+        deliveries.append((message_frame(msg), targets))
+        if not live[msg.receiver_id]:
+            offline.append({"user_id": msg.receiver_id, "message_id": msg_id, "conversation_id": msg.conversation_id})
+            outcome.offline_users.append(msg.receiver_id)
+        outcomes.append(outcome)
+    deliver_frames(storage.redis, deliveries)
+    if offline:
+        with storage.session() as session:  # a redelivery finds its rows there
+            session.execute(insert_ignoring_duplicates(OfflineMessageIndex, storage.is_mysql), offline)
+    # Last: a visible sign that dispatch ran.
+    count_unread_each(storage, [(messages[mid].receiver_id, mid, messages[mid].conversation_id,
+                                 positions[(messages[mid].receiver_id, mid)]) for mid, _ in items])
+    return outcomes

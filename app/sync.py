@@ -6,9 +6,10 @@ committed: reading "after N" never skips a message that commits late.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidInput
@@ -18,32 +19,54 @@ DEFAULT_LIMIT, MAX_LIMIT = 100, 500
 _MESSAGE_COLUMNS = [c for c in Message.__table__.c if c.name != "created_at"]
 
 
-def next_stream_seqs(session: Session, is_mysql: bool, user_ids: list[int]) -> dict[int, int]:
-    """Take each user's next sequence number; holds the user rows' locks until commit.
+def next_stream_seqs(session: Session, is_mysql: bool, counts) -> dict[int, int]:
+    """Take each user's next sequence number(s); holds the user rows' locks until commit.
 
+    `counts`: user ids (one number each) or {user id: how many}. Returns each
+    user's highest new number; a user's numbers are that and the ones below.
     One UPDATE locks the rows in primary-key order, the one lock order every
     writer uses, so concurrent writers queue instead of deadlocking.
     """
-    if not user_ids:
+    counts = counts if isinstance(counts, dict) else dict.fromkeys(counts, 1)
+    if not counts:
         return {}
-    bump = update(User).where(User.id.in_(user_ids)).values(inbox_seq=User.inbox_seq + 1)
+    ids = sorted(counts)
+    step = 1 if set(counts.values()) == {1} else case(counts, value=User.id)
+    bump = update(User).where(User.id.in_(ids)).values(inbox_seq=User.inbox_seq + step)
     if not is_mysql:
         return {uid: seq for uid, seq in session.execute(bump.returning(User.id, User.inbox_seq)).all()}
     session.execute(bump)
     # A locking read returns the values this transaction just wrote.
     return {uid: seq for uid, seq in session.execute(
-        select(User.id, User.inbox_seq).where(User.id.in_(user_ids)).with_for_update()).all()}
+        select(User.id, User.inbox_seq).where(User.id.in_(ids)).with_for_update()).all()}
 
 
 def append_entries(session: Session, is_mysql: bool, user_ids, msg_id: int, conversation_id: str,
                    kind: int = ENTRY_MESSAGE) -> dict[int, int]:
     """Add one entry to each user's stream; returns the new positions (deleted users left out)."""
-    seqs = next_stream_seqs(session, is_mysql, sorted(set(user_ids)))
-    if seqs:
-        session.execute(insert(SyncEntry), [
-            {"user_id": uid, "seq": seq, "message_id": msg_id, "conversation_id": conversation_id, "kind": kind}
-            for uid, seq in seqs.items()])
-    return seqs
+    return append_entries_many(session, is_mysql, [(user_ids, msg_id, conversation_id)], kind)[0]
+
+
+def append_entries_many(session: Session, is_mysql: bool, items, kind: int = ENTRY_MESSAGE) -> list[dict[int, int]]:
+    """Entries of many messages, (user ids, msg id, conversation id) each, in this order
+    in every stream, with one sequence bump per user; returns each message's positions."""
+    items = [(sorted(set(user_ids)), msg_id, conversation_id) for user_ids, msg_id, conversation_id in items]
+    counts = Counter(uid for user_ids, _, _ in items for uid in user_ids)
+    tops = next_stream_seqs(session, is_mysql, dict(counts))
+    following = {uid: top - counts[uid] + 1 for uid, top in tops.items()}
+    rows, positions = [], []
+    for user_ids, msg_id, conversation_id in items:
+        seqs = {}
+        for uid in user_ids:
+            if uid in following:  # deleted users have no stream
+                seqs[uid] = following[uid]
+                following[uid] += 1
+                rows.append({"user_id": uid, "seq": seqs[uid], "message_id": msg_id,
+                             "conversation_id": conversation_id, "kind": kind})
+        positions.append(seqs)
+    if rows:
+        session.execute(insert(SyncEntry), rows)
+    return positions
 
 
 def entries_of(session: Session, msg_id: int, kind: int, user_ids=None) -> dict[int, int]:

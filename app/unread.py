@@ -61,6 +61,17 @@ def count_unread_many(storage: Storage, msg_id: int, conversation_id: str,
     return int(storage.script(_COUNT_SCRIPT)(keys=keys, args=args))
 
 
+def count_unread_each(storage: Storage, counts: list[tuple[int, int, str, int]]) -> None:
+    """`count_unread` for many messages, (receiver, msg id, conversation id, stream position) each,
+    in one round trip."""
+    script, pipe = storage.script(_COUNT_SCRIPT), storage.redis.pipeline(transaction=False)
+    for user_id, msg_id, conversation_id, seq in counts:
+        script(keys=[COUNTED_KEY.format(msg_id), UNREAD_KEY.format(user_id)],
+               args=[conversation_id, storage.settings.dedupe_ttl_seconds, user_id, seq], client=pipe)
+    if counts:
+        pipe.execute()
+
+
 def forget_unread(storage: Storage, user_ids) -> None:
     """Drop cached counters; each is rebuilt from MySQL when next asked for."""
     keys = [UNREAD_KEY.format(uid) for uid in user_ids]

@@ -352,6 +352,12 @@ def main() -> int:
         from app.storage import upgrade_schema
 
         upgrade_schema(services.database_url)
+        # Steady state: this Redis has remembered sends for longer than DEDUPE_TTL. A Redis
+        # that is new (the run's own db) or lost its data makes every send also look itself
+        # up in MySQL for a day (app/messaging.py, MessageIntake): not what is measured here.
+        import redis as redis_client
+
+        redis_client.Redis.from_url(services.redis_url).set("dedupe:since", int((time.time() - 3 * 86400) * 1000))
         print(f"starting {args.gateways} gateway(s) and 3 workers ({kind} services, logs in {tmp})...", flush=True)
         gateways = []
         for i in range(args.gateways):

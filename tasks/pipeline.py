@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 
 from celery.signals import worker_process_init, worker_ready
 from kombu.exceptions import OperationalError as BrokerError
@@ -18,7 +19,7 @@ from app import maintenance, metrics
 from app.config import Settings
 from app.errors import Unavailable
 from app.group_messages import fan_out_group_message, persist_group_message
-from app.messaging import dispatch_private_message, persist_private_message
+from app.messaging import dispatch_private_message, dispatch_private_messages, persist_private_messages
 from app.presence import sweep_presence as sweep_presence_entries
 from app.push import (
     COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, PRIORITY_GROUP, PRIORITY_PRIVATE, attempt_push, mark_queued, plan_digest,
@@ -26,6 +27,7 @@ from app.push import (
 )
 from app.storage import Storage
 from tasks import app
+from tasks.batching import ACK, REJECT, REQUEUE, BatchItem, BatchTask
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +57,78 @@ def _fresh_connections(**_):
     _storage = None
 
 
-# A retry republishes the arguments: keep the message text out of Flower and task events.
-@app.task(bind=True, acks_late=True, **RETRY, retry_kwargs={"argsrepr": "[message payload not shown]"})
-def persist_message(self, message: dict) -> dict:
-    """Store an accepted message, then hand it to dispatch (a group's in chunks of members)."""
-    if message.get("group_id") is not None:
-        return _persist_group(message)
-    outcome = persist_private_message(storage(), message)
-    metrics.message_persisted(outcome.stored)
-    if outcome.dispatch:
-        dispatch_message.apply_async(args=[str(outcome.msg_id), message.get("origin_conn")],
-                                     argsrepr=f"[{outcome.msg_id}]")
-    log.info("msg %s persisted (new=%s)", outcome.msg_id, outcome.stored)
-    return {"msg_id": str(outcome.msg_id), "stored": outcome.stored}
+# Settings for the batch, read once at import (the worker's environment).
+_SETTINGS = Settings.from_env()
+
+
+@app.task(base=BatchTask, acks_late=True, flush_every=_SETTINGS.persist_batch_max,
+          flush_interval=_SETTINGS.persist_batch_wait_ms / 1000)
+def persist_message(items: list[BatchItem]) -> dict:
+    """Store accepted messages, then hand them to dispatch.
+
+    Called as persist_message(messages, attempt=0): `messages` is one accepted
+    message or a gateway's batch of them. The worker buffers these tasks
+    (tasks/batching.py) and runs this once per buffer: the private messages of
+    all of them in one transaction and one `dispatch_messages`; a group message
+    on its own, fanned out in chunks of members. Returns how each task message
+    is settled.
+    """
+    try:
+        return _persist_items(items)
+    except TRANSIENT as exc:  # the database, Redis or broker away: all of them wait and retry
+        return {item.id: _retry_later(item, exc) for item in items}
+    except Exception:
+        if len(items) == 1:
+            log.exception("persist_message %s fails for good; dead-lettered for an operator", items[0].id)
+            metrics.TASK_FAILURES.labels("persist_message").inc()
+            return {items[0].id: REJECT}
+    verdicts = {}  # one message of the batch fails for good: find it, keep the others
+    for item in items:
+        verdicts.update(persist_message.run([item]))
+    return verdicts
+
+
+def _payloads(item: BatchItem) -> list[dict]:
+    messages = item.args[0] if item.args else item.kwargs["messages"]
+    return [messages] if isinstance(messages, dict) else list(messages)
+
+
+def _persist_items(items: list[BatchItem]) -> dict:
+    batch = [payload for item in items for payload in _payloads(item)]
+    private = [m for m in batch if m.get("group_id") is None]
+    outcomes = persist_private_messages(storage(), private)
+    for outcome in outcomes:
+        metrics.message_persisted(outcome.stored)
+    origins = {str(m["msg_id"]): m.get("origin_conn") for m in private}
+    todo = [[str(o.msg_id), origins.get(str(o.msg_id))] for o in outcomes if o.dispatch]
+    if len(todo) == 1:
+        dispatch_message.apply_async(args=todo[0], argsrepr=f"[{todo[0][0]}]")
+    elif todo:
+        dispatch_messages.apply_async(args=[todo], argsrepr=f"[{len(todo)} messages: {todo[0][0]} …]")
+    for payload, outcome in zip(private, outcomes):
+        if outcome.collided:  # alone, it fails and is dead-lettered for an operator (docs/operations.md)
+            persist_message.apply_async(args=[payload], argsrepr=f"[msg {outcome.msg_id}, id collision]")
+    groups = [_persist_group(m) for m in batch if m.get("group_id") is not None]
+    log.info("persisted %d message(s) from %d task(s): %d new, %d group", len(batch), len(items),
+             sum(o.stored for o in outcomes), len(groups))
+    return {item.id: ACK for item in items}
+
+
+def _retry_later(item: BatchItem, exc: Exception) -> str:
+    """Queue the task again after a capped, jittered backoff (Celery's retry does the same)."""
+    attempt = int(item.kwargs.get("attempt", 0)) + 1
+    delay = random.uniform(0.5, 1.0) * min(30, 2 ** attempt)
+    try:
+        persist_message.apply_async(
+            args=[_payloads(item)], kwargs={"attempt": attempt}, countdown=delay,
+            **({"queue": "group_messages", "routing_key": "group.message"} if item.routing_key == "group.message"
+               else {}),
+            argsrepr="[message payload not shown]")
+    except Exception:  # the broker is away too: back to the queue as it is
+        return REQUEUE
+    log.warning("persist_message %s: %s; retry %d in %.1f s", item.id, exc.__class__.__name__, attempt, delay)
+    metrics.TASK_RETRIES.labels("persist_message").inc()
+    return ACK
 
 
 def _persist_group(message: dict) -> dict:
@@ -93,6 +154,21 @@ def dispatch_message(self, msg_id: str, origin_conn: str | None = None) -> dict:
     log.info("msg %s dispatched: %d live connections, %d offline", msg_id, outcome.live_connections,
              len(outcome.offline_users))
     return {"msg_id": msg_id, "live": outcome.live_connections, "offline": [str(u) for u in outcome.offline_users]}
+
+
+@app.task(bind=True, acks_late=True, **RETRY)
+def dispatch_messages(self, batch: list[list]) -> dict:
+    """`dispatch_message` for a persist batch: [[msg_id, origin_conn], ...], in one go."""
+    outcomes = dispatch_private_messages(storage(), [(int(msg_id), origin) for msg_id, origin in batch])
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered")) or self.request.retries > 0
+    for outcome in outcomes:
+        metrics.message_dispatched(outcome)
+        for user_id in outcome.offline_users:
+            schedule_push(str(outcome.msg_id), user_id, PRIORITY_PRIVATE, redelivered)
+    log.info("%d messages dispatched (%s …): %d live connections, %d offline", len(outcomes), batch[0][0],
+             sum(o.live_connections for o in outcomes), sum(len(o.offline_users) for o in outcomes))
+    return {"messages": len(outcomes), "live": sum(o.live_connections for o in outcomes),
+            "offline": sum(len(o.offline_users) for o in outcomes)}
 
 
 @app.task(bind=True, acks_late=True, **RETRY)
@@ -218,18 +294,22 @@ def sweep_presence() -> int:
     return sweep_presence_entries(s.redis, s.settings.presence_ttl_seconds)
 
 
-def publish_persist(payload: dict, timeout: float) -> None:
-    """Publish an accepted message to private_messages or group_messages; returns once RabbitMQ confirmed it."""
-    route = {"queue": "group_messages", "routing_key": "group.message"} if payload.get("group_id") is not None \
+def publish_persist(payloads: list[dict], timeout: float) -> None:
+    """Publish accepted messages, all private or all group, as one persist_message task to
+    private_messages or group_messages; returns once RabbitMQ confirmed it."""
+    first = payloads[0]["msg_id"]
+    route = {"queue": "group_messages", "routing_key": "group.message"} if payloads[0].get("group_id") is not None \
         else {}
     try:
         persist_message.apply_async(
-            args=[payload], retry=True, retry_policy=GATEWAY_PUBLISH_RETRY, **route,
-            confirm_timeout=timeout, timeout=timeout,
-            task_id=f"persist-{payload['msg_id']}", argsrepr=f"[msg {payload['msg_id']}]",
+            args=[payloads[0] if len(payloads) == 1 else payloads], retry=True, retry_policy=GATEWAY_PUBLISH_RETRY,
+            **route, confirm_timeout=timeout, timeout=timeout,
+            task_id=f"persist-{first}" + (f"-{len(payloads)}" if len(payloads) > 1 else ""),
+            argsrepr=f"[msg {first}]" if len(payloads) == 1 else f"[{len(payloads)} msgs: {first} …]",
         )
     except Exception as exc:
-        log.warning("msg %s not accepted: broker publish failed (%s)", payload["msg_id"], exc.__class__.__name__)
+        log.warning("msgs %s not accepted: broker publish failed (%s)", ", ".join(p["msg_id"] for p in payloads),
+                    exc.__class__.__name__)
         raise Unavailable("message not accepted: the message broker is unavailable; "
                           "retry with the same client_msg_id") from None
 

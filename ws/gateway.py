@@ -29,6 +29,7 @@ from app.presence import DELIVERY_CHANNEL, Presence, now_ms
 from app.ratelimit import Limit, LocalBucket, take
 from app.snowflake import LeasedIds, NodeLease
 from app.storage import Storage
+from ws.publisher import BatchPublisher
 from ws.frames import (
     check_clock, client_msg_id_of, parse_frame, parse_id, parse_read, parse_send, verify_signature,
 )
@@ -147,7 +148,9 @@ class Gateway:
 
             self.ids = LeasedIds(NodeLease(self.storage.redis))
             timeout = self.settings.publish_timeout_seconds
-            self.intake = MessageIntake(self.storage, self.ids, lambda payload: publish_persist(payload, timeout))
+            publisher = BatchPublisher(lambda payloads: publish_persist(payloads, timeout), timeout,
+                                       self.settings.publish_batch_max, self.settings.publish_in_flight)
+            self.intake = MessageIntake(self.storage, self.ids, publisher.publish)
             self.presence.mark_gateway_alive(self.gateway_id)
             threading.Thread(target=self._delivery_loop, daemon=True, name="delivery").start()
             threading.Thread(target=self._maintenance_loop, daemon=True, name="maintenance").start()

@@ -1,0 +1,149 @@
+"""Consumer-side batching for persist_message, with our delivery guarantees.
+
+The worker buffers the task messages it receives and runs the task once per
+buffer: as soon as `flush_every` messages are there, or `flush_interval`
+seconds after the first one came, whichever is first. Under load one run
+stores hundreds of messages in one transaction; at low load a message waits
+at most `flush_interval`. (The idea of celery-batches, which pins
+celery < 5.7 and acks every message of a batch whatever happened to it.)
+
+The task's run(items) gets BatchItems and returns a verdict per item id; the
+worker's main process settles each task message by it: ACK (stored, or
+queued again with a delay as a new message, which is how Celery retries),
+REJECT (fails for good: RabbitMQ moves it to the dead-letter queue) or
+REQUEUE (given back as it is). Messages stay unacknowledged until then, and
+a pool process that dies mid-batch gives every message of its batch back,
+so a killed worker loses nothing.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import NamedTuple
+
+from celery import Task, signals
+from celery.utils.time import timezone
+from celery.worker.request import Request, create_request_cls
+
+log = logging.getLogger(__name__)
+
+ACK, REQUEUE, REJECT = "ack", "requeue", "reject"
+
+
+class BatchItem(NamedTuple):
+    """What a batch run sees of one task message (picklable, for the pool)."""
+
+    id: str
+    args: list
+    kwargs: dict
+    routing_key: str | None
+
+
+class BatchTask(Task):
+    """Subclass and implement run(items: list[BatchItem]) -> {item id: ACK | REQUEUE | REJECT}."""
+
+    abstract = True
+    flush_every = 100
+    flush_interval = 0.01
+
+    def Strategy(self, task, app, consumer):
+        buffer: list[Request] = []
+        flush_timer = [None]
+        Req = create_request_cls(Request, task, consumer.pool, consumer.hostname, consumer.event_dispatcher, app=app)
+        eventer = consumer.event_dispatcher
+        send_events = bool(eventer and eventer.enabled and task.send_events)
+        window_raised = [False]
+
+        def flush() -> None:
+            if flush_timer[0] is not None:
+                flush_timer[0].cancel()
+                flush_timer[0] = None
+            if buffer:
+                batch = buffer[:]
+                del buffer[:]
+                self._run_in_pool(consumer.pool, batch, send_events)
+
+        def add(request: Request) -> None:
+            buffer.append(request)
+            if len(buffer) >= self.flush_every:
+                flush()
+            elif flush_timer[0] is None:
+                flush_timer[0] = consumer.timer.call_after(self.flush_interval, flush)
+
+        def released(request: Request) -> None:  # a delayed retry whose time has come
+            consumer.qos.decrement_eventually()
+            add(request)
+
+        def on_message(message, body, ack, reject, callbacks, **_):
+            if not window_raised[0]:  # (no QoS yet when strategies are made)
+                # The worker must be allowed to hold a whole batch unacknowledged: one
+                # batch more than its prefetch (which stays 1 per process for other tasks).
+                consumer.qos.increment_eventually(self.flush_every)
+                window_raised[0] = True
+            request = Req(message, on_ack=ack, on_reject=reject, app=app, hostname=consumer.hostname,
+                          eventer=eventer, task=task, connection_errors=consumer.connection_errors,
+                          body=message.body, headers=message.headers, decoded=False, utc=app.uses_utc_timezone())
+            signals.task_received.send(sender=consumer, request=request)
+            if send_events:
+                eventer.send("task-received", uuid=request.id, name=request.name, args=request.argsrepr,
+                             kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
+                             retries=request.request_dict.get("retries", 0),
+                             eta=request.eta and request.eta.isoformat())
+            if request.eta:  # held, not buffered, until due; it must not hold the prefetch window
+                eta = timezone.to_system(request.eta).timestamp() if request.utc else request.eta.timestamp()
+                consumer.qos.increment_eventually()
+                consumer.timer.call_at(eta, released, (request,), priority=6)
+            else:
+                add(request)
+
+        return on_message
+
+    def _run_in_pool(self, pool, requests: list[Request], send_events: bool) -> None:
+        started = time.monotonic()
+        items = [BatchItem(r.id, list(r.args), dict(r.kwargs), (r.delivery_info or {}).get("routing_key"))
+                 for r in requests]
+
+        def settle(verdicts) -> None:
+            if not isinstance(verdicts, dict):  # a bug in the batch: never ack what may not be stored
+                log.error("%s: batch of %d returned no verdict; giving the messages back", self.name, len(requests))
+                verdicts = {}
+            runtime = time.monotonic() - started
+            for request in requests:
+                verdict = verdicts.get(request.id, REQUEUE)
+                if verdict == ACK:
+                    request.acknowledge()
+                else:
+                    request.reject(requeue=verdict == REQUEUE)
+                if send_events:
+                    if verdict == ACK:
+                        request.send_event("task-succeeded", result=f"batch of {len(requests)}", runtime=runtime)
+                    else:
+                        request.send_event("task-failed", exception=f"{verdict} (batch of {len(requests)})",
+                                           traceback="")
+
+        def lost(exc_info) -> None:  # the pool process died (SIGKILL, OOM): redeliver
+            log.error("%s: batch of %d lost with its process (%s); giving the messages back", self.name,
+                      len(requests), getattr(exc_info, "exception", exc_info))
+            for request in requests:
+                request.reject(requeue=True)
+
+        pool.apply_async(run_batch, (self.name, items), callback=settle, error_callback=lost)
+
+
+def run_batch(task_name: str, items: list[BatchItem]):
+    """In the pool process: the task's run over the batch, with the usual task signals."""
+    from tasks import app
+
+    task, task_id = app.tasks[task_name], f"batch-{uuid.uuid4()}"
+    signals.task_prerun.send(sender=task, task_id=task_id, task=task, args=items, kwargs={})
+    verdicts = None
+    try:
+        verdicts = task.run(items)
+        return verdicts
+    except Exception:
+        log.exception("%s: batch of %d failed; giving the messages back", task_name, len(items))
+        return None
+    finally:
+        signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=items, kwargs={}, retval=verdicts,
+                                  state="SUCCESS" if verdicts is not None else "FAILURE")
