@@ -54,7 +54,7 @@ class Settings:
     # publishes await their confirms leave together, at most this many per task,
     # with this many batches awaiting confirms at once.
     publish_batch_max: int = 200
-    publish_in_flight: int = 2
+    publish_in_flight: int = 1
     # Batching in the persist worker (tasks/batching.py): it stores up to this
     # many queued persist_message tasks in one run, waiting at most this long
     # after the first one for more.

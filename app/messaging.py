@@ -31,6 +31,19 @@ log = logging.getLogger(__name__)
 DEDUPE_KEY = "dedupe:{}:{}"  # sender, client_msg_id -> "p:<msg_id>:<ms>" until published, then the ack JSON
 DEDUPE_SINCE_KEY = "dedupe:since"  # when this Redis started remembering sends
 RECOVERY_ACK_WAIT_SECONDS = 10.0
+# One round trip per send: the send's dedupe record, made pending with a new id
+# unless it exists ("" then), and since when this Redis remembers sends (set now
+# if it did not know). KEYS: record, since. ARGV: pending value, TTL, now (ms).
+_CLAIM_SCRIPT = """
+local value = redis.call('GET', KEYS[1])
+if not value then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  value = ''
+end
+redis.call('SET', KEYS[2], ARGV[3], 'NX')
+return {value, redis.call('GET', KEYS[2])}
+"""
+_FORGET_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 PREVIEW_CHARS = 200
 
 def private_conversation_id(a: int, b: int) -> str:
@@ -70,7 +83,8 @@ class MessageIntake:
     """Gateway side of a send: validate, dedupe, id, durable publish, ack.
 
     `publish(payload)` must return only once the broker confirmed the message
-    and raise Unavailable otherwise.
+    and raise Unavailable otherwise; with `publish_records_acks` it also calls
+    `record_acks` for what it published (the gateway's batches do, once per batch).
 
     Dedupe lives in Redis (fast path). Redis may forget (flush, restart), so
     for DEDUPE_TTL after it last did, a miss is checked against MySQL's
@@ -80,11 +94,12 @@ class MessageIntake:
     """
 
     def __init__(self, storage: Storage, ids: LeasedIds, publish: Callable[[dict], None],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, publish_records_acks: bool = False):
         self.storage = storage
         self.redis = storage.redis
         self.ids = ids
         self.publish = publish
+        self.publish_records_acks = publish_records_acks
         self.clock = clock
         self.dedupe_ttl = storage.settings.dedupe_ttl_seconds
         self.recovery_seconds = storage.settings.dedupe_recovery_seconds
@@ -100,31 +115,32 @@ class MessageIntake:
             conversation_id = private_conversation_id(sender_id, req.to)
         key = DEDUPE_KEY.format(sender_id, req.client_msg_id)
         try:
-            value, since = self.redis.mget(key, DEDUPE_SINCE_KEY)
-            memory_age = self._memory_age_seconds(since)
-            if value is None and memory_age < self.dedupe_ttl:
+            # The id is kept for the whole dedupe window, published or not: every
+            # retry publishes this same id, and persist collapses copies by id.
+            now = self.clock()
+            fresh = f"p:{self._next_id()}:{int(now * 1000)}"
+            value, since = self.storage.script(_CLAIM_SCRIPT)(
+                keys=[key, DEDUPE_SINCE_KEY], args=[fresh, self.dedupe_ttl, int(now * 1000)])
+            fresh_record = value == ""
+            value = fresh if fresh_record else value
+            memory_age = max(0.0, now - int(since) / 1000)
+            if fresh_record and memory_age < self.dedupe_ttl:
                 # Redis lost its memory within the dedupe window: MySQL's
                 # UNIQUE(sender_id, client_msg_id) answers for stored sends.
                 stored = self._lookup_stored(sender_id, req.client_msg_id)
                 if stored is not None:
                     self.redis.set(key, stored.to_json(), ex=self.dedupe_ttl)
                     return stored
-            fresh_record = value is None
-            if value is None:
-                if req.group_id is not None:  # a new send (not a retry): only members may, checked in MySQL
-                    require_sender(self.storage, sender_id, req.group_id)
-                # The id is kept for the whole dedupe window, published or not: every
-                # retry publishes this same id, and persist collapses copies by id.
-                fresh = f"p:{self._next_id()}:{int(self.clock() * 1000)}"
-                value = fresh if self.redis.set(key, fresh, nx=True, ex=self.dedupe_ttl) else \
-                    self.redis.get(key)  # a concurrent copy of this send got there first
-                if value is None:  # ... and the record vanished at once (flush): do not guess
-                    raise Unavailable("message not accepted (dedupe record lost); retry with the same client_msg_id")
             ack = self._ack_of(req.client_msg_id, conversation_id, value)
             if not value.startswith("p:"):
                 return ack  # published and acked before
-            if req.group_id is not None and not fresh_record:  # never acked: still only a member may send it
-                require_sender(self.storage, sender_id, req.group_id)
+            if req.group_id is not None:  # never acked: only a member may send it, checked in MySQL
+                try:
+                    require_sender(self.storage, sender_id, req.group_id)
+                except ChatError:
+                    if fresh_record:  # no record of a send that was refused
+                        self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[fresh])
+                    raise
         except ChatError:
             raise
         except Exception as exc:  # Redis down: refuse rather than risk a second copy
@@ -138,8 +154,24 @@ class MessageIntake:
         })
         if memory_age < self.recovery_seconds:
             ack = self._stored_ack(sender_id, req)
-        self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
+            self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
+        elif not self.publish_records_acks:
+            self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
         return ack
+
+    def record_acks(self, payloads: list[dict]) -> None:
+        """After the broker confirmed these messages: their dedupe records become final
+        acks, in one round trip. Losing this is harmless: a pending record still gives
+        a retry the same id, and persist keeps one copy per id."""
+        pipe = self.redis.pipeline(transaction=False)
+        for p in payloads:
+            ack = Ack(p["client_msg_id"], int(p["msg_id"]), p["conversation_id"], int(p["timestamp"]))
+            pipe.set(DEDUPE_KEY.format(p["sender_id"], p["client_msg_id"]), ack.to_json(), ex=self.dedupe_ttl)
+        try:
+            pipe.execute()
+        except Exception as exc:
+            log.warning("dedupe records of %d acked messages not finalised (%s); retries republish the same ids",
+                        len(payloads), exc.__class__.__name__)
 
     def _next_id(self) -> int:
         try:
@@ -184,15 +216,6 @@ class MessageIntake:
                 return ack
             time.sleep(0.02)
         raise Unavailable("message queued but not yet confirmed stored; retry with the same client_msg_id")
-
-    def _memory_age_seconds(self, since: str | None) -> float:
-        """How long this Redis has remembered sends (since its last flush or restart)."""
-        now = self.clock()
-        if since is None:
-            self.redis.set(DEDUPE_SINCE_KEY, int(now * 1000), nx=True)
-            return 0.0
-        return max(0.0, now - int(since) / 1000)
-
 
 
 # --- persist -----------------------------------------------------------------

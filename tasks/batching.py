@@ -2,9 +2,10 @@
 
 The worker buffers the task messages it receives and runs the task once per
 buffer: as soon as `flush_every` messages are there, or `flush_interval`
-seconds after the first one came, whichever is first. Under load one run
-stores hundreds of messages in one transaction; at low load a message waits
-at most `flush_interval`. (The idea of celery-batches, which pins
+seconds after the first one came, whichever is first; while every pool
+process is busy the buffer keeps growing and goes to the first one free.
+Under load one run stores hundreds of messages in one transaction; at low
+load a message waits at most `flush_interval`. (The idea of celery-batches, which pins
 celery < 5.7 and acks every message of a batch whatever happened to it.)
 
 The task's run(items) gets BatchItems and returns a verdict per item id; the
@@ -55,14 +56,24 @@ class BatchTask(Task):
         send_events = bool(eventer and eventer.enabled and task.send_events)
         window_raised = [False]
 
+        running = [0]  # batches in the pool
+        processes = max(1, getattr(consumer.pool, "limit", None) or 1)
+
         def flush() -> None:
             if flush_timer[0] is not None:
                 flush_timer[0].cancel()
                 flush_timer[0] = None
+            if not buffer or (running[0] >= processes and len(buffer) < self.flush_every):
+                return  # every process is busy: the batch grows until one is free (done() flushes)
+            batch = buffer[:self.flush_every]
+            del buffer[:self.flush_every]
+            running[0] += 1
+            self._run_in_pool(consumer.pool, batch, send_events, done)
+
+        def done() -> None:
+            running[0] -= 1
             if buffer:
-                batch = buffer[:]
-                del buffer[:]
-                self._run_in_pool(consumer.pool, batch, send_events)
+                flush()
 
         def add(request: Request) -> None:
             buffer.append(request)
@@ -99,7 +110,7 @@ class BatchTask(Task):
 
         return on_message
 
-    def _run_in_pool(self, pool, requests: list[Request], send_events: bool) -> None:
+    def _run_in_pool(self, pool, requests: list[Request], send_events: bool, done) -> None:
         started = time.monotonic()
         items = [BatchItem(r.id, list(r.args), dict(r.kwargs), (r.delivery_info or {}).get("routing_key"))
                  for r in requests]
@@ -121,12 +132,14 @@ class BatchTask(Task):
                     else:
                         request.send_event("task-failed", exception=f"{verdict} (batch of {len(requests)})",
                                            traceback="")
+            done()
 
         def lost(exc_info) -> None:  # the pool process died (SIGKILL, OOM): redeliver
             log.error("%s: batch of %d lost with its process (%s); giving the messages back", self.name,
                       len(requests), getattr(exc_info, "exception", exc_info))
             for request in requests:
                 request.reject(requeue=True)
+            done()
 
         pool.apply_async(run_batch, (self.name, items), callback=settle, error_callback=lost)
 

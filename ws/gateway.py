@@ -144,13 +144,14 @@ class Gateway:
         with self._lock:
             if self._started:
                 return
-            from tasks.pipeline import publish_persist
+            from tasks.pipeline import PersistPublisher
 
             self.ids = LeasedIds(NodeLease(self.storage.redis))
             timeout = self.settings.publish_timeout_seconds
-            publisher = BatchPublisher(lambda payloads: publish_persist(payloads, timeout), timeout,
-                                       self.settings.publish_batch_max, self.settings.publish_in_flight)
-            self.intake = MessageIntake(self.storage, self.ids, publisher.publish)
+            publisher = BatchPublisher(PersistPublisher(timeout).publish, timeout, self.settings.publish_batch_max,
+                                       self.settings.publish_in_flight,
+                                       after_publish=lambda payloads: self.intake.record_acks(payloads))
+            self.intake = MessageIntake(self.storage, self.ids, publisher.publish, publish_records_acks=True)
             self.presence.mark_gateway_alive(self.gateway_id)
             threading.Thread(target=self._delivery_loop, daemon=True, name="delivery").start()
             threading.Thread(target=self._maintenance_loop, daemon=True, name="maintenance").start()

@@ -31,13 +31,15 @@ class BatchPublisher:
     """`publish(payload)` returns once the broker confirmed the batch holding it, or raises.
 
     `publish_many(payloads)` publishes one batch, all private or all group
-    messages, and returns once confirmed. `in_flight` batches may await
-    their confirms at the same time (a window), each at most `max_batch`.
+    messages, and returns once confirmed; `after_publish(payloads)` then runs
+    before the senders are woken. `in_flight` batches may await their
+    confirms at the same time (a window), each at most `max_batch`.
     """
 
     def __init__(self, publish_many: Callable[[list[dict]], None], timeout: float, max_batch: int = 200,
-                 in_flight: int = 2):
+                 in_flight: int = 1, after_publish: Callable[[list[dict]], None] = lambda payloads: None):
         self.publish_many = publish_many
+        self.after_publish = after_publish
         self.timeout = timeout
         self.max_batch = max_batch
         self._pending: list[_Waiter] = []
@@ -72,8 +74,9 @@ class BatchPublisher:
     def _run(self) -> None:
         while True:
             batch = self._take()
+            payloads = [w.payload for w in batch]
             try:
-                self.publish_many([w.payload for w in batch])
+                self.publish_many(payloads)
             except Unavailable as exc:
                 error: BaseException | None = exc
             except Exception:  # never leave a sender waiting on a surprise
@@ -81,6 +84,10 @@ class BatchPublisher:
                 error = Unavailable("message not accepted: publishing failed; retry with the same client_msg_id")
             else:
                 error = None
+                try:
+                    self.after_publish(payloads)
+                except Exception:  # published all the same: the senders get their acks
+                    log.exception("after publishing %d messages", len(batch))
             for waiter in batch:
                 waiter.error = error
                 waiter.done.set()
