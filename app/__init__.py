@@ -21,7 +21,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config["SETTINGS"] = settings
     app.config["JSON_SORT_KEYS"] = False
     # simple-websocket closes a connection whose frame exceeds this (close code 1009).
-    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.ws_max_frame_bytes, "ping_interval": 25}
+    app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.ws_max_frame_bytes,
+                                         "ping_interval": settings.ws_ping_interval_seconds or None}
     app.extensions["netherlink.storage"] = Storage(settings)
     if settings.trusted_proxy_count:  # client addresses (rate limits, logs) from X-Forwarded-For
         from werkzeug.middleware.proxy_fix import ProxyFix

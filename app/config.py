@@ -50,16 +50,22 @@ class Settings:
     dedupe_ttl_seconds: int = 86400
     dedupe_recovery_seconds: int = 600
     publish_timeout_seconds: float = 5.0
+    # Redis connections per process; more callers wait for a free one.
+    redis_max_connections: int = 100
+    # simple-websocket's protocol Ping to each socket (docs/protocol.md §5); 0 = none
+    # (the app's own heartbeat still closes silent sockets; about 40 % less CPU on
+    # idle connections, docs/benchmarks.md).
+    ws_ping_interval_seconds: int = 25
     # Group commit at the gateway (ws/publisher.py): sends arriving while earlier
     # publishes await their confirms leave together, at most this many per task,
     # with this many batches awaiting confirms at once.
     publish_batch_max: int = 200
     publish_in_flight: int = 1
     # Batching in the persist worker (tasks/batching.py): it stores up to this
-    # many queued persist_message tasks in one run, waiting at most this long
-    # after the first one for more.
+    # many queued persist_message tasks in one run; a run starts as soon as a
+    # pool process is free, or (wait > 0) that many ms after its first message.
     persist_batch_max: int = 200
-    persist_batch_wait_ms: int = 10
+    persist_batch_wait_ms: int = 0
     password_hash_profile: str = "default"
     apns_base_url: str = "https://api.push.apple.com"
     apns_key_file: str = ""
@@ -155,8 +161,10 @@ class Settings:
             raise ConfigError("FLOOD_CLOSE_AFTER must be at least 1 and MAX_CONNECTIONS_PER_USER 0 (off) or more")
         if not 1 <= self.publish_batch_max <= 1000 or not 1 <= self.publish_in_flight <= 16:
             raise ConfigError("PUBLISH_BATCH_MAX must be from 1 to 1000 and PUBLISH_IN_FLIGHT from 1 to 16")
-        if not 1 <= self.persist_batch_max <= 2000 or not 1 <= self.persist_batch_wait_ms <= 1000:
-            raise ConfigError("PERSIST_BATCH_MAX must be from 1 to 2000 and PERSIST_BATCH_WAIT_MS from 1 to 1000")
+        if not 1 <= self.persist_batch_max <= 2000 or not 0 <= self.persist_batch_wait_ms <= 1000:
+            raise ConfigError("PERSIST_BATCH_MAX must be from 1 to 2000 and PERSIST_BATCH_WAIT_MS from 0 to 1000")
+        if not 1 <= self.redis_max_connections <= 10_000 or self.ws_ping_interval_seconds < 0:
+            raise ConfigError("REDIS_MAX_CONNECTIONS must be from 1 to 10000 and WS_PING_INTERVAL_SECONDS 0 or more")
         if not 0 <= self.worker_metrics_port <= 65535:
             raise ConfigError(f"WORKER_METRICS_PORT must be 0 (off) or a TCP port, got {self.worker_metrics_port}")
         if self.env != "production":

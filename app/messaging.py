@@ -84,7 +84,8 @@ class MessageIntake:
 
     `publish(payload)` must return only once the broker confirmed the message
     and raise Unavailable otherwise; with `publish_records_acks` it also calls
-    `record_acks` for what it published (the gateway's batches do, once per batch).
+    `record_acks` for what it published. `claim` may gather the dedupe claims
+    of concurrent sends into one `claim_many` (the gateway batches both).
 
     Dedupe lives in Redis (fast path). Redis may forget (flush, restart), so
     for DEDUPE_TTL after it last did, a miss is checked against MySQL's
@@ -94,12 +95,14 @@ class MessageIntake:
     """
 
     def __init__(self, storage: Storage, ids: LeasedIds, publish: Callable[[dict], None],
-                 clock: Callable[[], float] = time.time, publish_records_acks: bool = False):
+                 clock: Callable[[], float] = time.time, publish_records_acks: bool = False,
+                 claim: Callable[[tuple[str, str, int]], list] | None = None):
         self.storage = storage
         self.redis = storage.redis
         self.ids = ids
         self.publish = publish
         self.publish_records_acks = publish_records_acks
+        self.claim = claim or (lambda item: self.claim_many([item])[0])
         self.clock = clock
         self.dedupe_ttl = storage.settings.dedupe_ttl_seconds
         self.recovery_seconds = storage.settings.dedupe_recovery_seconds
@@ -119,8 +122,7 @@ class MessageIntake:
             # retry publishes this same id, and persist collapses copies by id.
             now = self.clock()
             fresh = f"p:{self._next_id()}:{int(now * 1000)}"
-            value, since = self.storage.script(_CLAIM_SCRIPT)(
-                keys=[key, DEDUPE_SINCE_KEY], args=[fresh, self.dedupe_ttl, int(now * 1000)])
+            value, since = self.claim((key, fresh, int(now * 1000)))
             fresh_record = value == ""
             value = fresh if fresh_record else value
             memory_age = max(0.0, now - int(since) / 1000)
@@ -158,6 +160,14 @@ class MessageIntake:
         elif not self.publish_records_acks:
             self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
         return ack
+
+    def claim_many(self, items: list[tuple[str, str, int]]) -> list:
+        """Dedupe claims (record key, pending value, now in ms) in one round trip: for each,
+        [the record's value before, or "" if this claim made it; ms since Redis remembers]."""
+        script, pipe = self.storage.script(_CLAIM_SCRIPT), self.redis.pipeline(transaction=False)
+        for key, pending, now_ms in items:
+            script(keys=[key, DEDUPE_SINCE_KEY], args=[pending, self.dedupe_ttl, now_ms], client=pipe)
+        return pipe.execute()
 
     def record_acks(self, payloads: list[dict]) -> None:
         """After the broker confirmed these messages: their dedupe records become final

@@ -54,10 +54,13 @@ class Storage:
         self.read_engine = make_engine(settings.database_replica_url) if settings.database_replica_url \
             else self.engine
         self.read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
-        self.redis = redis.Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=3,
-            health_check_interval=30,
-        )
+        # A blocking pool: past max_connections a caller waits (up to 5 s) for a free
+        # connection instead of failing; a gateway's bursts (a presence rewrite, then
+        # every greenlet that queued behind it) stay errors-free.
+        self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, timeout=5, decode_responses=True,
+            socket_timeout=5, socket_connect_timeout=3, health_check_interval=30,
+        ))
         self._scripts: dict = {}
 
     @contextmanager

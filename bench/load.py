@@ -311,6 +311,43 @@ def keepalive(conns: list[Conn]) -> None:
                 pass
 
 
+def _tree_pids(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def component_cpu(procs) -> dict[str, float]:
+    """CPU seconds used so far by each component's process tree ("gateways" summed) and this bench."""
+    totals: dict[str, float] = {}
+    for proc in procs:
+        name = "gateways" if proc.name.startswith("gateway") or proc.name.startswith("gw") else proc.name
+        totals[name] = totals.get(name, 0.0) + sum(_cpu_seconds(pid) for pid in _tree_pids(proc.proc.pid))
+    totals["bench_client"] = _cpu_seconds(os.getpid())
+    return totals
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=20)
@@ -382,7 +419,8 @@ def main() -> int:
         print(f"{len(conns)} connections open; sending for {args.seconds:g} s at "
               f"{'max rate' if not args.rate else f'{args.rate:g} msg/s'}...", flush=True)
 
-        # Send phase.
+        # Send phase. CPU is counted from here to the end of live delivery, per component.
+        cpu_before = component_cpu(procs)
         n = args.users
         budget = int(args.rate * args.seconds / n) + 1 if args.rate else MAX_MESSAGES // n
         interval = n / args.rate if args.rate else None
@@ -433,6 +471,7 @@ def main() -> int:
             time.sleep(0.1)
             tick("waiting for delivery")
         progress(run, t0, "live phase done")
+        cpu_used = {name: round(seconds - cpu_before.get(name, 0.0), 2) for name, seconds in component_cpu(procs).items()}
         queued_at_end = queue_depths(services)
         if queued_at_end:
             # Acked but still queued is late, not lost: let the workers store it before syncing.
@@ -525,6 +564,10 @@ def main() -> int:
             "ack_ms_p50": ms(percentile(ack_lat, 50)), "ack_ms_p99": ms(percentile(ack_lat, 99)),
             "deliver_ms_p50": ms(percentile(del_lat, 50)), "deliver_ms_p99": ms(percentile(del_lat, 99)),
             "deliver_ms_max": ms(max(del_lat) if del_lat else None),
+            # CPU per delivered message, by component (every process of it, over the live phase):
+            # holds on a shared machine, where rates do not.
+            "cpu_ms_per_message": {name: round(1000 * seconds / max(len(live), 1), 3)
+                                   for name, seconds in cpu_used.items()},
             "delivered_by_sync": delivered_by_sync, "lost": lost, "duplicated": duplicated,
             "stored_rows": counts["rows"], "stored_twice": stored_twice, "dup_in_sync": dup_in_sync,
             "stored_not_acked": stored_not_acked, "acked_not_stored": acked_not_stored,

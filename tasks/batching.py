@@ -1,11 +1,11 @@
 """Consumer-side batching for persist_message, with our delivery guarantees.
 
 The worker buffers the task messages it receives and runs the task once per
-buffer: as soon as `flush_every` messages are there, or `flush_interval`
-seconds after the first one came, whichever is first; while every pool
-process is busy the buffer keeps growing and goes to the first one free.
-Under load one run stores hundreds of messages in one transaction; at low
-load a message waits at most `flush_interval`. (The idea of celery-batches, which pins
+buffer. A message that finds a pool process free goes at once (or, with a
+`flush_interval`, waits that long for company); while every process is busy
+the buffer grows, up to `flush_every`, and goes to the first one free. So at
+low load nothing waits, and under load one run stores hundreds of messages
+in one transaction: the batch size follows the load by itself. (The idea of celery-batches, which pins
 celery < 5.7 and acks every message of a batch whatever happened to it.)
 
 The task's run(items) gets BatchItems and returns a verdict per item id; the
@@ -77,9 +77,9 @@ class BatchTask(Task):
 
         def add(request: Request) -> None:
             buffer.append(request)
-            if len(buffer) >= self.flush_every:
+            if len(buffer) >= self.flush_every or (not self.flush_interval and running[0] < processes):
                 flush()
-            elif flush_timer[0] is None:
+            elif flush_timer[0] is None and self.flush_interval:
                 flush_timer[0] = consumer.timer.call_after(self.flush_interval, flush)
 
         def released(request: Request) -> None:  # a delayed retry whose time has come

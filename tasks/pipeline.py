@@ -306,6 +306,13 @@ class PersistPublisher:
         self.timeout = timeout
         self._local = threading.local()
 
+    def publish_all(self, payloads: list[dict]) -> None:
+        """Publish accepted messages: one task for the private ones, one for the group ones."""
+        private = [p for p in payloads if p.get("group_id") is None]
+        for batch in (private, [p for p in payloads if p.get("group_id") is not None]):
+            if batch:
+                self.publish(batch)
+
     def publish(self, payloads: list[dict]) -> None:
         """Publish accepted messages, all private or all group, as one persist_message task to
         private_messages or group_messages; returns once RabbitMQ confirmed it."""

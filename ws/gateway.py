@@ -29,7 +29,7 @@ from app.presence import DELIVERY_CHANNEL, Presence, now_ms
 from app.ratelimit import Limit, LocalBucket, take
 from app.snowflake import LeasedIds, NodeLease
 from app.storage import Storage
-from ws.publisher import BatchPublisher
+from ws.publisher import BatchedCalls
 from ws.frames import (
     check_clock, client_msg_id_of, parse_frame, parse_id, parse_read, parse_send, verify_signature,
 )
@@ -60,7 +60,6 @@ class Connection:
         self.conn_id = conn_id
         self.gateway_id = gateway_id
         self.connected_at = now_ms()
-        self.last_presence_refresh = 0.0
         self.busy = False  # handling a frame: a drain waits for its answer
         self.close_code: int | None = None  # the code this gateway closed the socket with
         self._outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_LIMIT)
@@ -148,10 +147,18 @@ class Gateway:
 
             self.ids = LeasedIds(NodeLease(self.storage.redis))
             timeout = self.settings.publish_timeout_seconds
-            publisher = BatchPublisher(PersistPublisher(timeout).publish, timeout, self.settings.publish_batch_max,
-                                       self.settings.publish_in_flight,
-                                       after_publish=lambda payloads: self.intake.record_acks(payloads))
-            self.intake = MessageIntake(self.storage, self.ids, publisher.publish, publish_records_acks=True)
+            persist = PersistPublisher(timeout)
+
+            def publish_many(payloads: list[dict]) -> list:
+                persist.publish_all(payloads)
+                self.intake.record_acks(payloads)
+                return [None] * len(payloads)
+
+            # Concurrent sends share round trips (ws/publisher.py): dedupe claims, then publishes.
+            publish = BatchedCalls("the message broker", publish_many, timeout * 4 + 5,
+                                   self.settings.publish_batch_max, self.settings.publish_in_flight)
+            claim = BatchedCalls("the dedupe store", lambda items: self.intake.claim_many(items), 10, 500)
+            self.intake = MessageIntake(self.storage, self.ids, publish, publish_records_acks=True, claim=claim)
             self.presence.mark_gateway_alive(self.gateway_id)
             threading.Thread(target=self._delivery_loop, daemon=True, name="delivery").start()
             threading.Thread(target=self._maintenance_loop, daemon=True, name="maintenance").start()
@@ -353,14 +360,10 @@ class Gateway:
                            retry_after_ms=wait_ms)
 
     def _on_ping(self, conn: Connection, frame: dict) -> None:
+        # No presence write here: the maintenance loop rewrites every connection's entry
+        # each heartbeat interval, in chunks (a Redis round trip per ping was a third of
+        # an idle gateway's CPU, docs/benchmarks.md).
         conn.send({"type": "pong"})
-        now = time.monotonic()
-        if now - conn.last_presence_refresh >= 10:  # a ping storm must not become a Redis storm
-            conn.last_presence_refresh = now
-            try:
-                self.presence.refresh([(conn.user_id, conn.conn_id, conn.gateway_id, conn.connected_at)])
-            except Exception as exc:  # the maintenance loop re-registers once Redis is back
-                log.warning("conn %s: presence refresh failed (%s)", conn.conn_id, exc.__class__.__name__)
 
     def _on_send(self, conn: Connection, frame: dict) -> None:
         req = parse_send(frame, self.settings.message_max_content_bytes)
