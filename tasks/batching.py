@@ -26,6 +26,7 @@ from typing import NamedTuple
 from celery import Task, signals
 from celery.utils.time import timezone
 from celery.worker.request import Request, create_request_cls
+from kombu.asynchronous.timer import to_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,9 @@ class BatchTask(Task):
                              retries=request.request_dict.get("retries", 0),
                              eta=request.eta and request.eta.isoformat())
             if request.eta:  # held, not buffered, until due; it must not hold the prefetch window
-                eta = timezone.to_system(request.eta).timestamp() if request.utc else request.eta.timestamp()
+                # The worker's timer runs on the monotonic clock (kombu's to_timestamp converts).
+                eta = to_timestamp(timezone.to_system(request.eta)) if request.utc \
+                    else to_timestamp(request.eta, app.timezone)
                 consumer.qos.increment_eventually()
                 consumer.timer.call_at(eta, released, (request,), priority=6)
             else:

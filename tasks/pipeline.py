@@ -16,13 +16,15 @@ from celery.signals import worker_process_init, worker_ready
 from kombu import Producer
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from app import maintenance, metrics
 from app.config import Settings
 from app.errors import Unavailable
 from app.group_messages import fan_out_group_message, persist_group_message
-from app.messaging import dispatch_private_message, dispatch_private_messages, persist_private_messages
+from app.messaging import (
+    dispatch_private_message, dispatch_private_messages, persist_private_message, persist_private_messages,
+)
 from app.presence import sweep_presence as sweep_presence_entries
 from app.push import (
     COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, PRIORITY_GROUP, PRIORITY_PRIVATE, attempt_push, mark_queued, plan_digest,
@@ -61,31 +63,38 @@ def _fresh_connections(**_):
 _SETTINGS = Settings.from_env()
 
 
-@app.task(base=BatchTask, acks_late=True, flush_every=_SETTINGS.persist_batch_max,
+# typing=False: the worker calls run(items) with the buffered task messages, while
+# callers publish persist_message(messages, attempt=0, alone=False).
+@app.task(base=BatchTask, acks_late=True, typing=False, flush_every=_SETTINGS.persist_batch_max,
           flush_interval=_SETTINGS.persist_batch_wait_ms / 1000)
 def persist_message(items: list[BatchItem]) -> dict:
     """Store accepted messages, then hand them to dispatch.
 
-    Called as persist_message(messages, attempt=0): `messages` is one accepted
-    message or a gateway's batch of them. The worker buffers these tasks
+    Called as persist_message(messages, attempt=0, alone=False): `messages` is one
+    accepted message or a gateway's batch of them. The worker buffers these tasks
     (tasks/batching.py) and runs this once per buffer: the private messages of
     all of them in one transaction and one `dispatch_messages`; a group message
     on its own, fanned out in chunks of members. Returns how each task message
-    is settled.
+    is settled. A message that fails for good is set aside as a task of its own
+    (`alone`), which is dead-lettered when it fails again; the others are kept.
     """
+    verdicts = {item.id: _persist_set_aside(item) for item in items if item.kwargs.get("alone")}
+    batch = [item for item in items if not item.kwargs.get("alone")]
+    if not batch:
+        return verdicts
     try:
-        return _persist_items(items)
-    except TRANSIENT as exc:  # the database, Redis or broker away: all of them wait and retry
-        return {item.id: _retry_later(item, exc) for item in items}
-    except Exception:
-        if len(items) == 1:
-            log.exception("persist_message %s fails for good; dead-lettered for an operator", items[0].id)
-            metrics.TASK_FAILURES.labels("persist_message").inc()
-            return {items[0].id: REJECT}
-    verdicts = {}  # one message of the batch fails for good: find it, keep the others
-    for item in items:
-        verdicts.update(persist_message.run([item]))
+        verdicts.update(_persist_items(batch))
+    except Exception as exc:
+        if _transient(exc):  # the database, Redis or broker away: all of them wait and retry
+            verdicts.update({item.id: _retry_later(item, exc) for item in batch})
+        else:  # something in the batch fails for good: find it, keep the others
+            verdicts.update({item.id: _persist_one_by_one(item) for item in batch})
     return verdicts
+
+
+def _transient(exc: Exception) -> bool:
+    # An IntegrityError that persist could not explain is a bug to look at, not an outage to wait out.
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, IntegrityError)
 
 
 def _payloads(item: BatchItem) -> list[dict]:
@@ -93,10 +102,51 @@ def _payloads(item: BatchItem) -> list[dict]:
     return [messages] if isinstance(messages, dict) else list(messages)
 
 
-def _persist_items(items: list[BatchItem]) -> dict:
+def _persist_one_by_one(item: BatchItem) -> str:
+    """Each message of a task on its own; one that fails for good is set aside."""
+    try:
+        for payload in _payloads(item):
+            try:
+                _persist_items([item._replace(args=[payload], kwargs={})])
+            except Exception as exc:
+                if _transient(exc):
+                    raise
+                log.warning("msg %s fails (%s); set aside to be dead-lettered alone", payload.get("msg_id"),
+                            exc.__class__.__name__)
+                _set_aside(payload, item.routing_key)
+    except Exception as exc:
+        return _retry_later(item, exc) if _transient(exc) else REQUEUE  # REQUEUE: the broker refused the set-aside
+    return ACK
+
+
+def _persist_set_aside(item: BatchItem) -> str:
+    """A message set aside: stored on its own (an id collision raises here), or dead-lettered."""
+    try:
+        _persist_items([item], strict=True)
+        return ACK
+    except Exception as exc:
+        if _transient(exc):
+            return _retry_later(item, exc)
+        log.exception("persist_message %s fails for good; dead-lettered for an operator", item.id)
+        metrics.TASK_FAILURES.labels("persist_message").inc()
+        return REJECT
+
+
+def _set_aside(payload: dict, routing_key: str | None) -> None:
+    persist_message.apply_async(args=[payload], kwargs={"alone": True}, argsrepr=f"[msg {payload.get('msg_id')}]",
+                                **_route(routing_key))
+
+
+def _route(routing_key: str | None) -> dict:
+    return {"queue": "group_messages", "routing_key": "group.message"} if routing_key == "group.message" else {}
+
+
+def _persist_items(items: list[BatchItem], strict: bool = False) -> dict:
     batch = [payload for item in items for payload in _payloads(item)]
     private = [m for m in batch if m.get("group_id") is None]
-    outcomes = persist_private_messages(storage(), private)
+    # strict: one at a time, and an id collision raises instead of coming back `collided`.
+    outcomes = [persist_private_message(storage(), m) for m in private] if strict \
+        else persist_private_messages(storage(), private)
     for outcome in outcomes:
         metrics.message_persisted(outcome.stored)
     origins = {str(m["msg_id"]): m.get("origin_conn") for m in private}
@@ -107,7 +157,8 @@ def _persist_items(items: list[BatchItem]) -> dict:
         dispatch_messages.apply_async(args=[todo], argsrepr=f"[{len(todo)} messages: {todo[0][0]} …]")
     for payload, outcome in zip(private, outcomes):
         if outcome.collided:  # alone, it fails and is dead-lettered for an operator (docs/operations.md)
-            persist_message.apply_async(args=[payload], argsrepr=f"[msg {outcome.msg_id}, id collision]")
+            log.critical("msg %s: its id is taken by another message; set aside", outcome.msg_id)
+            _set_aside(payload, "private.message")
     groups = [_persist_group(m) for m in batch if m.get("group_id") is not None]
     log.info("persisted %d message(s) from %d task(s): %d new, %d group", len(batch), len(items),
              sum(o.stored for o in outcomes), len(groups))
@@ -120,10 +171,8 @@ def _retry_later(item: BatchItem, exc: Exception) -> str:
     delay = random.uniform(0.5, 1.0) * min(30, 2 ** attempt)
     try:
         persist_message.apply_async(
-            args=[_payloads(item)], kwargs={"attempt": attempt}, countdown=delay,
-            **({"queue": "group_messages", "routing_key": "group.message"} if item.routing_key == "group.message"
-               else {}),
-            argsrepr="[message payload not shown]")
+            args=[_payloads(item)], kwargs={"attempt": attempt, "alone": bool(item.kwargs.get("alone"))},
+            countdown=delay, argsrepr="[message payload not shown]", **_route(item.routing_key))
     except Exception:  # the broker is away too: back to the queue as it is
         return REQUEUE
     log.warning("persist_message %s: %s; retry %d in %.1f s", item.id, exc.__class__.__name__, attempt, delay)

@@ -253,10 +253,8 @@ def test_a_message_whose_id_another_message_holds_comes_back_collided_and_the_re
 
 def test_a_poison_message_in_a_gateway_batch_does_not_take_the_good_ones_with_it(
         real_services, cluster, make_user, connect, storage, ids):
-    # KNOWN BUG (fails with 222f32e and 7b03ae3): persist_message settles a task message as a whole, and a
-    # gateway's batch is ONE task message. So one payload that fails for good dead-letters every acked message
-    # published with it: they are never stored nor delivered, and replaying the dead letter fails again for the
-    # same reason. Before batching each message was its own task and only the bad one was dead-lettered.
+    # A gateway's batch is ONE task message: a payload that fails for good is set aside as a task of its
+    # own and dead-lettered alone; the acked messages published with it are stored and delivered.
     from tasks.dead_letters import dead_letter_count
     from tasks.pipeline import persist_message
 
@@ -479,11 +477,7 @@ def test_a_database_failure_mid_batch_retries_the_batch_without_loss_or_duplicat
     assert sorted(_assert_gap_free(storage, bob.user_id)) == sorted(map(int, all_ids))
     for i, sender in enumerate(senders):
         assert sorted(_assert_gap_free(storage, sender.user_id)) == sorted(int(a["msg_id"]) for a in acks[i])
-    # KNOWN BUG (fails with 222f32e and 7b03ae3): the failed batch must be queued again after a backoff
-    # (tasks/pipeline.py _retry_later, logged "retry N in X s", counted in netherlink task retries).
-    # _retry_later publishes persist_message(messages, attempt=N), but the task is persist_message(items):
-    # Celery's argument check raises TypeError, which `except Exception: return REQUEUE` swallows. So every
-    # transient failure (database or Redis away, deadlock, lock wait timeout) gives the batch straight back
-    # to the queue: no backoff, no log line, no retry metric, a hot redelivery loop for as long as it lasts.
+    # The failed batch is queued again after a backoff (tasks/pipeline.py _retry_later, logged
+    # "retry N in X s"), not given straight back to the queue (a hot loop while the outage lasts).
     log = cluster.persist.log_text()[log_mark:]
     assert " retry 1 in " in log, "the batch was not retried with a backoff: " + log[-1500:]
