@@ -345,7 +345,23 @@ def component_cpu(procs) -> dict[str, float]:
         name = "gateways" if proc.name.startswith("gateway") or proc.name.startswith("gw") else proc.name
         totals[name] = totals.get(name, 0.0) + sum(_cpu_seconds(pid) for pid in _tree_pids(proc.proc.pid))
     totals["bench_client"] = _cpu_seconds(os.getpid())
+    # The services serve everyone on the machine: their share is this run's only when nothing else runs.
+    for name, comm in (("mariadb", "mariadbd"), ("rabbitmq", "beam.smp"), ("redis", "redis-server")):
+        totals[name] = sum(_cpu_seconds(pid) for pid in _pids_named(comm))
     return totals
+
+
+def _pids_named(comm: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == comm:
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
 
 
 def main() -> int:

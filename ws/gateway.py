@@ -6,14 +6,15 @@ the code also runs with real threads under a plain WSGI server.
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
 import uuid
 
+import gevent
 from simple_websocket import ConnectionClosed
 
 from app import metrics
@@ -62,17 +63,19 @@ class Connection:
         self.connected_at = now_ms()
         self.busy = False  # handling a frame: a drain waits for its answer
         self.close_code: int | None = None  # the code this gateway closed the socket with
-        self._outbox: queue.Queue = queue.Queue(maxsize=OUTBOX_LIMIT)
-        self._writer = threading.Thread(target=self._write_loop, daemon=True, name=f"writer-{conn_id}")
-        self._writer.start()
+        # Frames wait here for the writer, a greenlet that runs only while there is
+        # something to write: an idle connection holds no writer (memory per socket).
+        self._outbox: collections.deque = collections.deque()
+        self._writer: gevent.Greenlet | None = None
+        self._accepting = True
 
     def send(self, frame: dict | str) -> None:
         data = frame if isinstance(frame, str) else json.dumps(frame, ensure_ascii=False)
-        try:
-            self._outbox.put_nowait(data)
-        except queue.Full:
+        if len(self._outbox) >= OUTBOX_LIMIT:
             log.warning("conn %s: client too slow, %d frames queued; closing", self.conn_id, OUTBOX_LIMIT)
             self.close(CLOSE_TOO_SLOW, "too slow: reconnect and sync")
+            return
+        self._queue(data)
 
     def close(self, code: int, reason: str) -> None:
         try:
@@ -83,34 +86,45 @@ class Connection:
 
     def close_after_queued(self, code: int, reason: str) -> None:
         """Close once the frames already queued (an ack, say) are written; never blocks the caller."""
-        try:
-            self._outbox.put_nowait(_Close(code, reason))
-        except queue.Full:
-            self.close(code, reason)
+        self._queue(_Close(code, reason))
 
     def flush(self, timeout: float) -> None:
         """Wait until the writer has written everything queued (and any close queued)."""
-        self._writer.join(timeout)
+        writer = self._writer
+        if writer is not None:
+            writer.join(timeout)
 
     def stop(self) -> None:
-        try:
-            self._outbox.put_nowait(None)
-        except queue.Full:
-            pass
+        """No more frames; what is queued is still written (if the socket is open)."""
+        self._accepting = False
+
+    def _queue(self, item) -> None:
+        if not self._accepting:
+            return
+        self._outbox.append(item)
+        if self._writer is None:  # greenlets switch only where they block: no race with the writer's exit
+            self._writer = gevent.spawn(self._write_loop)
 
     def _write_loop(self) -> None:
-        while True:
-            data = self._outbox.get()
-            if isinstance(data, _Close):
-                self.close(data.code, data.reason)
-                return
-            if data is None or not self.ws.connected:
-                return
-            try:
-                self.ws.send(data)
-                metrics.frame_out(data)
-            except (ConnectionClosed, OSError):
-                return
+        try:
+            while self._outbox:
+                data = self._outbox.popleft()
+                if isinstance(data, _Close):
+                    self._accepting = False
+                    self.close(data.code, data.reason)
+                    return
+                if not self.ws.connected:
+                    return
+                try:
+                    self.ws.send(data)
+                    metrics.frame_out(data)
+                except (ConnectionClosed, OSError):
+                    self._accepting = False
+                    return
+        finally:
+            self._writer = None
+            if not self._accepting:
+                self._outbox.clear()
 
 
 class _Close:
