@@ -14,10 +14,34 @@ from app.ratelimit import Limit, take, warn_unenforced
 sock = Sock()
 
 
+class _ReaderGreenlet:
+    """simple-websocket's per-socket reader as a bare greenlet: under gevent a
+    threading.Thread is a greenlet plus a wrapper with its own locks and events,
+    kept for the socket's whole life (memory per idle connection)."""
+
+    name = "simple_websocket.Base._thread"
+
+    def __init__(self, target):
+        self._target = target
+
+    def start(self) -> None:
+        import gevent
+
+        gevent.spawn(self._target)
+
+
 def init_gateway(app: Flask) -> None:
     from ws.gateway import Gateway
 
     app.extensions["netherlink.gateway"] = Gateway(app.config["SETTINGS"], app.extensions["netherlink.storage"])
+    try:
+        from gevent import monkey
+        from gevent.event import Event
+
+        if monkey.is_module_patched("threading"):  # the gunicorn gevent worker
+            app.config["SOCK_SERVER_OPTIONS"].update(thread_class=_ReaderGreenlet, event_class=Event)
+    except ImportError:
+        pass
     sock.init_app(app)
 
     @app.before_request
