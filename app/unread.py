@@ -116,6 +116,42 @@ def is_unread_by(session, user_id: int, message: Message) -> bool:
     return (read_upto or 0) < message.id
 
 
+def unread_states(session, wanted) -> dict[tuple[int, int], str | None]:
+    """`is_unread_by` for many (user id, msg id) pairs in two queries: None while the
+    message is unread by that user, else why not ("read", or "recalled").
+
+    A message that does not exist counts as read.
+    """
+    wanted = set(wanted)
+    if not wanted:
+        return {}
+    messages = {m.id: m for m in session.execute(
+        select(Message.id, Message.status, Message.is_group, Message.receiver_id, Message.conversation_id)
+        .where(Message.id.in_({msg_id for _, msg_id in wanted}))).all()}
+    group_pairs = {(uid, messages[mid].conversation_id) for uid, mid in wanted
+                   if mid in messages and messages[mid].is_group}
+    read_upto = {}
+    if group_pairs:  # a superset of the pairs (every user x every conversation); the exact ones are picked below
+        read_upto = {(r.user_id, r.conversation_id): r.last_read_msg_id for r in session.execute(
+            select(Conversation.user_id, Conversation.conversation_id, Conversation.last_read_msg_id)
+            .where(Conversation.user_id.in_({uid for uid, _ in group_pairs}),
+                   Conversation.conversation_id.in_({cid for _, cid in group_pairs}))).all()}
+    states = {}
+    for user_id, msg_id in wanted:
+        message = messages.get(msg_id)
+        if message is None:
+            states[user_id, msg_id] = "read"
+        elif message.status == STATUS_RECALLED:
+            states[user_id, msg_id] = "recalled"
+        elif not message.is_group:
+            unread = message.receiver_id == user_id and message.status == STATUS_UNREAD
+            states[user_id, msg_id] = None if unread else "read"
+        else:
+            unread = (read_upto.get((user_id, message.conversation_id)) or 0) < msg_id
+            states[user_id, msg_id] = None if unread else "read"
+    return states
+
+
 def _counts_from_mysql(storage: Storage, user_id: int) -> tuple[int, dict[str, int]]:
     with storage.session() as session:  # one snapshot: the position and the counts agree
         seq = session.scalar(select(User.inbox_seq).where(User.id == user_id)) or 0

@@ -22,8 +22,8 @@ from app.group_messages import fan_out_group_message, persist_group_message
 from app.messaging import dispatch_private_message, dispatch_private_messages, persist_private_messages
 from app.presence import sweep_presence as sweep_presence_entries
 from app.push import (
-    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, PRIORITY_GROUP, PRIORITY_PRIVATE, attempt_push, mark_queued, plan_digest,
-    plan_pushes, schedule_once,
+    COALESCE_KEY, DIGEST_KEY, MISSING, PRIORITY_DIGEST, PRIORITY_GROUP, PRIORITY_PRIVATE, attempt_pushes, mark_queued,
+    plan_digest, plan_pushes, schedule_once,
 )
 from app.storage import Storage
 from tasks import app
@@ -183,7 +183,7 @@ def dispatch_group_message(self, msg_id: str, origin_conn: str | None, member_id
     return {"msg_id": msg_id, "live": outcome.live_connections, "offline": len(outcome.offline_users)}
 
 
-def enqueue(task, args: list, priority: int, countdown: float | None = None) -> None:
+def enqueue(task, args: list, priority: int, countdown: float | None = None, kwargs: dict | None = None) -> None:
     """Publish a push_tasks task at our priority (1-10, higher first).
 
     RabbitMQ serves higher numbers first; kombu's Redis transport (the
@@ -191,7 +191,12 @@ def enqueue(task, args: list, priority: int, countdown: float | None = None) -> 
     """
     if not storage().settings.broker_is_amqp:
         priority = 10 - priority
-    task.apply_async(args=args, priority=priority, countdown=countdown)
+    task.apply_async(args=args, kwargs=kwargs, priority=priority, countdown=countdown)
+
+
+def queue_delivery(push_id: int, priority: int, attempt: int = 0, countdown: float | None = None) -> None:
+    """deliver_push(push_id, attempt): the attempt of a push_log row made when it has `attempt` attempts."""
+    enqueue(deliver_push, [push_id], priority, countdown=countdown, kwargs={"attempt": attempt})
 
 
 def schedule_push(msg_id: str, user_id: int, priority: int, redelivered: bool = False) -> None:
@@ -213,7 +218,7 @@ def send_push(self, msg_id: str, user_id: str, priority: int = PRIORITY_PRIVATE)
     s = storage()
     plan = plan_pushes(s, int(user_id))
     for push_id in plan.push_ids:
-        enqueue(deliver_push, [push_id], plan.priority)
+        queue_delivery(push_id, plan.priority)
     if plan.digest and schedule_once(s, DIGEST_KEY.format(user_id), s.settings.email_digest_delay_seconds):
         enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=s.settings.email_digest_delay_seconds)
         mark_queued(s, DIGEST_KEY.format(user_id))
@@ -222,14 +227,84 @@ def send_push(self, msg_id: str, user_id: str, priority: int = PRIORITY_PRIVATE)
     return {"user_id": user_id, "pushes": plan.push_ids, "skipped": plan.skipped}
 
 
-@app.task(bind=True, acks_late=True, **RETRY)
-def deliver_push(self, push_id: int) -> dict:
-    """One attempt of one push_log row; a temporary failure schedules the next attempt."""
+@app.task(base=BatchTask, acks_late=True, flush_every=_SETTINGS.push_batch_max,
+          flush_interval=_SETTINGS.push_batch_wait_ms / 1000, batches_in_flight=_SETTINGS.push_batches_in_flight)
+def deliver_push(items: list[BatchItem]) -> dict:
+    """Attempts of push_log rows; a temporary failure schedules the row's next attempt.
+
+    Called as deliver_push(push_id, attempt=None): `attempt` is the number of
+    attempts the row had when this delivery was queued (None, from tasks
+    queued before it existed: whatever it has). The worker buffers these tasks
+    (tasks/batching.py) and runs this once per buffer: one `attempt_pushes`
+    over all of them (one transaction, concurrent APNs requests). Returns how
+    each task message is settled.
+    """
+    verdicts, wanted = {}, {}
+    for item in items:
+        try:
+            wanted[item.id] = _delivery(item)
+        except (IndexError, KeyError, TypeError, ValueError):
+            log.error("deliver_push %s: malformed arguments %r %r; dead-lettered", item.id, item.args, item.kwargs)
+            verdicts[item.id] = REJECT
+    if not wanted:
+        return verdicts
     s = storage()
-    result = attempt_push(s, push_id, providers(), s.settings.push_max_retries, s.settings.push_retry_base_seconds)
-    if result.retry_in is not None:
-        enqueue(deliver_push, [push_id], result.priority, countdown=result.retry_in)
-    return {"push_id": push_id, "status": result.status, "retry_in": result.retry_in}
+    try:
+        results = attempt_pushes(s, wanted.values(), providers(), s.settings.push_max_retries,
+                                 s.settings.push_retry_base_seconds, before_commit=_queue_retries)
+    except TRANSIENT as exc:  # the database, Redis or broker away: all of them wait and retry
+        return {**verdicts, **{item.id: _retry_delivery_later(item, exc) for item in items if item.id in wanted}}
+    except Exception:
+        if len(wanted) == 1:
+            log.exception("deliver_push %s fails for good; dead-lettered for an operator", next(iter(wanted)))
+            metrics.TASK_FAILURES.labels("deliver_push").inc()
+            return {**verdicts, next(iter(wanted)): REJECT}
+        log.exception("deliver_push: a batch of %d failed; trying them one by one", len(wanted))
+        for item in items:  # find the one that fails for good, deliver the others
+            if item.id in wanted:
+                verdicts.update(deliver_push.run([item]))
+        return verdicts
+    for item_id, (push_id, _) in wanted.items():
+        if results[push_id].status == MISSING:
+            log.error("deliver_push %s: push %s does not exist; dead-lettered", item_id, push_id)
+            metrics.TASK_FAILURES.labels("deliver_push").inc()
+            verdicts[item_id] = REJECT
+        else:
+            verdicts[item_id] = ACK
+    stale = sum(r.stale for r in results.values())
+    log.info("delivered %d push(es) from %d task(s)%s", len(results) - stale, len(items),
+             f"; {stale} had nothing to do (already done, or not at that attempt)" if stale else "")
+    return verdicts
+
+
+def _delivery(item: BatchItem) -> tuple[int, int | None]:
+    args, kwargs = list(item.args), dict(item.kwargs)
+    push_id = int(args[0] if args else kwargs["push_id"])
+    attempt = args[1] if len(args) > 1 else kwargs.get("attempt")
+    return push_id, None if attempt is None else int(attempt)
+
+
+def _queue_retries(results: dict) -> None:
+    """Before the outcomes commit: the next attempt of each row that failed temporarily."""
+    for result in results.values():
+        if result.retry_in is not None:
+            queue_delivery(result.push_id, result.priority, result.attempts, countdown=result.retry_in)
+
+
+def _retry_delivery_later(item: BatchItem, exc: Exception) -> str:
+    """Our own services failed (not the provider): the same delivery again after a capped, jittered backoff."""
+    push_id, attempt = _delivery(item)
+    retries = int(item.kwargs.get("retries", 0)) + 1
+    delay = random.uniform(0.5, 1.0) * min(30, 2 ** retries)
+    kwargs = {"attempt": attempt, "retries": retries} if attempt is not None else {"retries": retries}
+    try:
+        deliver_push.apply_async(args=[push_id], kwargs=kwargs, countdown=delay, priority=item.priority)
+    except Exception:  # the broker is away too: back to the queue as it is
+        return REQUEUE
+    log.warning("deliver_push %s (push %s): %s; retry %d in %.1f s", item.id, push_id, exc.__class__.__name__,
+                retries, delay)
+    metrics.TASK_RETRIES.labels("deliver_push").inc()
+    return ACK
 
 
 @app.task(bind=True, acks_late=True, **RETRY)
@@ -241,7 +316,7 @@ def send_digest(self, user_id: str) -> dict:
         s.redis.expire(DIGEST_KEY.format(user_id), int(plan.defer_seconds) + 3600)  # held until it goes out
         enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=plan.defer_seconds)
     if plan.push_id is not None:
-        enqueue(deliver_push, [plan.push_id], PRIORITY_DIGEST)
+        queue_delivery(plan.push_id, PRIORITY_DIGEST)
     return {"user_id": user_id, "push_id": plan.push_id, "deferred_s": plan.defer_seconds}
 
 

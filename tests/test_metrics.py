@@ -243,7 +243,8 @@ def test_push_outcomes_by_provider_and_result(stack, user, clients, storage):
     wait_until(lambda: (outcome("retry"), outcome("skipped")) == (1, 1), timeout=5, what="retry and skip counted")
     assert (outcome("success"), outcome("failed")) == (1, 1)
     push = scrape(stack.push.metrics_url)
-    assert sample(push, "netherlink_task_runtime_seconds_count", task="deliver_push") >= 4
+    # deliver_push runs once per batch: Bob's two pushes may share one, Carol's two attempts cannot.
+    assert sample(push, "netherlink_task_runtime_seconds_count", task="deliver_push") >= 3
     assert sample(push, "netherlink_task_runtime_seconds_count", task="send_push") >= 2
 
 
