@@ -20,15 +20,14 @@ from datetime import datetime, timezone
 from typing import Callable, Iterable
 
 from sqlalchemy import and_, case, delete, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
 
 from app import metrics
 from app.messaging import message_preview
 from app.providers import DeadToken, Delivered, PushRequest, TemporaryFailure
-from app.push_settings import load_preferences
-from app.storage import Storage
-from app.unread import latest_unread, unread_counts, unread_states
-from models import ChatGroup, Device, PushLog, User
+from app.push_settings import load_preferences, load_preferences_many
+from app.storage import Storage, insert_ignoring_duplicates
+from app.unread import latest_unread, latest_unread_ids, unread_states, unread_totals
+from models import ChatGroup, Device, Message, PushLog, User
 
 log = logging.getLogger(__name__)
 
@@ -67,63 +66,101 @@ class PushPlan:
 
 
 def plan_pushes(storage: Storage, user_id: int, now: datetime | None = None) -> PushPlan:
-    """Push the user's newest unread message to each enabled device, once.
+    """Push the user's newest unread message to each enabled device, once (`plan_pushes_many` of one)."""
+    return plan_pushes_many(storage, [user_id], now)[0]
 
-    Runs after the coalescing window: whatever arrived meanwhile is covered by
-    this one push (newest message, badge = total unread).
+
+def plan_pushes_many(storage: Storage, user_ids, now: datetime | None = None) -> list[PushPlan]:
+    """For each user: push their newest unread message to each enabled device, once.
+
+    Runs after a user's coalescing window: whatever arrived meanwhile is
+    covered by this one push (newest message, badge = total unread). One plan
+    per distinct user, in order. The users' settings, newest unread messages,
+    devices, senders and groups are read in a few set-based queries, the
+    badges in one Redis round trip, and the push_log rows written in one
+    transaction.
     """
     now = now or datetime.now(timezone.utc)
-    storage.redis.delete(COALESCE_KEY.format(user_id))  # later messages schedule a new push
-    plan = PushPlan(user_id)
+    user_ids = list(dict.fromkeys(int(uid) for uid in user_ids))
+    if not user_ids:
+        return []
+    pipe = storage.redis.pipeline(transaction=False)
+    for user_id in user_ids:  # later messages schedule a new push
+        pipe.delete(COALESCE_KEY.format(user_id))
+    pipe.execute()
+    plans = {user_id: PushPlan(user_id) for user_id in user_ids}
     with storage.sessions() as session:
-        prefs = load_preferences(session, user_id)
-        latest = next(iter(latest_unread(session, user_id, 1, prefs.muted_conversations)), None)
-        devices = session.scalars(select(Device).where(Device.user_id == user_id)).all()
-        sender = session.get(User, latest.sender_id).username if latest else None
-        group = session.get(ChatGroup, latest.group_id) if latest is not None and latest.is_group else None
-    plan.digest = bool(prefs.email and "email" in prefs.channels)
-    if latest is None:
-        plan.skipped = "nothing unread outside muted conversations (read elsewhere, recalled or muted)"
-        return plan
-    if prefs.is_quiet(now):
-        plan.skipped = "do-not-disturb hours"
-        return plan
-    # A coalesced push goes at the priority of what it shows, not of what opened the window.
-    priority = plan.priority = PRIORITY_GROUP if latest.is_group else PRIORITY_PRIVATE
-    badge = sum(unread_counts(storage, user_id).values())
-    body = message_preview(latest.message_type, latest.content, PREVIEW_CHARS)
-    title = sender
-    if group is not None:  # a group push: the group's name, and who wrote
-        title, body = group.name, f"{sender}: {body}"
-    payload = {"title": title if prefs.preview else "NetherLink", "body": body if prefs.preview else GENERIC_BODY,
-               "badge": badge, "conversation_id": latest.conversation_id, "msg_id": str(latest.id),
-               "preview": prefs.preview}
-    for device in devices:
-        provider = PROVIDER_BY_PLATFORM.get(device.platform)
-        if provider not in prefs.channels:
-            continue
-        push_id = _pending_row(storage, user_id, latest.id, provider, f"device:{device.id}", device.id, priority,
-                               payload)
+        prefs = load_preferences_many(session, user_ids)
+        newest = latest_unread_ids(session, {uid: prefs[uid].muted_conversations for uid in user_ids})
+        messages = {m.id: m for m in session.scalars(select(Message).where(Message.id.in_(set(newest.values()))))} \
+            if newest else {}
+        devices: dict[int, list] = {}
+        for device in session.execute(select(Device.id, Device.user_id, Device.platform)
+                                      .where(Device.user_id.in_(user_ids)).order_by(Device.id)).all():
+            devices.setdefault(device.user_id, []).append(device)
+        senders = dict(session.execute(select(User.id, User.username).where(
+            User.id.in_({m.sender_id for m in messages.values()}))).all()) if messages else {}
+        group_ids = {m.group_id for m in messages.values() if m.is_group}
+        groups = dict(session.execute(select(ChatGroup.id, ChatGroup.name).where(
+            ChatGroup.id.in_(group_ids))).all()) if group_ids else {}
+    to_push = []
+    for user_id, plan in plans.items():
+        p, latest = prefs[user_id], messages.get(newest.get(user_id))
+        plan.digest = bool(p.email and "email" in p.channels)
+        if latest is None:
+            plan.skipped = "nothing unread outside muted conversations (read elsewhere, recalled or muted)"
+        elif p.is_quiet(now):
+            plan.skipped = "do-not-disturb hours"
+        else:
+            to_push.append((plan, p, latest))
+    badges = unread_totals(storage, [plan.user_id for plan, _, _ in to_push])
+    rows = []
+    for plan, p, latest in to_push:
+        # A coalesced push goes at the priority of what it shows, not of what opened the window.
+        plan.priority = PRIORITY_GROUP if latest.is_group else PRIORITY_PRIVATE
+        sender = senders.get(latest.sender_id)
+        body, title = message_preview(latest.message_type, latest.content, PREVIEW_CHARS), sender
+        if latest.is_group and latest.group_id in groups:  # a group push: the group's name, and who wrote
+            title, body = groups[latest.group_id], f"{sender}: {body}"
+        payload = {"title": title if p.preview else "NetherLink", "body": body if p.preview else GENERIC_BODY,
+                   "badge": badges[plan.user_id], "conversation_id": latest.conversation_id,
+                   "msg_id": str(latest.id), "preview": p.preview}
+        for device in devices.get(plan.user_id, []):
+            provider = PROVIDER_BY_PLATFORM.get(device.platform)
+            if provider in p.channels:
+                rows.append((plan, dict(user_id=plan.user_id, message_id=latest.id, push_type=provider,
+                                        push_status=PENDING, target=f"device:{device.id}", device_id=device.id,
+                                        priority=plan.priority, payload=payload)))
+    ids = _pending_rows(storage, [row for _, row in rows])
+    for plan, row in rows:
+        push_id = ids.get((row["message_id"], row["user_id"], row["target"]))
         if push_id is not None:
             plan.push_ids.append(push_id)
-    return plan
+    return [plans[user_id] for user_id in user_ids]
+
+
+def _pending_rows(storage: Storage, rows: list[dict]) -> dict[tuple[int, int, str], int]:
+    """Create these pending push_log rows (a row that exists is kept as it is); the ids of those
+    to deliver now: new, or left pending untried by a planner run that died (a redelivered send_push).
+    A row that was already tried, or failed, has its own course and is left out."""
+    if not rows:
+        return {}
+    with storage.session() as session:
+        session.execute(insert_ignoring_duplicates(PushLog, storage.is_mysql), rows)
+        found = session.execute(select(PushLog.id, PushLog.message_id, PushLog.user_id, PushLog.target,
+                                       PushLog.push_status, PushLog.attempts)
+                                .where(PushLog.user_id.in_({r["user_id"] for r in rows}),
+                                       PushLog.message_id.in_({r["message_id"] for r in rows}))).all()
+    wanted = {(r["message_id"], r["user_id"], r["target"]) for r in rows}
+    return {(f.message_id, f.user_id, f.target): f.id for f in found
+            if (f.message_id, f.user_id, f.target) in wanted and f.push_status == PENDING and f.attempts == 0}
 
 
 def _pending_row(storage, user_id, msg_id, push_type, target, device_id, priority, payload) -> int | None:
     """The new push_log row for this target and message; None if it exists and was tried."""
-    try:
-        with storage.session() as session:
-            row = PushLog(user_id=user_id, message_id=msg_id, push_type=push_type, push_status=PENDING,
-                          target=target, device_id=device_id, priority=priority, payload=payload)
-            session.add(row)
-            session.flush()
-            return row.id
-    except IntegrityError:  # a redelivered send_push: reuse the row
-        with storage.sessions() as session:
-            row = session.scalar(select(PushLog).where(PushLog.message_id == msg_id, PushLog.user_id == user_id,
-                                                       PushLog.target == target))
-        # Only a row no delivery has touched yet: one in backoff or failed has its own course.
-        return row.id if row is not None and row.push_status == PENDING and row.attempts == 0 else None
+    return _pending_rows(storage, [dict(user_id=user_id, message_id=msg_id, push_type=push_type,
+                                        push_status=PENDING, target=target, device_id=device_id,
+                                        priority=priority, payload=payload)]).get((msg_id, user_id, target))
 
 
 @dataclass(frozen=True)

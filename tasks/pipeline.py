@@ -23,7 +23,7 @@ from app.messaging import dispatch_private_message, dispatch_private_messages, p
 from app.presence import sweep_presence as sweep_presence_entries
 from app.push import (
     COALESCE_KEY, DIGEST_KEY, MISSING, PRIORITY_DIGEST, PRIORITY_GROUP, PRIORITY_PRIVATE, attempt_pushes, mark_queued,
-    plan_digest, plan_pushes, schedule_once,
+    plan_digest, plan_pushes_many, schedule_once,
 )
 from app.storage import Storage
 from tasks import app
@@ -212,23 +212,99 @@ def schedule_push(msg_id: str, user_id: int, priority: int, redelivered: bool = 
         mark_queued(s, key)
 
 
-@app.task(bind=True, acks_late=True, **RETRY)
-def send_push(self, msg_id: str, user_id: str, priority: int = PRIORITY_PRIVATE) -> dict:
-    """Plan the pushes of an offline user (newest unread message, badge) and send them."""
+_PUSH_BATCH = dict(base=BatchTask, acks_late=True, flush_every=_SETTINGS.push_batch_max,
+                   flush_interval=_SETTINGS.push_batch_wait_ms / 1000,
+                   batches_in_flight=_SETTINGS.push_batches_in_flight)
+
+
+@app.task(**_PUSH_BATCH)
+def send_push(items: list[BatchItem]) -> dict:
+    """Plan the pushes of offline users (newest unread message, badge) and send them.
+
+    Called as send_push(msg_id, user_id, priority), once per user and
+    coalescing window. The worker buffers these tasks (tasks/batching.py) and
+    runs this once per buffer: each user's pushes planned (push_log rows), then
+    all of them attempted at once, as one `attempt_pushes` (no deliver_push
+    task for a first attempt; retries are deliver_push tasks). Returns how each
+    task message is settled.
+    """
+    return _push_batch(send_push, items, _planner_args, _plan_and_send)
+
+
+def _planner_args(item: BatchItem) -> tuple[str, int]:
+    args, kwargs = list(item.args), dict(item.kwargs)
+    msg_id = args[0] if args else kwargs["msg_id"]
+    user_id = int(args[1] if len(args) > 1 else kwargs["user_id"])
+    return str(msg_id), user_id
+
+
+def _plan_and_send(wanted: dict) -> dict:
     s = storage()
-    plan = plan_pushes(s, int(user_id))
-    for push_id in plan.push_ids:
-        queue_delivery(push_id, plan.priority)
-    if plan.digest and schedule_once(s, DIGEST_KEY.format(user_id), s.settings.email_digest_delay_seconds):
-        enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=s.settings.email_digest_delay_seconds)
-        mark_queued(s, DIGEST_KEY.format(user_id))
-    if plan.skipped:
-        log.info("user %s: no push for msg %s (%s)", user_id, msg_id, plan.skipped)
-    return {"user_id": user_id, "pushes": plan.push_ids, "skipped": plan.skipped}
+    users = {}  # one plan per user, however many of their tasks the batch holds
+    for msg_id, user_id in wanted.values():
+        users.setdefault(user_id, msg_id)
+    plans = plan_pushes_many(s, list(users))
+    todo = [(push_id, 0) for plan in plans for push_id in plan.push_ids]
+    if todo:
+        attempt_pushes(s, todo, providers(), s.settings.push_max_retries, s.settings.push_retry_base_seconds,
+                       before_commit=_queue_retries)
+    for plan in plans:
+        user_id = str(plan.user_id)
+        if plan.digest and schedule_once(s, DIGEST_KEY.format(user_id), s.settings.email_digest_delay_seconds):
+            enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=s.settings.email_digest_delay_seconds)
+            mark_queued(s, DIGEST_KEY.format(user_id))
+        if plan.skipped:
+            log.info("user %s: no push for msg %s (%s)", user_id, users[plan.user_id], plan.skipped)
+    log.info("planned pushes of %d user(s) from %d task(s): %d push(es) sent", len(users), len(wanted), len(todo))
+    return {item_id: ACK for item_id in wanted}
 
 
-@app.task(base=BatchTask, acks_late=True, flush_every=_SETTINGS.push_batch_max,
-          flush_interval=_SETTINGS.push_batch_wait_ms / 1000, batches_in_flight=_SETTINGS.push_batches_in_flight)
+def _push_batch(task, items: list[BatchItem], parse, work) -> dict:
+    """The verdicts of a push batch: `work` over the parsed items, our own services' trouble retried later,
+    a message that fails for good found and dead-lettered."""
+    verdicts, wanted = {}, {}
+    for item in items:
+        try:
+            wanted[item.id] = parse(item)
+        except (IndexError, KeyError, TypeError, ValueError):
+            log.error("%s %s: malformed arguments %r %r; dead-lettered", task.name, item.id, item.args, item.kwargs)
+            verdicts[item.id] = REJECT
+    if not wanted:
+        return verdicts
+    try:
+        verdicts.update(work(wanted))
+    except TRANSIENT as exc:  # the database, Redis or broker away: all of them wait and retry
+        verdicts.update({item.id: _retry_later_push(task, item, exc) for item in items if item.id in wanted})
+    except Exception:
+        name = task.name.rsplit(".", 1)[-1]
+        if len(wanted) == 1:
+            log.exception("%s %s fails for good; dead-lettered for an operator", name, next(iter(wanted)))
+            metrics.TASK_FAILURES.labels(name).inc()
+            verdicts[next(iter(wanted))] = REJECT
+        else:
+            log.exception("%s: a batch of %d failed; trying them one by one", name, len(wanted))
+            for item in items:  # find the one that fails for good, do the others
+                if item.id in wanted:
+                    verdicts.update(task.run([item]))
+    return verdicts
+
+
+def _retry_later_push(task, item: BatchItem, exc: Exception) -> str:
+    """Our own services failed (not a provider): the same task again after a capped, jittered backoff."""
+    retries = int(item.kwargs.get("retries", 0)) + 1
+    delay = random.uniform(0.5, 1.0) * min(30, 2 ** retries)
+    try:
+        task.apply_async(args=item.args, kwargs={**item.kwargs, "retries": retries}, countdown=delay,
+                         priority=item.priority)
+    except Exception:  # the broker is away too: back to the queue as it is
+        return REQUEUE
+    name = task.name.rsplit(".", 1)[-1]
+    log.warning("%s %s: %s; retry %d in %.1f s", name, item.id, exc.__class__.__name__, retries, delay)
+    metrics.TASK_RETRIES.labels(name).inc()
+    return ACK
+
+
+@app.task(**_PUSH_BATCH)
 def deliver_push(items: list[BatchItem]) -> dict:
     """Attempts of push_log rows; a temporary failure schedules the row's next attempt.
 
@@ -239,31 +315,14 @@ def deliver_push(items: list[BatchItem]) -> dict:
     over all of them (one transaction, concurrent APNs requests). Returns how
     each task message is settled.
     """
-    verdicts, wanted = {}, {}
-    for item in items:
-        try:
-            wanted[item.id] = _delivery(item)
-        except (IndexError, KeyError, TypeError, ValueError):
-            log.error("deliver_push %s: malformed arguments %r %r; dead-lettered", item.id, item.args, item.kwargs)
-            verdicts[item.id] = REJECT
-    if not wanted:
-        return verdicts
+    return _push_batch(deliver_push, items, _delivery, _deliver)
+
+
+def _deliver(wanted: dict) -> dict:
     s = storage()
-    try:
-        results = attempt_pushes(s, wanted.values(), providers(), s.settings.push_max_retries,
-                                 s.settings.push_retry_base_seconds, before_commit=_queue_retries)
-    except TRANSIENT as exc:  # the database, Redis or broker away: all of them wait and retry
-        return {**verdicts, **{item.id: _retry_delivery_later(item, exc) for item in items if item.id in wanted}}
-    except Exception:
-        if len(wanted) == 1:
-            log.exception("deliver_push %s fails for good; dead-lettered for an operator", next(iter(wanted)))
-            metrics.TASK_FAILURES.labels("deliver_push").inc()
-            return {**verdicts, next(iter(wanted)): REJECT}
-        log.exception("deliver_push: a batch of %d failed; trying them one by one", len(wanted))
-        for item in items:  # find the one that fails for good, deliver the others
-            if item.id in wanted:
-                verdicts.update(deliver_push.run([item]))
-        return verdicts
+    results = attempt_pushes(s, wanted.values(), providers(), s.settings.push_max_retries,
+                             s.settings.push_retry_base_seconds, before_commit=_queue_retries)
+    verdicts = {}
     for item_id, (push_id, _) in wanted.items():
         if results[push_id].status == MISSING:
             log.error("deliver_push %s: push %s does not exist; dead-lettered", item_id, push_id)
@@ -272,7 +331,7 @@ def deliver_push(items: list[BatchItem]) -> dict:
         else:
             verdicts[item_id] = ACK
     stale = sum(r.stale for r in results.values())
-    log.info("delivered %d push(es) from %d task(s)%s", len(results) - stale, len(items),
+    log.info("delivered %d push(es) from %d task(s)%s", len(results) - stale, len(wanted),
              f"; {stale} had nothing to do (already done, or not at that attempt)" if stale else "")
     return verdicts
 
@@ -289,22 +348,6 @@ def _queue_retries(results: dict) -> None:
     for result in results.values():
         if result.retry_in is not None:
             queue_delivery(result.push_id, result.priority, result.attempts, countdown=result.retry_in)
-
-
-def _retry_delivery_later(item: BatchItem, exc: Exception) -> str:
-    """Our own services failed (not the provider): the same delivery again after a capped, jittered backoff."""
-    push_id, attempt = _delivery(item)
-    retries = int(item.kwargs.get("retries", 0)) + 1
-    delay = random.uniform(0.5, 1.0) * min(30, 2 ** retries)
-    kwargs = {"attempt": attempt, "retries": retries} if attempt is not None else {"retries": retries}
-    try:
-        deliver_push.apply_async(args=[push_id], kwargs=kwargs, countdown=delay, priority=item.priority)
-    except Exception:  # the broker is away too: back to the queue as it is
-        return REQUEUE
-    log.warning("deliver_push %s (push %s): %s; retry %d in %.1f s", item.id, push_id, exc.__class__.__name__,
-                retries, delay)
-    metrics.TASK_RETRIES.labels("deliver_push").inc()
-    return ACK
 
 
 @app.task(bind=True, acks_late=True, **RETRY)
