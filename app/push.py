@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable
 
-from sqlalchemy import and_, case, delete, func, or_, select, update
+from sqlalchemy import Boolean, bindparam, case, delete, func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from app import metrics
 from app.messaging import message_preview
@@ -207,6 +208,10 @@ class _Attempt:
     provider_id: str | None = None
     retry_in: float | None = None
     dead: bool = False  # the device's token is dead: delete the device
+    attempts_before: int = 0  # the row's count when it was locked
+
+    def __post_init__(self) -> None:
+        self.attempts_before = self.attempts - 1
 
     def settle(self, status: str, error: str | None = None, provider_id: str | None = None) -> None:
         self.status, self.error, self.provider_id = status, error, provider_id
@@ -252,9 +257,7 @@ def attempt_pushes(storage: Storage, pushes: Iterable[tuple[int, int | None]], p
     todo: list[_Attempt] = []
     with storage.sessions() as session:
         try:
-            rows = session.execute(select(*_ROW_COLUMNS).where(PushLog.id.in_(sorted(wanted)))
-                                   .order_by(PushLog.id).with_for_update()).all()
-            for row in rows:
+            for row in _lock_rows(session, wanted):
                 asked = wanted[row.id]
                 if row.push_status != PENDING or (None not in asked and row.attempts not in asked):
                     results[row.id] = AttemptResult(row.id, row.push_status, priority=row.priority,
@@ -267,18 +270,53 @@ def attempt_pushes(storage: Storage, pushes: Iterable[tuple[int, int | None]], p
                 session.commit()  # SQLite: no snapshot held across the sends (concurrent writers would conflict)
             for attempt, outcome in _send(storage, [a for a in todo if a.status is None], providers):
                 _apply(attempt, outcome, max_retries, base_delay, jitter)
-            for a in todo:
-                results[a.push_id] = AttemptResult(a.push_id, a.status, a.retry_in, a.priority, a.attempts)
-            _write(session, todo)
-            if before_commit is not None and todo:
-                before_commit({a.push_id: results[a.push_id] for a in todo})
-            session.commit()
+            todo = _commit_outcomes(session, todo, before_commit)
         except BaseException:
             session.rollback()
             raise
     for a in todo:  # committed
+        results[a.push_id] = AttemptResult(a.push_id, a.status, a.retry_in, a.priority, a.attempts)
         metrics.push_outcome(a.push_type, a.status)
     return results
+
+
+def _lock_rows(session, push_ids) -> list:
+    """The rows, locked, in id order. Each by its primary key: on a small table the optimizer may
+    prefer a scan for `id IN (...)`, and a locking scan locks every row it passes (other batches'
+    rows too: deadlocks)."""
+    return session.execute(select(*_ROW_COLUMNS).with_hint(PushLog, "FORCE INDEX (PRIMARY)", "mysql")
+                           .where(PushLog.id.in_(sorted(push_ids))).order_by(PushLog.id).with_for_update()).all()
+
+
+LOCK_CONFLICTS = (1205, 1213)  # MySQL/MariaDB: lock wait timeout, deadlock
+
+
+def _commit_outcomes(session, todo: list[_Attempt], before_commit) -> list[_Attempt]:
+    """Write the outcomes, let the caller queue the retries, commit; the attempts written.
+
+    The notifications are out by now: if the database picks this transaction as a deadlock victim
+    (which rolls it back and drops its locks), the rows are locked again and the outcomes written
+    once more, for the rows nobody else has changed meanwhile, rather than letting a retry of the
+    whole batch send them again.
+    """
+    for round_ in range(3):
+        try:
+            if round_:
+                current = {r.id: (r.push_status, r.attempts) for r in _lock_rows(session, [a.push_id for a in todo])}
+                todo = [a for a in todo if current.get(a.push_id) == (PENDING, a.attempts_before)]
+            _write(session, todo)
+            if before_commit is not None and todo:
+                before_commit({a.push_id: AttemptResult(a.push_id, a.status, a.retry_in, a.priority, a.attempts)
+                               for a in todo})
+            session.commit()
+            return todo
+        except DBAPIError as exc:
+            session.rollback()
+            code = exc.orig.args[0] if getattr(exc, "orig", None) is not None and exc.orig.args else None
+            if code not in LOCK_CONFLICTS or round_ == 2:
+                raise
+            log.warning("push outcomes of %d row(s): %s; writing them again", len(todo), exc.orig)
+    return todo
 
 
 def _settle_unsendable(session, todo: list[_Attempt], providers: dict) -> None:
@@ -355,28 +393,26 @@ def _apply(a: _Attempt, outcome, max_retries: int, base_delay: float, jitter: Ca
 
 
 def _write(session, todo: list[_Attempt]) -> None:
-    """All outcomes in one UPDATE (a CASE on the id per column), dead devices in one DELETE."""
+    """All outcomes in one executemany UPDATE by primary key; dead devices likewise deleted.
+
+    (One statement per row, in one round trip per row but one transaction: a multi-row UPDATE
+    ... WHERE id IN (...) may be run as a locking scan of the whole table, as the SELECT above.)
+    """
     if not todo:
         return
     table = PushLog.__table__
-
-    def by_id(rows: list[_Attempt], value):
-        return case({a.push_id: value(a) for a in rows}, value=table.c.id)
-
-    values = dict(attempts=by_id(todo, lambda a: a.attempts), push_status=by_id(todo, lambda a: a.status),
-                  error_msg=by_id(todo, lambda a: a.error))
-    delivered = [a for a in todo if a.status == SUCCESS]
-    if delivered:
-        values["provider_id"] = case({a.push_id: a.provider_id for a in delivered}, value=table.c.id,
-                                     else_=table.c.provider_id)
-        values["push_time"] = case({a.push_id: func.now() for a in delivered}, value=table.c.id,
-                                   else_=table.c.push_time)
-    session.execute(update(table).where(table.c.id.in_([a.push_id for a in todo])).values(**values))
+    session.execute(update(table).where(table.c.id == bindparam("b_id")).values(
+        attempts=bindparam("b_attempts"), push_status=bindparam("b_status"), error_msg=bindparam("b_error"),
+        provider_id=func.coalesce(bindparam("b_provider_id"), table.c.provider_id),
+        push_time=case((bindparam("b_delivered", type_=Boolean), func.now()), else_=table.c.push_time),
+    ), [dict(b_id=a.push_id, b_attempts=a.attempts, b_status=a.status, b_error=a.error,
+             b_provider_id=a.provider_id if a.status == SUCCESS else None, b_delivered=a.status == SUCCESS)
+        for a in todo])
     dead = {(a.device_id, a.token) for a in todo if a.dead}
     if dead:
         device = Device.__table__
-        session.execute(delete(device).where(or_(*(and_(device.c.id == device_id, device.c.token == token)
-                                                     for device_id, token in dead))))
+        session.execute(delete(device).where(device.c.id == bindparam("b_id"), device.c.token == bindparam("b_token")),
+                        [dict(b_id=device_id, b_token=token) for device_id, token in dead])
 
 
 @dataclass(frozen=True)
