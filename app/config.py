@@ -66,6 +66,13 @@ class Settings:
     # pool process is free, or (wait > 0) that many ms after its first message.
     persist_batch_max: int = 200
     persist_batch_wait_ms: int = 0
+    # Batching in the push worker: it attempts up to this many queued deliver_push
+    # tasks in one run (one transaction, the APNs requests at once), waiting at most
+    # this long after the first one for more, and holds up to this many batches
+    # unacknowledged (buffered or in its processes) at once.
+    push_batch_max: int = 100
+    push_batch_wait_ms: int = 10
+    push_batches_in_flight: int = 2
     password_hash_profile: str = "default"
     apns_base_url: str = "https://api.push.apple.com"
     apns_key_file: str = ""
@@ -165,6 +172,10 @@ class Settings:
             raise ConfigError("PERSIST_BATCH_MAX must be from 1 to 2000 and PERSIST_BATCH_WAIT_MS from 0 to 1000")
         if not 1 <= self.redis_max_connections <= 10_000 or self.ws_ping_interval_seconds < 0:
             raise ConfigError("REDIS_MAX_CONNECTIONS must be from 1 to 10000 and WS_PING_INTERVAL_SECONDS 0 or more")
+        if not 1 <= self.push_batch_max <= 1000 or not 1 <= self.push_batch_wait_ms <= 1000:
+            raise ConfigError("PUSH_BATCH_MAX must be from 1 to 1000 and PUSH_BATCH_WAIT_MS from 1 to 1000")
+        if not 1 <= self.push_batches_in_flight <= 64:
+            raise ConfigError("PUSH_BATCHES_IN_FLIGHT must be from 1 to 64")
         if not 0 <= self.worker_metrics_port <= 65535:
             raise ConfigError(f"WORKER_METRICS_PORT must be 0 (off) or a TCP port, got {self.worker_metrics_port}")
         if self.env != "production":

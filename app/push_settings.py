@@ -97,7 +97,17 @@ def _hhmm(value: str) -> dtime:
 
 
 def load_preferences(session: Session, user_id: int) -> PushPreferences:
-    row = session.get(PushSetting, user_id)
+    return _preferences(session.get(PushSetting, user_id))
+
+
+def load_preferences_many(session: Session, user_ids) -> dict[int, PushPreferences]:
+    """`load_preferences` of many users in one query."""
+    rows = {row.user_id: row for row in session.scalars(select(PushSetting).where(
+        PushSetting.user_id.in_(list(user_ids))))} if user_ids else {}
+    return {user_id: _preferences(rows.get(user_id)) for user_id in user_ids}
+
+
+def _preferences(row: PushSetting | None) -> PushPreferences:
     if row is None:
         return PushPreferences()
     return PushPreferences(channels=list(row.channels or []), email=row.email,

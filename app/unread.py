@@ -105,6 +105,43 @@ def latest_unread(session, user_id: int, limit: int, muted=()) -> list[Message]:
     return sorted(found, key=lambda m: m.id, reverse=True)[:limit]
 
 
+def latest_unread_ids(session, muted_by_user: dict[int, list[str]]) -> dict[int, int]:
+    """`latest_unread(session, uid, 1, muted)` for many users in a few set-based queries: per user,
+    the id of their newest unread message outside their muted conversations (users with none left out)."""
+    users = list(muted_by_user)
+    if not users:
+        return {}
+    plain = [uid for uid in users if not muted_by_user[uid]]
+    muting = [uid for uid in users if muted_by_user[uid]]
+    rows = []
+    if plain:  # newest per user
+        rows += [(uid, None, mid) for uid, mid in session.execute(
+            select(Message.receiver_id, func.max(Message.id))
+            .where(Message.receiver_id.in_(plain), Message.status == STATUS_UNREAD, Message.is_group.is_(False))
+            .group_by(Message.receiver_id)).all()]
+    if muting:  # newest per user and conversation: the muted ones are dropped below
+        rows += session.execute(select(Message.receiver_id, Message.conversation_id, func.max(Message.id))
+                                .where(Message.receiver_id.in_(muting), Message.status == STATUS_UNREAD,
+                                       Message.is_group.is_(False))
+                                .group_by(Message.receiver_id, Message.conversation_id)).all()
+    rows += session.execute(
+        select(Conversation.user_id, Message.conversation_id, func.max(Message.id))
+        .select_from(Message)
+        .join(Conversation, Conversation.user_id.in_(users) & (Conversation.conversation_id == Message.conversation_id)
+              & Conversation.is_group.is_(True))
+        .join(SyncEntry, (SyncEntry.user_id == Conversation.user_id) & (SyncEntry.message_id == Message.id)
+              & (SyncEntry.kind == ENTRY_MESSAGE))
+        .where(Message.id > func.coalesce(Conversation.last_read_msg_id, 0),
+               Message.sender_id != Conversation.user_id, Message.status != STATUS_RECALLED)
+        .group_by(Conversation.user_id, Message.conversation_id)).all()
+    newest: dict[int, int] = {}
+    muted = {uid: set(m) for uid, m in muted_by_user.items()}
+    for user_id, conversation_id, msg_id in rows:
+        if msg_id is not None and conversation_id not in muted[user_id] and msg_id > newest.get(user_id, 0):
+            newest[user_id] = msg_id
+    return newest
+
+
 def is_unread_by(session, user_id: int, message: Message) -> bool:
     """Whether this user still has the message unread (it may have been read or recalled since)."""
     if message.status == STATUS_RECALLED:
@@ -114,6 +151,42 @@ def is_unread_by(session, user_id: int, message: Message) -> bool:
     read_upto = session.scalar(select(Conversation.last_read_msg_id).where(
         Conversation.user_id == user_id, Conversation.conversation_id == message.conversation_id))
     return (read_upto or 0) < message.id
+
+
+def unread_states(session, wanted) -> dict[tuple[int, int], str | None]:
+    """`is_unread_by` for many (user id, msg id) pairs in two queries: None while the
+    message is unread by that user, else why not ("read", or "recalled").
+
+    A message that does not exist counts as read.
+    """
+    wanted = set(wanted)
+    if not wanted:
+        return {}
+    messages = {m.id: m for m in session.execute(
+        select(Message.id, Message.status, Message.is_group, Message.receiver_id, Message.conversation_id)
+        .where(Message.id.in_({msg_id for _, msg_id in wanted}))).all()}
+    group_pairs = {(uid, messages[mid].conversation_id) for uid, mid in wanted
+                   if mid in messages and messages[mid].is_group}
+    read_upto = {}
+    if group_pairs:  # a superset of the pairs (every user x every conversation); the exact ones are picked below
+        read_upto = {(r.user_id, r.conversation_id): r.last_read_msg_id for r in session.execute(
+            select(Conversation.user_id, Conversation.conversation_id, Conversation.last_read_msg_id)
+            .where(Conversation.user_id.in_({uid for uid, _ in group_pairs}),
+                   Conversation.conversation_id.in_({cid for _, cid in group_pairs}))).all()}
+    states = {}
+    for user_id, msg_id in wanted:
+        message = messages.get(msg_id)
+        if message is None:
+            states[user_id, msg_id] = "read"
+        elif message.status == STATUS_RECALLED:
+            states[user_id, msg_id] = "recalled"
+        elif not message.is_group:
+            unread = message.receiver_id == user_id and message.status == STATUS_UNREAD
+            states[user_id, msg_id] = None if unread else "read"
+        else:
+            unread = (read_upto.get((user_id, message.conversation_id)) or 0) < msg_id
+            states[user_id, msg_id] = None if unread else "read"
+    return states
 
 
 def _counts_from_mysql(storage: Storage, user_id: int) -> tuple[int, dict[str, int]]:
@@ -166,6 +239,84 @@ def _rebuild(storage: Storage, user_id: int) -> dict[str, int]:
             if (session.scalar(select(User.inbox_seq).where(User.id == user_id)) or 0) == seq:
                 break
     return counts
+
+
+def unread_totals(storage: Storage, user_ids) -> dict[int, int]:
+    """Each user's total unread (the push badge): one Redis round trip; a user whose counters
+    Redis lost is recounted from MySQL (`rebuild_unread`)."""
+    user_ids = list(user_ids)
+    pipe = storage.redis.pipeline(transaction=False)
+    for user_id in user_ids:
+        pipe.hgetall(UNREAD_KEY.format(user_id))
+    cached = dict(zip(user_ids, pipe.execute() if user_ids else []))
+    lost = [user_id for user_id, raw in cached.items() if SEQ_FIELD not in raw]
+    rebuilt = rebuild_unread_many(storage, lost) if lost else {}
+    totals = {}
+    for user_id, raw in cached.items():
+        counts = rebuilt[user_id] if user_id in rebuilt else \
+            {cid: int(n) for cid, n in raw.items() if cid != SEQ_FIELD}
+        totals[user_id] = sum(n for n in counts.values() if n > 0)
+    return totals
+
+
+def rebuild_unread_many(storage: Storage, user_ids) -> dict[int, dict[str, int]]:
+    """`rebuild_unread` for many users: their rebuild locks in one round trip, the counts of all
+    from one MySQL snapshot in three queries, written in one pipeline. A user whose lock another
+    rebuild holds, or whose stream moved meanwhile, is rebuilt on their own (`rebuild_unread`)."""
+    user_ids = list(dict.fromkeys(user_ids))
+    token, hold_ms = uuid.uuid4().hex, 30_000
+    pipe = storage.redis.pipeline(transaction=False)
+    for user_id in user_ids:
+        pipe.set(LOCK_KEY.format(user_id), token, nx=True, px=hold_ms)
+    locked = [uid for uid, got in zip(user_ids, pipe.execute()) if got]
+    counts: dict[int, dict[str, int]] = {}
+    try:
+        if locked:
+            seqs, counts = _counts_from_mysql_many(storage, locked)
+            pipe = storage.redis.pipeline(transaction=True)
+            for user_id in locked:
+                pipe.delete(UNREAD_KEY.format(user_id))
+                pipe.hset(UNREAD_KEY.format(user_id), mapping={SEQ_FIELD: seqs[user_id], **counts[user_id]})
+            pipe.execute()
+            with storage.sessions() as session:
+                now = dict(session.execute(select(User.id, User.inbox_seq).where(User.id.in_(locked))).all())
+            moved = [uid for uid in locked if (now.get(uid) or 0) != seqs[uid]]
+        else:
+            moved = []
+    finally:
+        release = storage.script(_RELEASE_SCRIPT)
+        pipe = storage.redis.pipeline(transaction=False)
+        for user_id in locked:
+            release(keys=[LOCK_KEY.format(user_id)], args=[token], client=pipe)
+        if locked:
+            pipe.execute()
+    for user_id in set(user_ids) - set(locked) | set(moved):
+        counts[user_id] = rebuild_unread(storage, user_id)
+    return counts
+
+
+def _counts_from_mysql_many(storage: Storage, user_ids: list[int]) -> tuple[dict[int, int], dict[int, dict[str, int]]]:
+    """`_counts_from_mysql` of many users, from one snapshot."""
+    counts: dict[int, dict[str, int]] = {user_id: {} for user_id in user_ids}
+    with storage.session() as session:
+        seqs = dict(session.execute(select(User.id, User.inbox_seq).where(User.id.in_(user_ids))).all())
+        private = (select(Message.receiver_id, Message.conversation_id, func.count())
+                   .where(Message.receiver_id.in_(user_ids), Message.status == STATUS_UNREAD,
+                          Message.is_group.is_(False))
+                   .group_by(Message.receiver_id, Message.conversation_id))
+        group = (select(Conversation.user_id, Message.conversation_id, func.count())
+                 .select_from(Message)
+                 .join(Conversation, Conversation.user_id.in_(user_ids)
+                       & (Conversation.conversation_id == Message.conversation_id) & Conversation.is_group.is_(True))
+                 .join(SyncEntry, (SyncEntry.user_id == Conversation.user_id) & (SyncEntry.message_id == Message.id)
+                       & (SyncEntry.kind == ENTRY_MESSAGE))
+                 .where(Message.id > func.coalesce(Conversation.last_read_msg_id, 0),
+                        Message.sender_id != Conversation.user_id, Message.status != STATUS_RECALLED)
+                 .group_by(Conversation.user_id, Message.conversation_id))
+        for query in (private, group):
+            for user_id, conversation_id, n in session.execute(query).all():
+                counts[user_id][conversation_id] = n
+    return {user_id: seqs.get(user_id) or 0 for user_id in user_ids}, counts
 
 
 def unread_counts(storage: Storage, user_id: int) -> dict[str, int]:

@@ -8,16 +8,21 @@ private message (rows made directly in the database, as persist and
 dispatch would leave them).
 
 Two ways in, both through the real tasks:
-  --stage deliver (default): the bench plans the pushes with app.push.plan_pushes
+  --stage deliver (default): the bench plans the pushes with app.push.plan_pushes_many
       (one pending push_log row per user, badge and preview filled in, which
       is what send_push does) and queues one deliver_push task per row;
   --stage send: the bench queues one send_push task per user, and the worker
-      plans (send_push) and then delivers (deliver_push) each push itself.
+      plans and sends the pushes itself (send_push: one batch plans many users
+      and makes their first attempts at once).
 The tasks are queued before the worker starts; then ONE push worker
 (push_tasks, --concurrency processes; default 8 as in deploy/) drains them.
-The rate is N / (last APNs request - first APNs request); the bench also
+The rate is N / (last APNs request - first APNs request), and end to end
+N / (every push_log row success - worker ready), which also counts what
+runs before the first request (in --stage send, planning); the bench also
 waits until every push_log row is `success` and checks that the fake
-accepted exactly one notification per device, and nothing else.
+accepted exactly one notification per device, and nothing else. It also
+reports the worker's CPU time per push (all its processes, from the first
+request to the last row), which other load on the machine disturbs less.
 
 Prints progress every 2 s and a one-line JSON summary with the worker's task
 times (from its log). --py-spy FILE records the worker's processes while it
@@ -42,7 +47,6 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.load import ms, percentile
@@ -50,6 +54,8 @@ from bench.load import ms, percentile
 PROGRESS_EVERY = 2.0
 TASK_LINE = re.compile(r"Task tasks\.pipeline\.(\w+)\[[^\]]+\] succeeded in ([0-9.e-]+)s")
 PROVIDER_LINE = re.compile(r"push \d+ \(msg \d+, apns\): (\w+) after (\d+) ms")
+BATCH_LINE = re.compile(r"delivered \d+ push\(es\) from (\d+) task\(s\)")
+PLAN_LINE = re.compile(r"planned pushes of \d+ user\(s\) from (\d+) task\(s\)")
 
 
 def seed(storage, prefix: str, count: int) -> tuple[list[int], dict[int, str]]:
@@ -84,6 +90,21 @@ def seed(storage, prefix: str, count: int) -> tuple[list[int], dict[int, str]]:
     return list(users), tokens
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its descendants now alive, from /proc (Linux)."""
+    total, todo, tick = 0.0, [pid], os.sysconf("SC_CLK_TCK")
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def worker_times(log_text: str) -> dict:
     """Task run times and APNs call times from the worker's INFO log."""
     tasks: dict[str, list[float]] = collections.defaultdict(list)
@@ -95,6 +116,14 @@ def worker_times(log_text: str) -> dict:
         out[f"{name}_tasks"] = len(values)
         out[f"{name}_ms_mean"] = ms(statistics.fmean(values))
         out[f"{name}_ms_p99"] = ms(percentile(values, 99))
+    batches = [int(n) for n in BATCH_LINE.findall(log_text)]
+    if batches:
+        out["deliver_batches"] = len(batches)
+        out["deliver_batch_mean"] = round(statistics.fmean(batches), 1)
+    plans = [int(n) for n in PLAN_LINE.findall(log_text)]
+    if plans:
+        out["send_batches"] = len(plans)
+        out["send_batch_mean"] = round(statistics.fmean(plans), 1)
     if calls:
         out["apns_call_ms_mean"] = ms(statistics.fmean(calls))
         out["apns_call_ms_p99"] = ms(percentile(calls, 99))
@@ -141,7 +170,7 @@ def main() -> int:
         from sqlalchemy import func, select
 
         from app.config import Settings
-        from app.push import PRIORITY_PRIVATE, plan_pushes
+        from app.push import PRIORITY_PRIVATE, plan_pushes_many
         from app.storage import Storage, upgrade_schema
         from models import PushLog
 
@@ -153,21 +182,21 @@ def main() -> int:
         from tasks.pipeline import deliver_push, enqueue, send_push
 
         if args.stage == "deliver":
-            say(f"planning {args.users} pushes with app.push.plan_pushes (push_log rows)...")
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                plans = list(pool.map(lambda uid: plan_pushes(storage, uid), users))
-            jobs = [(deliver_push, [pid], plan.priority) for plan in plans for pid in plan.push_ids]
+            say(f"planning {args.users} pushes with app.push.plan_pushes_many (push_log rows)...")
+            plans = [plan for start in range(0, len(users), 500)
+                     for plan in plan_pushes_many(storage, users[start:start + 500])]
+            jobs = [(deliver_push, [pid], plan.priority) for plan in plans for pid in plan.push_ids]  # as send_push
             if len(jobs) != args.users:
                 raise SystemExit(f"planned {len(jobs)} pushes for {args.users} users: "
                                  f"{collections.Counter(p.skipped for p in plans)}")
         else:
             jobs = [(send_push, ["0", str(uid), PRIORITY_PRIVATE], PRIORITY_PRIVATE) for uid in users]
         say(f"queueing {len(jobs)} {jobs[0][0].name.rsplit('.', 1)[-1]} tasks (confirmed publishes)...")
-        for task, task_args, priority in jobs:
-            enqueue(task, task_args, priority)
+        for task, task_args, priority in jobs:  # deliver_push(push_id, attempt=0), as send_push queues it
+            enqueue(task, task_args, priority, kwargs={"attempt": 0} if task is deliver_push else None)
 
         # Watch the fake from before the worker starts: the first request starts the clock.
-        seen = {"first": None, "last": None, "count": 0}
+        seen = {"first": None, "last": None, "count": 0, "worker_cpu": None}
         stop_watch = threading.Event()
 
         def watch() -> None:
@@ -176,6 +205,8 @@ def main() -> int:
                 now = time.monotonic()
                 if count and seen["first"] is None:
                     seen["first"] = now
+                    if worker is not None:
+                        seen["worker_cpu"] = tree_cpu_seconds(worker.proc.pid)
                 if count != seen["count"]:
                     seen["count"], seen["last"] = count, now
                 stop_watch.wait(0.01)
@@ -185,6 +216,7 @@ def main() -> int:
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         say(f"starting one push worker (--concurrency {args.concurrency}, logs in {tmp})...")
         worker = Worker("push", "push_tasks", services, tmp, concurrency=args.concurrency, **push_env)
+        worker_ready = time.monotonic()
         spy = None
         if args.py_spy:
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
@@ -213,6 +245,7 @@ def main() -> int:
                 say(f"draining: {seen['count']} APNs requests, {done}/{args.users} push_log rows success"
                     + (f", {seen['count'] / elapsed:.0f}/s" if elapsed > 0 else ""))
         rows_done_at = time.monotonic()
+        worker_cpu = tree_cpu_seconds(worker.proc.pid) - (seen["worker_cpu"] or 0.0)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # like Ctrl-C: py-spy writes what it sampled and exits
@@ -241,9 +274,16 @@ def main() -> int:
             "refused": dict(refused), "pushes_per_second": round(len(notes) / span, 1) if span else None,
             "drain_seconds": round(span, 2) if span else None,
             "rows_success_seconds": round(rows_done_at - first, 2) if first else None,
+            # From the worker being ready until every row is success: the whole drain, planning included
+            # (in --stage send the first notification leaves only after the first batch was planned).
+            "end_to_end_per_second": round(args.users / (rows_done_at - worker_ready), 1),
             "push_log": statuses, "retried": retried, "lost": missing, "duplicated": duplicated,
             "unexpected": unexpected, "apns_connections": fake.connections_opened,
             "bench_process_cpu_percent": round(100 * fake_cpu / span, 1) if span else None,  # mostly the APNs fake
+            # The worker's processes from the first APNs request until every row was success: what one push
+            # costs the worker, less sensitive than pushes/s to other load on the machine.
+            "worker_cpu_ms_per_push": round(1000 * worker_cpu / args.users, 2) if seen["worker_cpu"] is not None
+            else None,
             **worker_times(worker.log_text()),
         }
         if spy is not None:

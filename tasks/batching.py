@@ -1,11 +1,13 @@
-"""Consumer-side batching for persist_message, with our delivery guarantees.
+"""Consumer-side batching (persist_message, deliver_push), with our delivery guarantees.
 
 The worker buffers the task messages it receives and runs the task once per
-buffer. A message that finds a pool process free goes at once (or, with a
-`flush_interval`, waits that long for company); while every process is busy
-the buffer grows, up to `flush_every`, and goes to the first one free. So at
-low load nothing waits, and under load one run stores hundreds of messages
-in one transaction: the batch size follows the load by itself. (The idea of celery-batches, which pins
+buffer. With `flush_interval` 0 a message that finds a pool process free
+goes at once; otherwise a buffer goes when `flush_every` messages are there
+or `flush_interval` seconds after its first one. While every pool process is
+busy with a batch of this task, a buffer that is not full waits for one of
+them to finish (it could only queue behind them), so under load batches grow
+by themselves: one run stores hundreds of messages in one transaction, and
+at low load nothing waits. (The idea of celery-batches, which pins
 celery < 5.7 and acks every message of a batch whatever happened to it.)
 
 The task's run(items) gets BatchItems and returns a verdict per item id; the
@@ -40,6 +42,7 @@ class BatchItem(NamedTuple):
     args: list
     kwargs: dict
     routing_key: str | None
+    priority: int | None = None  # the message's priority as the broker got it (re-publish it with this)
 
 
 class BatchTask(Task):
@@ -48,6 +51,13 @@ class BatchTask(Task):
     abstract = True
     flush_every = 100
     flush_interval = 0.01
+    # How many full batches the worker may hold unacknowledged at once (buffered
+    # or running in pool processes), on top of its usual prefetch.
+    batches_in_flight = 1
+    # The messages carry the task's call arguments (persist_message(messages,
+    # attempt=0), deliver_push(push_id, attempt=None)), not run(items)'s: Celery
+    # must not check the arguments of apply_async against run().
+    typing = False
 
     def Strategy(self, task, app, consumer):
         buffer: list[Request] = []
@@ -56,30 +66,29 @@ class BatchTask(Task):
         eventer = consumer.event_dispatcher
         send_events = bool(eventer and eventer.enabled and task.send_events)
         window_raised = [False]
-
-        running = [0]  # batches in the pool
-        processes = max(1, getattr(consumer.pool, "limit", None) or 1)
+        running = [0]  # batches of this task handed to the pool and not settled yet
+        processes = max(1, int(getattr(consumer.pool, "limit", None) or 1))
 
         def flush() -> None:
             if flush_timer[0] is not None:
                 flush_timer[0].cancel()
                 flush_timer[0] = None
             if not buffer or (running[0] >= processes and len(buffer) < self.flush_every):
-                return  # every process is busy: the batch grows until one is free (done() flushes)
-            batch = buffer[:self.flush_every]
-            del buffer[:self.flush_every]
+                return  # all processes busy: keep filling; the next batch to finish flushes this one
+            batch = buffer[:]
+            del buffer[:]
             running[0] += 1
             self._run_in_pool(consumer.pool, batch, send_events, done)
 
-        def done() -> None:
+        def done() -> None:  # in the main process, after a batch was settled (or lost)
             running[0] -= 1
-            if buffer:
+            if buffer:  # a process is free: what waited goes now
                 flush()
 
         def add(request: Request) -> None:
             buffer.append(request)
             if len(buffer) >= self.flush_every or (not self.flush_interval and running[0] < processes):
-                flush()
+                flush()  # (flush_interval 0: a message that finds a process free goes at once)
             elif flush_timer[0] is None and self.flush_interval:
                 flush_timer[0] = consumer.timer.call_after(self.flush_interval, flush)
 
@@ -89,9 +98,10 @@ class BatchTask(Task):
 
         def on_message(message, body, ack, reject, callbacks, **_):
             if not window_raised[0]:  # (no QoS yet when strategies are made)
-                # The worker must be allowed to hold a whole batch unacknowledged: one
-                # batch more than its prefetch (which stays 1 per process for other tasks).
-                consumer.qos.increment_eventually(self.flush_every)
+                # The worker must be allowed to hold whole batches unacknowledged:
+                # `batches_in_flight` batches more than its prefetch (which stays 1 per
+                # process for other tasks).
+                consumer.qos.increment_eventually(self.flush_every * max(1, self.batches_in_flight))
                 window_raised[0] = True
             request = Req(message, on_ack=ack, on_reject=reject, app=app, hostname=consumer.hostname,
                           eventer=eventer, task=task, connection_errors=consumer.connection_errors,
@@ -103,9 +113,10 @@ class BatchTask(Task):
                              retries=request.request_dict.get("retries", 0),
                              eta=request.eta and request.eta.isoformat())
             if request.eta:  # held, not buffered, until due; it must not hold the prefetch window
-                # The worker's timer runs on the monotonic clock (kombu's to_timestamp converts).
-                eta = to_timestamp(timezone.to_system(request.eta)) if request.utc \
-                    else to_timestamp(request.eta, app.timezone)
+                # The worker's timer runs on the monotonic clock: to_timestamp converts (as Celery's own
+                # strategy does); a wall-clock timestamp here would hold the task for decades.
+                eta = to_timestamp(timezone.to_system(request.eta)) if request.utc else \
+                    to_timestamp(request.eta, app.timezone)
                 consumer.qos.increment_eventually()
                 consumer.timer.call_at(eta, released, (request,), priority=6)
             else:
@@ -113,36 +124,41 @@ class BatchTask(Task):
 
         return on_message
 
-    def _run_in_pool(self, pool, requests: list[Request], send_events: bool, done) -> None:
+    def _run_in_pool(self, pool, requests: list[Request], send_events: bool, done=lambda: None) -> None:
         started = time.monotonic()
-        items = [BatchItem(r.id, list(r.args), dict(r.kwargs), (r.delivery_info or {}).get("routing_key"))
-                 for r in requests]
+        items = [BatchItem(r.id, list(r.args), dict(r.kwargs), (r.delivery_info or {}).get("routing_key"),
+                           (r.delivery_info or {}).get("priority")) for r in requests]
 
         def settle(verdicts) -> None:
-            if not isinstance(verdicts, dict):  # a bug in the batch: never ack what may not be stored
-                log.error("%s: batch of %d returned no verdict; giving the messages back", self.name, len(requests))
-                verdicts = {}
-            runtime = time.monotonic() - started
-            for request in requests:
-                verdict = verdicts.get(request.id, REQUEUE)
-                if verdict == ACK:
-                    request.acknowledge()
-                else:
-                    request.reject(requeue=verdict == REQUEUE)
-                if send_events:
+            try:
+                if not isinstance(verdicts, dict):  # a bug in the batch: never ack what may not be stored
+                    log.error("%s: batch of %d returned no verdict; giving the messages back", self.name,
+                              len(requests))
+                    verdicts = {}
+                runtime = time.monotonic() - started
+                for request in requests:
+                    verdict = verdicts.get(request.id, REQUEUE)
                     if verdict == ACK:
-                        request.send_event("task-succeeded", result=f"batch of {len(requests)}", runtime=runtime)
+                        request.acknowledge()
                     else:
-                        request.send_event("task-failed", exception=f"{verdict} (batch of {len(requests)})",
-                                           traceback="")
-            done()
+                        request.reject(requeue=verdict == REQUEUE)
+                    if send_events:
+                        if verdict == ACK:
+                            request.send_event("task-succeeded", result=f"batch of {len(requests)}", runtime=runtime)
+                        else:
+                            request.send_event("task-failed", exception=f"{verdict} (batch of {len(requests)})",
+                                               traceback="")
+            finally:
+                done()
 
         def lost(exc_info) -> None:  # the pool process died (SIGKILL, OOM): redeliver
-            log.error("%s: batch of %d lost with its process (%s); giving the messages back", self.name,
-                      len(requests), getattr(exc_info, "exception", exc_info))
-            for request in requests:
-                request.reject(requeue=True)
-            done()
+            try:
+                log.error("%s: batch of %d lost with its process (%s); giving the messages back", self.name,
+                          len(requests), getattr(exc_info, "exception", exc_info))
+                for request in requests:
+                    request.reject(requeue=True)
+            finally:
+                done()
 
         pool.apply_async(run_batch, (self.name, items), callback=settle, error_callback=lost)
 

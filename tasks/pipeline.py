@@ -12,7 +12,7 @@ import random
 import threading
 import time
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_init, worker_process_init, worker_ready
 from kombu import Producer
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
@@ -27,8 +27,8 @@ from app.messaging import (
 )
 from app.presence import sweep_presence as sweep_presence_entries
 from app.push import (
-    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, PRIORITY_GROUP, PRIORITY_PRIVATE, attempt_push, mark_queued, plan_digest,
-    plan_pushes, schedule_once,
+    COALESCE_KEY, DIGEST_KEY, MISSING, PRIORITY_DIGEST, PRIORITY_GROUP, PRIORITY_PRIVATE, attempt_pushes, mark_queued,
+    plan_digest, plan_pushes_many, schedule_once,
 )
 from app.storage import Storage
 from tasks import app
@@ -232,7 +232,7 @@ def dispatch_group_message(self, msg_id: str, origin_conn: str | None, member_id
     return {"msg_id": msg_id, "live": outcome.live_connections, "offline": len(outcome.offline_users)}
 
 
-def enqueue(task, args: list, priority: int, countdown: float | None = None) -> None:
+def enqueue(task, args: list, priority: int, countdown: float | None = None, kwargs: dict | None = None) -> None:
     """Publish a push_tasks task at our priority (1-10, higher first).
 
     RabbitMQ serves higher numbers first; kombu's Redis transport (the
@@ -240,7 +240,12 @@ def enqueue(task, args: list, priority: int, countdown: float | None = None) -> 
     """
     if not storage().settings.broker_is_amqp:
         priority = 10 - priority
-    task.apply_async(args=args, priority=priority, countdown=countdown)
+    task.apply_async(args=args, kwargs=kwargs, priority=priority, countdown=countdown)
+
+
+def queue_delivery(push_id: int, priority: int, attempt: int = 0, countdown: float | None = None) -> None:
+    """deliver_push(push_id, attempt): the attempt of a push_log row made when it has `attempt` attempts."""
+    enqueue(deliver_push, [push_id], priority, countdown=countdown, kwargs={"attempt": attempt})
 
 
 def schedule_push(msg_id: str, user_id: int, priority: int, redelivered: bool = False) -> None:
@@ -256,29 +261,143 @@ def schedule_push(msg_id: str, user_id: int, priority: int, redelivered: bool = 
         mark_queued(s, key)
 
 
-@app.task(bind=True, acks_late=True, **RETRY)
-def send_push(self, msg_id: str, user_id: str, priority: int = PRIORITY_PRIVATE) -> dict:
-    """Plan the pushes of an offline user (newest unread message, badge) and send them."""
-    s = storage()
-    plan = plan_pushes(s, int(user_id))
-    for push_id in plan.push_ids:
-        enqueue(deliver_push, [push_id], plan.priority)
-    if plan.digest and schedule_once(s, DIGEST_KEY.format(user_id), s.settings.email_digest_delay_seconds):
-        enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=s.settings.email_digest_delay_seconds)
-        mark_queued(s, DIGEST_KEY.format(user_id))
-    if plan.skipped:
-        log.info("user %s: no push for msg %s (%s)", user_id, msg_id, plan.skipped)
-    return {"user_id": user_id, "pushes": plan.push_ids, "skipped": plan.skipped}
+_PUSH_BATCH = dict(base=BatchTask, acks_late=True, flush_every=_SETTINGS.push_batch_max,
+                   flush_interval=_SETTINGS.push_batch_wait_ms / 1000,
+                   batches_in_flight=_SETTINGS.push_batches_in_flight)
 
 
-@app.task(bind=True, acks_late=True, **RETRY)
-def deliver_push(self, push_id: int) -> dict:
-    """One attempt of one push_log row; a temporary failure schedules the next attempt."""
+@app.task(**_PUSH_BATCH)
+def send_push(items: list[BatchItem]) -> dict:
+    """Plan the pushes of offline users (newest unread message, badge) and send them.
+
+    Called as send_push(msg_id, user_id, priority), once per user and
+    coalescing window. The worker buffers these tasks (tasks/batching.py) and
+    runs this once per buffer: each user's pushes planned (push_log rows), then
+    all of them attempted at once, as one `attempt_pushes` (no deliver_push
+    task for a first attempt; retries are deliver_push tasks). Returns how each
+    task message is settled.
+    """
+    return _push_batch(send_push, items, _planner_args, _plan_and_send)
+
+
+def _planner_args(item: BatchItem) -> tuple[str, int]:
+    args, kwargs = list(item.args), dict(item.kwargs)
+    msg_id = args[0] if args else kwargs["msg_id"]
+    user_id = int(args[1] if len(args) > 1 else kwargs["user_id"])
+    return str(msg_id), user_id
+
+
+def _plan_and_send(wanted: dict) -> dict:
     s = storage()
-    result = attempt_push(s, push_id, providers(), s.settings.push_max_retries, s.settings.push_retry_base_seconds)
-    if result.retry_in is not None:
-        enqueue(deliver_push, [push_id], result.priority, countdown=result.retry_in)
-    return {"push_id": push_id, "status": result.status, "retry_in": result.retry_in}
+    users = {}  # one plan per user, however many of their tasks the batch holds
+    for msg_id, user_id in wanted.values():
+        users.setdefault(user_id, msg_id)
+    plans = plan_pushes_many(s, list(users))
+    todo = [(push_id, 0) for plan in plans for push_id in plan.push_ids]
+    if todo:
+        attempt_pushes(s, todo, providers(), s.settings.push_max_retries, s.settings.push_retry_base_seconds,
+                       before_commit=_queue_retries)
+    for plan in plans:
+        user_id = str(plan.user_id)
+        if plan.digest and schedule_once(s, DIGEST_KEY.format(user_id), s.settings.email_digest_delay_seconds):
+            enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=s.settings.email_digest_delay_seconds)
+            mark_queued(s, DIGEST_KEY.format(user_id))
+        if plan.skipped:
+            log.info("user %s: no push for msg %s (%s)", user_id, users[plan.user_id], plan.skipped)
+    log.info("planned pushes of %d user(s) from %d task(s): %d push(es) sent", len(users), len(wanted), len(todo))
+    return {item_id: ACK for item_id in wanted}
+
+
+def _push_batch(task, items: list[BatchItem], parse, work) -> dict:
+    """The verdicts of a push batch: `work` over the parsed items, our own services' trouble retried later,
+    a message that fails for good found and dead-lettered."""
+    verdicts, wanted = {}, {}
+    for item in items:
+        try:
+            wanted[item.id] = parse(item)
+        except (IndexError, KeyError, TypeError, ValueError):
+            log.error("%s %s: malformed arguments %r %r; dead-lettered", task.name, item.id, item.args, item.kwargs)
+            verdicts[item.id] = REJECT
+    if not wanted:
+        return verdicts
+    try:
+        verdicts.update(work(wanted))
+    except TRANSIENT as exc:  # the database, Redis or broker away: all of them wait and retry
+        verdicts.update({item.id: _retry_later_push(task, item, exc) for item in items if item.id in wanted})
+    except Exception:
+        name = task.name.rsplit(".", 1)[-1]
+        if len(wanted) == 1:
+            log.exception("%s %s fails for good; dead-lettered for an operator", name, next(iter(wanted)))
+            metrics.TASK_FAILURES.labels(name).inc()
+            verdicts[next(iter(wanted))] = REJECT
+        else:
+            log.exception("%s: a batch of %d failed; trying them one by one", name, len(wanted))
+            for item in items:  # find the one that fails for good, do the others
+                if item.id in wanted:
+                    verdicts.update(task.run([item]))
+    return verdicts
+
+
+def _retry_later_push(task, item: BatchItem, exc: Exception) -> str:
+    """Our own services failed (not a provider): the same task again after a capped, jittered backoff."""
+    retries = int(item.kwargs.get("retries", 0)) + 1
+    delay = random.uniform(0.5, 1.0) * min(30, 2 ** retries)
+    try:
+        task.apply_async(args=item.args, kwargs={**item.kwargs, "retries": retries}, countdown=delay,
+                         priority=item.priority)
+    except Exception:  # the broker is away too: back to the queue as it is
+        return REQUEUE
+    name = task.name.rsplit(".", 1)[-1]
+    log.warning("%s %s: %s (%s); retry %d in %.1f s", name, item.id, exc.__class__.__name__,
+                str(getattr(exc, "orig", None) or exc)[:200], retries, delay)
+    metrics.TASK_RETRIES.labels(name).inc()
+    return ACK
+
+
+@app.task(**_PUSH_BATCH)
+def deliver_push(items: list[BatchItem]) -> dict:
+    """Attempts of push_log rows; a temporary failure schedules the row's next attempt.
+
+    Called as deliver_push(push_id, attempt=None): `attempt` is the number of
+    attempts the row had when this delivery was queued (None, from tasks
+    queued before it existed: whatever it has). The worker buffers these tasks
+    (tasks/batching.py) and runs this once per buffer: one `attempt_pushes`
+    over all of them (one transaction, concurrent APNs requests). Returns how
+    each task message is settled.
+    """
+    return _push_batch(deliver_push, items, _delivery, _deliver)
+
+
+def _deliver(wanted: dict) -> dict:
+    s = storage()
+    results = attempt_pushes(s, wanted.values(), providers(), s.settings.push_max_retries,
+                             s.settings.push_retry_base_seconds, before_commit=_queue_retries)
+    verdicts = {}
+    for item_id, (push_id, _) in wanted.items():
+        if results[push_id].status == MISSING:
+            log.error("deliver_push %s: push %s does not exist; dead-lettered", item_id, push_id)
+            metrics.TASK_FAILURES.labels("deliver_push").inc()
+            verdicts[item_id] = REJECT
+        else:
+            verdicts[item_id] = ACK
+    stale = sum(r.stale for r in results.values())
+    log.info("delivered %d push(es) from %d task(s)%s", len(results) - stale, len(wanted),
+             f"; {stale} had nothing to do (already done, or not at that attempt)" if stale else "")
+    return verdicts
+
+
+def _delivery(item: BatchItem) -> tuple[int, int | None]:
+    args, kwargs = list(item.args), dict(item.kwargs)
+    push_id = int(args[0] if args else kwargs["push_id"])
+    attempt = args[1] if len(args) > 1 else kwargs.get("attempt")
+    return push_id, None if attempt is None else int(attempt)
+
+
+def _queue_retries(results: dict) -> None:
+    """Before the outcomes commit: the next attempt of each row that failed temporarily."""
+    for result in results.values():
+        if result.retry_in is not None:
+            queue_delivery(result.push_id, result.priority, result.attempts, countdown=result.retry_in)
 
 
 @app.task(bind=True, acks_late=True, **RETRY)
@@ -290,7 +409,7 @@ def send_digest(self, user_id: str) -> dict:
         s.redis.expire(DIGEST_KEY.format(user_id), int(plan.defer_seconds) + 3600)  # held until it goes out
         enqueue(send_digest, [user_id], PRIORITY_DIGEST, countdown=plan.defer_seconds)
     if plan.push_id is not None:
-        enqueue(deliver_push, [plan.push_id], PRIORITY_DIGEST)
+        queue_delivery(plan.push_id, PRIORITY_DIGEST)
     return {"user_id": user_id, "push_id": plan.push_id, "deferred_s": plan.defer_seconds}
 
 
@@ -314,6 +433,19 @@ def providers() -> dict:
             except ValueError as exc:
                 log.warning("%s pushes disabled: %s", name, exc)
     return _providers
+
+
+@worker_init.connect
+def _preload_push_providers(sender=None, **_):
+    """A worker that consumes push_tasks imports the provider modules (httpx, h2, cryptography, pyfcm)
+    before it forks its pool: each process then builds its clients at its first push without
+    importing them itself (about a second of CPU per process)."""
+    consume_from = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    consume_from = getattr(consume_from, "consume_from", None)
+    if consume_from is None or "push_tasks" in consume_from:
+        import app.providers.apns  # noqa: F401
+        import app.providers.email  # noqa: F401
+        import app.providers.fcm  # noqa: F401
 
 
 @app.task(acks_late=True, **RETRY)

@@ -243,7 +243,8 @@ def test_push_outcomes_by_provider_and_result(stack, user, clients, storage):
     wait_until(lambda: (outcome("retry"), outcome("skipped")) == (1, 1), timeout=5, what="retry and skip counted")
     assert (outcome("success"), outcome("failed")) == (1, 1)
     push = scrape(stack.push.metrics_url)
-    assert sample(push, "netherlink_task_runtime_seconds_count", task="deliver_push") >= 4
+    # send_push makes the first attempts itself; Carol's retry is a deliver_push.
+    assert sample(push, "netherlink_task_runtime_seconds_count", task="deliver_push") >= 1
     assert sample(push, "netherlink_task_runtime_seconds_count", task="send_push") >= 2
 
 

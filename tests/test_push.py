@@ -1,15 +1,18 @@
 """Offline push end to end: real workers, real local APNs / FCM / SMTP servers."""
+import itertools
 import secrets
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
+import pytest
 import requests
 from sqlalchemy import select, update
 
 from app.push import PRIORITY_DIGEST, PRIORITY_PRIVATE
-from models import Device, Message, PushLog, User
+from models import STATUS_READ, STATUS_UNREAD, Device, Message, PushLog, User
 from tests.fakes.fcm_server import make_device_token as fcm_token
 from tests.harness import wait_until
 
@@ -309,3 +312,151 @@ def test_a_digest_due_in_quiet_hours_waits_until_they_end(cluster, make_user, co
     assert deferred.push_id is None and abs(deferred.defer_seconds - (ends - now).total_seconds()) < 1
     after = plan_digest(storage, int(bob.user_id), now=ends + timedelta(minutes=1))  # what runs when they end
     assert after.push_id is not None and after.defer_seconds is None
+
+
+# -- batched delivery (deliver_push tasks are attempted in batches: app.push.attempt_pushes) --------------
+
+_ids = itertools.count((int(time.time() * 1000) << 22) + secrets.randbelow(1 << 20))
+
+
+@dataclass
+class Pending:
+    id: int
+    token: str
+    user: object
+
+
+def pending_push(storage, user, status=STATUS_UNREAD, platform="ios"):
+    """An iOS device of `user`, a private message to them (unread, or read: status 1) and its pending push_log row,
+    as send_push leaves them."""
+    token = add_device(storage, user, platform)
+    msg_id = next(_ids)
+    with storage.session() as session:
+        device_id = session.scalar(select(Device.id).where(Device.token == token))
+        session.add(Message(id=msg_id, conversation_id=f"p_1_{user.user_id}", sender_id=1,
+                            receiver_id=int(user.user_id), client_msg_id=f"batch-{msg_id}", content="batched",
+                            timestamp=int(time.time() * 1000), status=status))
+        row = PushLog(user_id=int(user.user_id), message_id=msg_id, push_type="apns" if platform == "ios" else "fcm",
+                      push_status="pending", target=f"device:{device_id}", device_id=device_id,
+                      priority=PRIORITY_PRIVATE, payload={"title": "alice", "body": "batched", "badge": 1,
+                                                          "conversation_id": f"p_1_{user.user_id}",
+                                                          "msg_id": str(msg_id), "preview": True})
+        session.add(row)
+        session.flush()
+        return Pending(row.id, token, user)
+
+
+def row_of(storage, push):
+    with storage.sessions() as session:
+        return session.get(PushLog, push.id)
+
+
+def test_one_batch_mixes_delivered_dead_token_temporary_failure_read_and_moved_device(cluster, make_user, storage):
+    from app.config import Settings
+    from app.providers.apns import ApnsClient
+    from app.push import attempt_pushes
+
+    apns = cluster.fakes.apns
+    users = [make_user() for _ in range(5)]
+    ok, dead, busy, read, moved = [pending_push(storage, u, status=STATUS_READ if i == 3 else STATUS_UNREAD)
+                                   for i, u in enumerate(users)]
+    apns.fail_token(dead.token, 410, "Unregistered")
+    apns.fail_token(busy.token, 503, "ServiceUnavailable")
+    with storage.session() as session:  # this device now belongs to someone else
+        session.execute(update(Device).where(Device.token == moved.token).values(user_id=int(users[0].user_id)))
+    batch = [(p.id, 0) for p in (ok, dead, busy, read, moved)]
+    queued = []
+    settings = Settings(**{name.lower(): value for name, value in apns.env().items()})
+    with ApnsClient(settings) as client:
+        providers = {"apns": client}
+        results = attempt_pushes(storage, batch, providers, max_retries=3, base_delay=10.0,
+                                 before_commit=lambda attempted: queued.append(dict(attempted)))
+
+        assert {p.id: (results[p.id].status, results[p.id].attempts) for p in (ok, dead, busy, read, moved)} == {
+            ok.id: ("success", 1), dead.id: ("failed", 1), busy.id: ("pending", 1), read.id: ("skipped", 0),
+            moved.id: ("failed", 1)}
+        assert [r.token for r in apns.requests if r.token in {p.token for p in (ok, dead, busy, read, moved)}] \
+            .count(read.token) == 0  # read meanwhile: never sent
+        assert row_of(storage, ok).provider_id and row_of(storage, ok).push_time is not None
+        assert "dead token removed: Unregistered" == row_of(storage, dead).error_msg
+        with storage.sessions() as session:
+            assert session.scalar(select(Device.id).where(Device.token == dead.token)) is None  # removed at once
+            assert session.scalar(select(Device.id).where(Device.token == moved.token)) is not None
+        assert row_of(storage, busy).error_msg.startswith("retrying in ")
+        assert row_of(storage, read).error_msg == "message read before the push went out"
+        assert row_of(storage, moved).error_msg == "device removed before the push was sent"
+        # The retry was handed over before the commit, with the attempt it is for and the backoff.
+        [attempted] = queued
+        assert attempted[busy.id].retry_in >= 5 and attempted[busy.id].attempts == 1
+        assert [r.retry_in is None for pid, r in attempted.items() if pid != busy.id] == [True] * 4
+
+        # The same batch again, as a redelivered batch brings it: nothing is sent twice, nothing changes.
+        sent = len(apns.requests)
+        again = attempt_pushes(storage, batch, providers, max_retries=3, base_delay=10.0,
+                               before_commit=queued.append)
+        assert all(r.stale for r in again.values()) and len(apns.requests) == sent and len(queued) == 1
+        assert (row_of(storage, busy).push_status, row_of(storage, busy).attempts) == ("pending", 1)
+
+        # The retry, queued for attempt 1, goes out; a second copy of it then finds nothing to do.
+        apns.fail_token(busy.token, 200, None)  # Apple answers this device 200 again
+        retried = attempt_pushes(storage, [(busy.id, 1), (busy.id, 1)], providers, max_retries=3, base_delay=10.0)
+        assert (retried[busy.id].status, retried[busy.id].attempts) == ("success", 2)
+        assert attempt_pushes(storage, [(busy.id, 1)], providers, max_retries=3, base_delay=10.0)[busy.id].stale
+    assert [r.status for r in apns.requests if r.token == busy.token] == [503, 200]
+
+
+def test_deliveries_queued_twice_are_sent_once_and_a_retry_still_goes_out(cluster, make_user, storage):
+    from tasks.pipeline import queue_delivery
+
+    apns = cluster.fakes.apns
+    pushes = [pending_push(storage, make_user()) for _ in range(4)]
+    tokens = {p.token for p in pushes}
+    cluster.push.kill()  # nothing consumes push_tasks while the deliveries are queued
+    try:
+        for push in pushes + pushes:  # every delivery twice: what a redelivered batch brings back
+            queue_delivery(push.id, PRIORITY_PRIVATE)
+        apns.fail_next(1, 503, "ServiceUnavailable", retry_after=1)  # the first request of the batch
+    finally:
+        cluster.ensure_push_worker()
+    wait_until(lambda: all(row_of(storage, p).push_status == "success" for p in pushes), timeout=30,
+               what="all four pushes delivered")
+    mine = [r for r in apns.requests if r.token in tokens]
+    assert sorted(r.status for r in mine) == [200, 200, 200, 200, 503]  # one retry, nothing twice
+    assert sorted(row_of(storage, p).attempts for p in pushes) == [1, 1, 1, 2]
+    time.sleep(1.5)  # nothing else was waiting to go out
+    assert len([r for r in apns.requests if r.token in tokens]) == 5
+
+
+def test_a_push_worker_killed_mid_batch_loses_nothing_and_sends_each_push_once(real_services, cluster, make_user,
+                                                                                storage):
+    import pymysql
+    from sqlalchemy.engine import make_url
+
+    from tasks.pipeline import queue_delivery
+
+    apns = cluster.fakes.apns
+    pushes = [pending_push(storage, make_user()) for _ in range(6)]
+    tokens = {p.token for p in pushes}
+    apns.delay_next(6, seconds=5)  # Apple holds the answers: the worker waits for them mid-batch
+    for push in pushes:
+        queue_delivery(push.id, PRIORITY_PRIVATE)
+    try:
+        wait_until(lambda: apns.held, timeout=15, what="a batch's requests at Apple")
+        url = make_url(real_services.database_url)
+        probe = pymysql.connect(host=url.host, port=url.port or 3306, user=url.username,
+                                password=url.password or "", database=url.database)
+        try:  # the batch holds its rows while it sends: another delivery of them would have to wait
+            with probe.cursor() as cur, pytest.raises(pymysql.err.OperationalError, match="[Ll]ock"):
+                cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
+                cur.execute(f"SELECT id FROM push_log WHERE id IN ({','.join(str(p.id) for p in pushes)}) "
+                            "FOR UPDATE")
+        finally:
+            probe.close()
+        cluster.push.kill()
+    finally:
+        cluster.ensure_push_worker()  # RabbitMQ gives the unacknowledged deliveries to the new worker
+    wait_until(lambda: all(row_of(storage, p).push_status == "success" for p in pushes), timeout=30,
+               what="every push delivered after the crash")
+    assert [row_of(storage, p).attempts for p in pushes] == [1] * 6  # the killed attempt was rolled back
+    accepted = [r.token for r in apns.notifications if r.token in tokens]
+    assert sorted(accepted) == sorted(tokens)  # the answers the killed worker never got are not counted

@@ -27,11 +27,11 @@ def require_admin(view):
 
 
 def enqueue_deliveries(pushes: list[tuple[int, int]]) -> None:
-    from tasks.pipeline import deliver_push, enqueue
+    from tasks.pipeline import queue_delivery
 
     for i, (push_id, priority) in enumerate(pushes):
         try:
-            enqueue(deliver_push, [push_id], priority)
+            queue_delivery(push_id, priority, attempt=0)  # reopened: attempts start again at 0
         except Exception:
             for unqueued, _ in pushes[i:]:  # none may stay pending with nothing queued for it
                 fail_reopened(storage(), unqueued, "retry could not be queued (broker unavailable); try again")

@@ -181,6 +181,7 @@ class FakeApnsServer:
         self._token_failures: dict[str, _ScriptedFailure] = {}
         self._next_failures: collections.deque[_ScriptedFailure] = collections.deque()
         self._delays: collections.deque[float] = collections.deque()
+        self._held = 0  # requests whose answer delay_next is holding right now
         # connection number -> (provider token in use, when it was first seen): Apple throttles
         # token changes on one connection, not separate connections each with their own token.
         self._connection_tokens: dict[int, tuple[str, float]] = {}
@@ -264,6 +265,12 @@ class FakeApnsServer:
     def notifications(self) -> list[ReceivedRequest]:
         """The requests Apple would have delivered (answered 200)."""
         return [r for r in self.requests if r.status == 200]
+
+    @property
+    def held(self) -> int:
+        """Requests received whose answers delay_next is holding back right now."""
+        with self._lock:
+            return self._held
 
     @property
     def connections_opened(self) -> int:
@@ -365,7 +372,13 @@ class FakeApnsServer:
         with self._lock:
             delay = self._delays.popleft() if self._delays else 0.0
         if delay:
-            await asyncio.sleep(delay)
+            with self._lock:
+                self._held += 1
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                with self._lock:
+                    self._held -= 1
         fields = dict(headers)
         apns_id = fields.get("apns-id") if _UUID.fullmatch(fields.get("apns-id", "")) else str(uuid.uuid4())
         status, reason, retry_after = self._judge(headers, body, connection_number)
