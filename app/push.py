@@ -238,7 +238,8 @@ def attempt_pushes(storage: Storage, pushes: Iterable[tuple[int, int | None]], p
     order, so concurrent batches queue behind each other instead of sending
     the same row twice), their devices, messages and read state read in three
     set-based queries, the notifications sent (APNs ones concurrently, as
-    streams of one HTTP/2 connection; FCM and email one after the other), all
+    streams of one HTTP/2 connection; FCM ones 8 at a time; digest mails one
+    after the other), all
     outcomes written in one UPDATE and dead devices deleted in one DELETE.
     `before_commit(results of the attempted rows)` runs before the commit,
     with the locks still held: the caller queues the retries there, so a crash
@@ -363,7 +364,7 @@ def _send(storage: Storage, todo: list[_Attempt], providers: dict) -> list[tuple
                                badge=a.payload["badge"], conversation_id=a.payload["conversation_id"],
                                msg_id=a.payload["msg_id"], priority=a.priority), a.payload.get("preview", True))
                   for a in attempts]
-        if hasattr(provider, "send_many"):  # APNs: concurrent streams
+        if hasattr(provider, "send_many"):  # concurrent requests (APNs: streams of one connection; FCM: threads)
             outcomes = provider.send_many(pushes)
         else:
             outcomes = [provider.send(request, preview=preview) for request, preview in pushes]

@@ -24,6 +24,10 @@ accepted exactly one notification per device, and nothing else. It also
 reports the worker's CPU time per push (all its processes, from the first
 request to the last row), which other load on the machine disturbs less.
 
+--stage client measures the raw part instead: ApnsClient.send_many alone, in
+a process of its own, against the fake in this one (no database, broker or
+Celery): the ceiling of the APNs client and fake on this machine.
+
 Prints progress every 2 s and a one-line JSON summary with the worker's task
 times (from its log). --py-spy FILE records the worker's processes while it
 drains. Exit status 1 when a push is missing, duplicated, not `success`, or
@@ -130,13 +134,59 @@ def worker_times(log_text: str) -> dict:
     return out
 
 
+CLIENT_CODE = """
+import json, os, secrets, sys, time
+from app.config import Settings
+from app.providers import Delivered, PushRequest
+from app.providers.apns import ApnsClient
+users, batch = int(sys.argv[1]), int(sys.argv[2])
+pushes = [(PushRequest(token=secrets.token_hex(32), title="alice", body=f"are we still on for lunch, user {i}?",
+                       badge=1, conversation_id=f"p_1_{i}", msg_id=str(i)), True) for i in range(users)]
+with ApnsClient(Settings.from_env()) as client:
+    client.send_many(pushes[:10])  # connection and provider token
+    started, cpu = time.monotonic(), time.process_time()
+    outcomes = [o for i in range(0, users, batch) for o in client.send_many(pushes[i:i + batch])]
+    took, cpu = time.monotonic() - started, time.process_time() - cpu
+print(json.dumps({"pushes_per_second": round(users / took, 1), "client_cpu_ms_per_push": round(1000 * cpu / users, 2),
+                  "delivered": sum(isinstance(o, Delivered) for o in outcomes)}))
+"""
+
+
+def client_ceiling(args) -> int:
+    """The raw part's ceiling: the APNs client alone against the fake (each in a process of its own)."""
+    from tests.fakes.apns_server import FakeApnsServer
+
+    fake = FakeApnsServer().start()
+    try:
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        result = subprocess.run([sys.executable, "-c", CLIENT_CODE, str(args.users), str(args.batch)],
+                                env={**os.environ, **fake.env(), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                                capture_output=True, text=True, timeout=args.timeout)
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        if result.returncode != 0:
+            print(result.stderr[-3000:], file=sys.stderr)
+            return 1
+        summary = {"bench": "push", "stage": "client", "users": args.users, "batch": args.batch,
+                   **json.loads(result.stdout.strip().splitlines()[-1]),
+                   "fake_cpu_ms_per_push": round(1000 * ((cpu1.ru_utime + cpu1.ru_stime)
+                                                        - (cpu0.ru_utime + cpu0.ru_stime)) / (args.users + 10), 2),
+                   "apns_connections": fake.connections_opened}
+        summary["ok"] = summary["delivered"] == args.users
+        print(json.dumps(summary), flush=True)
+        return 0 if summary["ok"] else 1
+    finally:
+        fake.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=3000, help="offline users, one iOS push each (N)")
     parser.add_argument("--concurrency", type=int, default=8,
                         help="push worker processes (deploy/docker-compose.yml and systemd run 8)")
-    parser.add_argument("--stage", choices=["deliver", "send"], default="deliver",
-                        help="queue deliver_push per planned row, or send_push per user (plan + deliver)")
+    parser.add_argument("--stage", choices=["deliver", "send", "client"], default="deliver",
+                        help="queue deliver_push per planned row, or send_push per user (plan + deliver); "
+                             "client: only ApnsClient.send_many in a process of its own, no database, no Celery")
+    parser.add_argument("--batch", type=int, default=100, help="--stage client: notifications per send_many")
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds of draining")
     parser.add_argument("--py-spy", dest="py_spy", metavar="FILE",
                         help="record the worker's processes with py-spy while they drain (collapsed stacks)")
@@ -145,6 +195,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.users < 1 or args.concurrency < 1:
         parser.error("need --users >= 1 and --concurrency >= 1")
+
+    if args.stage == "client":
+        return client_ceiling(args)
 
     from tests.fakes.apns_server import FakeApnsServer
     from tests.harness import Worker, provision_embedded, provision_real, real_services_reachable

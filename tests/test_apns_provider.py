@@ -235,6 +235,37 @@ def test_one_provider_token_and_one_http2_connection_carry_many_pushes(client, f
     assert fake.connections_opened == 1
 
 
+def test_send_many_sends_a_batch_as_concurrent_streams_of_one_connection(client, fake):
+    fake.delay_next(20, seconds=0.5)  # one after the other, 20 answers held 0.5 s each would take 10 s
+    started = time.monotonic()
+    outcomes = client.send_many([(push(token=f"{i:02x}" * 32, msg_id=str(i)), True) for i in range(20)])
+    took = time.monotonic() - started
+
+    assert took < 4, f"the batch took {took:.1f} s: its requests were not concurrent"
+    assert all(isinstance(o, Delivered) for o in outcomes)
+    by_token = {r.token: r.apns_id for r in fake.notifications}
+    assert [o.provider_id for o in outcomes] == [by_token[f"{i:02x}" * 32] for i in range(20)]  # in order
+    assert fake.connections_opened == 1 and len(set(provider_tokens(fake))) == 1
+
+
+def test_send_many_gives_each_request_its_own_outcome(client, fake, clock):
+    dead, busy, wrong = "d0" * 32, "b0" * 32, "e0" * 32
+    fake.fail_token(dead, 410, "Unregistered")
+    fake.fail_token(busy, 503, "ServiceUnavailable")
+    fake.fail_token(wrong, 400, "BadExpirationDate")
+    outcomes = client.send_many([(push(), True), (push(token=dead), True), (push(token="not-hex"), True),
+                                 (push(token=busy), False), (push(token=wrong), True),
+                                 (push(body="x" * 10_000), True)])
+
+    assert [type(o) for o in outcomes] == [Delivered, DeadToken, DeadToken, TemporaryFailure, PermanentFailure,
+                                           Delivered]
+    assert outcomes[1] == DeadToken("Unregistered") and outcomes[2] == DeadToken("BadDeviceToken")
+    assert outcomes[3] == TemporaryFailure("ServiceUnavailable", None)
+    assert outcomes[4] == PermanentFailure("BadExpirationDate")
+    assert len(fake.requests) == 5  # the non-hex token never left the client
+    assert client.send_many([]) == []
+
+
 def test_provider_token_is_renewed_after_50_minutes(client, fake, clock):
     client.send(push(msg_id="1"))
     clock.advance(49 * 60)

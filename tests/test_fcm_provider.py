@@ -247,3 +247,19 @@ def test_unusable_credentials_are_refused_naming_the_setting(problem, path_of, t
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_send_many_sends_concurrently_and_answers_in_order(fcm, fake_fcm):
+    import time
+
+    tokens = [make_device_token() for _ in range(8)]
+    fake_fcm.fail_token(tokens[3], error_code="UNREGISTERED", status=404)
+    fake_fcm.delay_next(0.5, count=8)  # one after the other: 4 s
+    started = time.monotonic()
+    outcomes = fcm.send_many([(_push(token), True) for token in tokens])
+    took = time.monotonic() - started
+
+    assert took < 3, f"{took:.1f} s: the requests were not concurrent"
+    assert [type(o) for o in outcomes] == [Delivered] * 3 + [DeadToken] + [Delivered] * 4
+    assert {m["token"] for m in fake_fcm.messages} == set(tokens) - {tokens[3]}
+    assert fake_fcm.token_grants == 1  # the threads share one access token

@@ -24,6 +24,22 @@ def test_bad_values_name_the_variable():
         Settings.from_env({"NETHERLINK_ENV": "staging"})
 
 
+@pytest.mark.parametrize("variable, value", [
+    ("PUSH_BATCH_MAX", "0"), ("PUSH_BATCH_MAX", "1001"), ("PUSH_BATCH_WAIT_MS", "0"),
+    ("PUSH_BATCH_WAIT_MS", "5000"), ("PUSH_BATCHES_IN_FLIGHT", "0"), ("PUSH_BATCHES_IN_FLIGHT", "65"),
+])
+def test_push_batch_settings_out_of_range_are_refused_by_name(variable, value):
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({variable: value})
+
+
+def test_push_batch_settings_default_and_accept_their_range():
+    s = Settings.from_env({})
+    assert (s.push_batch_max, s.push_batch_wait_ms, s.push_batches_in_flight) == (100, 10, 2)
+    s = Settings.from_env({"PUSH_BATCH_MAX": "1", "PUSH_BATCH_WAIT_MS": "1000", "PUSH_BATCHES_IN_FLIGHT": "64"})
+    assert (s.push_batch_max, s.push_batch_wait_ms, s.push_batches_in_flight) == (1, 1000, 64)
+
+
 def test_snowflake_ids_are_unique_and_increasing_even_when_the_clock_steps_back():
     times = iter([1_800_000_000.000] * 5000 + [1_799_999_999.0] * 10 + [1_800_000_001.0] * 10)
     gen = SnowflakeIds(7, clock=lambda: next(times))

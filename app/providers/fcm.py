@@ -14,8 +14,11 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import google.auth.exceptions
 import google.auth.transport.requests
@@ -35,6 +38,7 @@ GENERIC_BODY = "New message"
 HIGH_PRIORITY_FROM = 8  # push_tasks priority at or above which Android wakes the device (private chats)
 QUOTA_RETRY_AFTER_SECONDS = 60.0  # FCM asks for at least a minute after a 429 that names no Retry-After
 DEFAULT_TIMEOUT_SECONDS = 10.0
+MAX_CONCURRENT_SENDS = 8  # send_many's requests in flight at once (threads; the session pools 10 connections)
 MAX_REASON_CHARS = 300
 
 
@@ -109,6 +113,8 @@ class FcmClient:
         self._token_transport = functools.partial(
             google.auth.transport.requests.Request(session=self._session), timeout=timeout)
         self._token_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid: int | None = None
         self._pyfcm = _PyfcmAtBaseUrl(settings.fcm_base_url, self._credentials)
         self.endpoint = self._pyfcm.fcm_end_point
 
@@ -132,8 +138,24 @@ class FcmClient:
         self._log_outcome(request.msg_id, device, outcome, time.monotonic() - started)
         return outcome
 
+    def send_many(self, pushes: Sequence[tuple[PushRequest, bool]]) -> list[PushOutcome]:
+        """`send` for (request, preview) pairs, up to MAX_CONCURRENT_SENDS at once (threads sharing the
+        session and the access token); one outcome per pair, in order. Never raises for provider or
+        network trouble."""
+        if len(pushes) <= 1:
+            return [self.send(request, preview) for request, preview in pushes]
+        with self._token_lock:
+            if self._pool is None or self._pool_pid != os.getpid():  # made after a fork, in the process using it
+                self._pool = ThreadPoolExecutor(MAX_CONCURRENT_SENDS, thread_name_prefix="fcm")
+                self._pool_pid = os.getpid()
+            pool = self._pool
+        return list(pool.map(lambda push: self.send(*push), pushes))
+
     def close(self) -> None:
-        """Close the pooled connections."""
+        """Close the pooled connections (and the sending threads)."""
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self._session.close()
 
     def __enter__(self) -> "FcmClient":
