@@ -239,8 +239,8 @@ def attempt_pushes(storage: Storage, pushes: Iterable[tuple[int, int | None]], p
     the same row twice), their devices, messages and read state read in three
     set-based queries, the notifications sent (APNs ones concurrently, as
     streams of one HTTP/2 connection; FCM ones 8 at a time; digest mails one
-    after the other), all
-    outcomes written in one UPDATE and dead devices deleted in one DELETE.
+    after the other), all outcomes written (one executemany UPDATE by primary
+    key) and dead devices deleted.
     `before_commit(results of the attempted rows)` runs before the commit,
     with the locks still held: the caller queues the retries there, so a crash
     never leaves a row waiting for a retry nobody queued (the transaction
@@ -271,11 +271,13 @@ def attempt_pushes(storage: Storage, pushes: Iterable[tuple[int, int | None]], p
                 session.commit()  # SQLite: no snapshot held across the sends (concurrent writers would conflict)
             for attempt, outcome in _send(storage, [a for a in todo if a.status is None], providers):
                 _apply(attempt, outcome, max_retries, base_delay, jitter)
-            todo = _commit_outcomes(session, todo, before_commit)
+            written = _commit_outcomes(session, todo, before_commit)
         except BaseException:
             session.rollback()
             raise
-    for a in todo:  # committed
+    for a in todo:  # sent, but changed by someone else before a deadlocked write could be redone: not ours
+        results[a.push_id] = AttemptResult(a.push_id, a.status, priority=a.priority, attempts=a.attempts, stale=True)
+    for a in written:  # committed
         results[a.push_id] = AttemptResult(a.push_id, a.status, a.retry_in, a.priority, a.attempts)
         metrics.push_outcome(a.push_type, a.status)
     return results
