@@ -78,7 +78,7 @@ class BatchTask(Task):
             batch = buffer[:]
             del buffer[:]
             running[0] += 1
-            self._run_in_pool(consumer.pool, batch, send_events, done)
+            self._run_in_pool(consumer.pool, batch, eventer if send_events else None, done)
 
         def done() -> None:  # in the main process, after a batch was settled (or lost)
             running[0] -= 1
@@ -107,11 +107,6 @@ class BatchTask(Task):
                           eventer=eventer, task=task, connection_errors=consumer.connection_errors,
                           body=message.body, headers=message.headers, decoded=False, utc=app.uses_utc_timezone())
             signals.task_received.send(sender=consumer, request=request)
-            if send_events:
-                eventer.send("task-received", uuid=request.id, name=request.name, args=request.argsrepr,
-                             kwargs=request.kwargsrepr, root_id=request.root_id, parent_id=request.parent_id,
-                             retries=request.request_dict.get("retries", 0),
-                             eta=request.eta and request.eta.isoformat())
             if request.eta:  # held, not buffered, until due; it must not hold the prefetch window
                 # The worker's timer runs on the monotonic clock: to_timestamp converts (as Celery's own
                 # strategy does); a wall-clock timestamp here would hold the task for decades.
@@ -124,10 +119,17 @@ class BatchTask(Task):
 
         return on_message
 
-    def _run_in_pool(self, pool, requests: list[Request], send_events: bool, done=lambda: None) -> None:
+    def _run_in_pool(self, pool, requests: list[Request], eventer=None, done=lambda: None) -> None:
         started = time.monotonic()
         items = [BatchItem(r.id, list(r.args), dict(r.kwargs), (r.delivery_info or {}).get("routing_key"),
                            (r.delivery_info or {}).get("priority")) for r in requests]
+        # Flower sees one task per batch: two events per message, each a confirmed publish,
+        # held the worker's main loop for about as long as the batch's own work.
+        batch_id = f"batch-{uuid.uuid4()}"
+        if eventer is not None:
+            shown = ", ".join(r.id for r in requests[:5]) + (" …" if len(requests) > 5 else "")
+            eventer.send("task-received", uuid=batch_id, name=self.name, args=f"[batch of {len(requests)}: {shown}]",
+                         kwargs="{}", root_id=batch_id, parent_id=None, retries=0, eta=None)
 
         def settle(verdicts) -> None:
             try:
@@ -136,18 +138,21 @@ class BatchTask(Task):
                               len(requests))
                     verdicts = {}
                 runtime = time.monotonic() - started
+                counts = {ACK: 0, REQUEUE: 0, REJECT: 0}
                 for request in requests:
                     verdict = verdicts.get(request.id, REQUEUE)
+                    counts[verdict] = counts.get(verdict, 0) + 1
                     if verdict == ACK:
                         request.acknowledge()
                     else:
                         request.reject(requeue=verdict == REQUEUE)
-                    if send_events:
-                        if verdict == ACK:
-                            request.send_event("task-succeeded", result=f"batch of {len(requests)}", runtime=runtime)
-                        else:
-                            request.send_event("task-failed", exception=f"{verdict} (batch of {len(requests)})",
-                                               traceback="")
+                        if eventer is not None:  # a message given back or dead-lettered: Flower shows it by id
+                            eventer.send("task-failed", uuid=request.id, name=self.name, args=request.argsrepr,
+                                         exception=f"{verdict} (in {batch_id})", traceback="")
+                if eventer is not None:
+                    eventer.send("task-succeeded", uuid=batch_id, runtime=runtime,
+                                 result=f"{counts[ACK]} acked, {counts[REQUEUE]} given back, "
+                                        f"{counts[REJECT]} dead-lettered")
             finally:
                 done()
 
@@ -157,6 +162,9 @@ class BatchTask(Task):
                           len(requests), getattr(exc_info, "exception", exc_info))
                 for request in requests:
                     request.reject(requeue=True)
+                if eventer is not None:
+                    eventer.send("task-failed", uuid=batch_id, exception="its pool process was lost; "
+                                 "every message given back to the queue", traceback="")
             finally:
                 done()
 
