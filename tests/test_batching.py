@@ -11,10 +11,8 @@ import time
 import uuid
 
 import psutil
-import pymysql
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
 
 from app.messaging import message_frame, message_preview, persist_private_message, persist_private_messages, \
     private_conversation_id
@@ -23,6 +21,7 @@ from app.sync import read_stream
 from app.unread import unread_counts
 from models import ENTRY_MESSAGE, Conversation, Message, OfflineMessageIndex, SyncEntry, User
 from tests.harness import wait_until
+from tests.test_crash_recovery import _admin_connection, _blocked_persist_queries
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -125,19 +124,6 @@ def _live_counts(client, msg_ids, timeout=30.0):
     for frame in client.messages():
         counts[frame["msg_id"]] = counts.get(frame["msg_id"], 0) + 1
     return counts
-
-
-def _admin_connection(database_url):
-    url = make_url(database_url)
-    return pymysql.connect(host=url.host, port=url.port or 3306, user=url.username, password=url.password or "",
-                           database=url.database, autocommit=True)
-
-
-def _blocked_persist_queries(conn):
-    with conn.cursor() as cur:
-        cur.execute("SELECT COUNT(*) FROM information_schema.PROCESSLIST "
-                    "WHERE DB = DATABASE() AND INFO LIKE 'INSERT INTO conversation%%' AND ID <> CONNECTION_ID()")
-        return cur.fetchone()[0]
 
 
 # --- domain: persist_private_messages against MariaDB -----------------------------------------------------
