@@ -40,8 +40,12 @@ if not value then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   value = ''
 end
-redis.call('SET', KEYS[2], ARGV[3], 'NX')
-return {value, redis.call('GET', KEYS[2])}
+local since = redis.call('GET', KEYS[2])
+if not since then
+  redis.call('SET', KEYS[2], ARGV[3])
+  since = ARGV[3]
+end
+return {value, since}
 """
 _FORGET_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 PREVIEW_CHARS = 200

@@ -73,12 +73,13 @@ class BatchTask(Task):
             if flush_timer[0] is not None:
                 flush_timer[0].cancel()
                 flush_timer[0] = None
-            if not buffer or (running[0] >= processes and len(buffer) < self.flush_every):
-                return  # all processes busy: keep filling; the next batch to finish flushes this one
-            batch = buffer[:]
-            del buffer[:]
-            running[0] += 1
-            self._run_in_pool(consumer.pool, batch, eventer if send_events else None, done)
+            # While all processes are busy a buffer that is not full keeps filling; the next
+            # batch to finish flushes it. A batch is never more than flush_every messages.
+            while buffer and (running[0] < processes or len(buffer) >= self.flush_every):
+                batch = buffer[:self.flush_every]
+                del buffer[:self.flush_every]
+                running[0] += 1
+                self._run_in_pool(consumer.pool, batch, eventer if send_events else None, done)
 
         def done() -> None:  # in the main process, after a batch was settled (or lost)
             running[0] -= 1

@@ -166,17 +166,25 @@ def _persist_items(items: list[BatchItem], strict: bool = False) -> dict:
 
 
 def _retry_later(item: BatchItem, exc: Exception) -> str:
-    """Queue the task again after a capped, jittered backoff (Celery's retry does the same)."""
-    attempt = int(item.kwargs.get("attempt", 0)) + 1
-    delay = random.uniform(0.5, 1.0) * min(30, 2 ** attempt)
+    return retry_later(persist_message, item, exc, "attempt", args=[_payloads(item)],
+                       argsrepr="[message payload not shown]", **_route(item.routing_key))
+
+
+def retry_later(task, item: BatchItem, exc: Exception, counter: str, **publish) -> str:
+    """A batch task's message published again after a capped, jittered backoff, its
+    kwargs[counter] counting the retries (Celery's retry does the same); REQUEUE when
+    the broker refuses that too."""
+    number = int(item.kwargs.get(counter) or 0) + 1
+    delay = random.uniform(0.5, 1.0) * min(30, 2 ** number)
+    kwargs = {key: value for key, value in item.kwargs.items() if key != "messages"}
     try:
-        persist_message.apply_async(
-            args=[_payloads(item)], kwargs={"attempt": attempt, "alone": bool(item.kwargs.get("alone"))},
-            countdown=delay, argsrepr="[message payload not shown]", **_route(item.routing_key))
+        task.apply_async(kwargs={**kwargs, counter: number}, countdown=delay, **publish)
     except Exception:  # the broker is away too: back to the queue as it is
         return REQUEUE
-    log.warning("persist_message %s: %s; retry %d in %.1f s", item.id, exc.__class__.__name__, attempt, delay)
-    metrics.TASK_RETRIES.labels("persist_message").inc()
+    name = task.name.rsplit(".", 1)[-1]
+    log.warning("%s %s: %s (%s); retry %d in %.1f s", name, item.id, exc.__class__.__name__,
+                str(getattr(exc, "orig", None) or exc)[:200], number, delay)
+    metrics.TASK_RETRIES.labels(name).inc()
     return ACK
 
 
@@ -323,7 +331,8 @@ def _push_batch(task, items: list[BatchItem], parse, work) -> dict:
     try:
         verdicts.update(work(wanted))
     except TRANSIENT as exc:  # the database, Redis or broker away: all of them wait and retry
-        verdicts.update({item.id: _retry_later_push(task, item, exc) for item in items if item.id in wanted})
+        verdicts.update({item.id: retry_later(task, item, exc, "retries", args=item.args, priority=item.priority)
+                         for item in items if item.id in wanted})
     except Exception:
         name = task.name.rsplit(".", 1)[-1]
         if len(wanted) == 1:
@@ -336,22 +345,6 @@ def _push_batch(task, items: list[BatchItem], parse, work) -> dict:
                 if item.id in wanted:
                     verdicts.update(task.run([item]))
     return verdicts
-
-
-def _retry_later_push(task, item: BatchItem, exc: Exception) -> str:
-    """Our own services failed (not a provider): the same task again after a capped, jittered backoff."""
-    retries = int(item.kwargs.get("retries", 0)) + 1
-    delay = random.uniform(0.5, 1.0) * min(30, 2 ** retries)
-    try:
-        task.apply_async(args=item.args, kwargs={**item.kwargs, "retries": retries}, countdown=delay,
-                         priority=item.priority)
-    except Exception:  # the broker is away too: back to the queue as it is
-        return REQUEUE
-    name = task.name.rsplit(".", 1)[-1]
-    log.warning("%s %s: %s (%s); retry %d in %.1f s", name, item.id, exc.__class__.__name__,
-                str(getattr(exc, "orig", None) or exc)[:200], retries, delay)
-    metrics.TASK_RETRIES.labels(name).inc()
-    return ACK
 
 
 @app.task(**_PUSH_BATCH)
