@@ -1,29 +1,19 @@
-"""Celery configuration: the seed's exchanges, queues and routes.
+"""Celery configuration from Settings: the seed's exchanges, queues and routes.
 
 chat.direct   (direct) private.message -> private_messages   persist_message
 chat.direct   (direct) group.message   -> group_messages     persist_message (groups)
 chat.topic    (topic)  offline.#       -> offline_messages   dispatch_message(s), dispatch_group_message (chunks)
 notification.direct    push.task       -> push_tasks         send_push (x-max-priority 10)
 """
+from __future__ import annotations
+
 from kombu import Exchange, Queue
 
 from app.config import Settings
 
-_settings = Settings.from_env()
-
 chat_direct = Exchange("chat.direct", type="direct", durable=True)
 chat_topic = Exchange("chat.topic", type="topic", durable=True)
 notification_direct = Exchange("notification.direct", type="direct", durable=True)
-
-broker_url = _settings.broker_url
-result_backend = _settings.redis_url
-# Nothing waits on results, and a task must never depend on Redis being up to
-# run: with results (or STARTED tracking) on, an unreachable Redis makes the
-# worker ack a task without running it. Flower works from task events.
-result_expires = 3600
-task_ignore_result = True
-task_store_errors_even_if_ignored = False
-
 # A task that fails for good (a bug, an id collision, a retry that could not be
 # published) is rejected into dead_letters instead of vanishing; operators look
 # there (Flower, RabbitMQ management) and replay with `flask --app wsgi replay-dead-letters`.
@@ -40,54 +30,22 @@ task_queues = (
 dead_letter_queue = Queue("dead_letters", dead_letters, durable=True)
 # Routes name the queue (its exchange and type come with it) so the embedded
 # Redis broker, which only matches topic keys for declared exchanges, routes
-# exactly like RabbitMQ.
+# exactly like RabbitMQ. Task names are stable (explicit name= in tasks/).
+_MAINTENANCE = {"queue": "offline_messages", "routing_key": "offline.maintenance"}
+_PUSH = {"queue": "push_tasks", "routing_key": "push.task"}
 task_routes = {
     "tasks.pipeline.persist_message": {"queue": "private_messages", "routing_key": "private.message"},
     "tasks.pipeline.dispatch_message": {"queue": "offline_messages", "routing_key": "offline.private"},
     "tasks.pipeline.dispatch_messages": {"queue": "offline_messages", "routing_key": "offline.private"},
     "tasks.pipeline.dispatch_group_message": {"queue": "offline_messages", "routing_key": "offline.group"},
-    "tasks.pipeline.send_push": {"queue": "push_tasks", "routing_key": "push.task"},
-    "tasks.pipeline.deliver_push": {"queue": "push_tasks", "routing_key": "push.task"},
-    "tasks.pipeline.send_digest": {"queue": "push_tasks", "routing_key": "push.task"},
-    "tasks.pipeline.sweep_presence": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
-    "tasks.pipeline.purge_synced_offline_index": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
-    "tasks.pipeline.purge_push_log": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
-    "tasks.pipeline.reconcile_unread": {"queue": "offline_messages", "routing_key": "offline.maintenance"},
+    "tasks.pipeline.send_push": _PUSH,
+    "tasks.pipeline.deliver_push": _PUSH,
+    "tasks.pipeline.send_digest": _PUSH,
+    "tasks.pipeline.sweep_presence": _MAINTENANCE,
+    "tasks.pipeline.purge_synced_offline_index": _MAINTENANCE,
+    "tasks.pipeline.purge_push_log": _MAINTENANCE,
+    "tasks.pipeline.reconcile_unread": _MAINTENANCE,
 }
-task_default_queue = "offline_messages"
-task_default_exchange = "chat.topic"
-task_default_routing_key = "offline.default"
-
-# A message is acknowledged only after its task finished; a worker that dies
-# mid-task (even SIGKILL) leaves it to be redelivered. Tasks are idempotent.
-task_acks_late = True
-task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = False  # a failed task is rejected (dead-lettered), not acked away
-# One message in flight per process: a crash redelivers little, and a slow
-# task does not hold others hostage behind it.
-worker_prefetch_multiplier = 1
-task_serializer = "json"
-result_serializer = "json"
-accept_content = ["json"]
-task_default_delivery_mode = "persistent"
-
-# Flower sees every task from the workers' events. No "sent" events: each
-# would be one more confirmed publish on the gateway's path to the ack.
-worker_send_task_events = True
-task_send_sent_event = False
-task_track_started = False
-
-broker_connection_retry_on_startup = True
-broker_connection_timeout = 4
-broker_heartbeat = 30
-broker_pool_limit = 16
-if _settings.broker_is_amqp:
-    # The gateway's ack means durable: each publish waits for RabbitMQ's confirm.
-    broker_transport_options = {"confirm_publish": True}
-else:
-    # Embedded default (bundled Redis as broker): emulate priorities and give
-    # unacked messages back after an hour.
-    broker_transport_options = {"visibility_timeout": 3600, "priority_steps": list(range(11)), "queue_order_strategy": "priority"}
 
 # Housekeeping (each idempotent and bounded per run; visible in Flower like any task).
 beat_schedule = {
@@ -96,4 +54,55 @@ beat_schedule = {
     "purge-push-log": {"task": "tasks.pipeline.purge_push_log", "schedule": 3600.0},
     "reconcile-unread": {"task": "tasks.pipeline.reconcile_unread", "schedule": 6 * 3600.0},
 }
-timezone = "UTC"
+
+
+def from_settings(settings: Settings) -> dict:
+    """Every Celery setting of NetherLink, for `app.conf.update`."""
+    if settings.broker_is_amqp:
+        # The gateway's ack means durable: each publish waits for RabbitMQ's confirm.
+        transport_options = {"confirm_publish": True}
+    else:
+        # Embedded default (bundled Redis as broker): emulate priorities and give
+        # unacked messages back after an hour.
+        transport_options = {"visibility_timeout": 3600, "priority_steps": list(range(11)),
+                             "queue_order_strategy": "priority"}
+    return dict(
+        broker_url=settings.broker_url,
+        result_backend=settings.redis_url,
+        # Nothing waits on results, and a task must never depend on Redis being up to
+        # run: with results (or STARTED tracking) on, an unreachable Redis makes the
+        # worker ack a task without running it. Flower works from task events.
+        result_expires=3600,
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        task_queues=task_queues,
+        dead_letter_queue=dead_letter_queue,
+        task_routes=task_routes,
+        task_default_queue="offline_messages",
+        task_default_exchange="chat.topic",
+        task_default_routing_key="offline.default",
+        # A message is acknowledged only after its task finished; a worker that dies
+        # mid-task (even SIGKILL) leaves it to be redelivered. Tasks are idempotent.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=False,  # a failed task is rejected (dead-lettered), not acked away
+        # One message in flight per process: a crash redelivers little, and a slow
+        # task does not hold others hostage behind it.
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_default_delivery_mode="persistent",
+        # Flower sees every task from the workers' events. No "sent" events: each
+        # would be one more confirmed publish on the gateway's path to the ack.
+        worker_send_task_events=True,
+        task_send_sent_event=False,
+        task_track_started=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=4,
+        broker_heartbeat=30,
+        broker_pool_limit=16,
+        broker_transport_options=transport_options,
+        beat_schedule=beat_schedule,
+        timezone="UTC",
+    )

@@ -30,17 +30,17 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_count,
                                 x_proto=settings.trusted_proxy_count)
 
-    from app.api.auth import bp as auth_bp
-    from app.api.chat import bp as chat_bp
-    from app.api.groups import bp as groups_bp
-    from app.api.admin import bp as admin_api_bp
-    from app.api.push import bp as push_bp
-    from app.api.users import bp as users_bp
-    from app.dashboard import init_dashboard
-    from app.api.health import bp as health_bp
-    from app.api.metrics import bp as metrics_bp
-    from app.cli import register_commands
-    from app.web import bp as web_bp
+    from app.http.auth import bp as auth_bp
+    from app.http.chat import bp as chat_bp
+    from app.http.groups import bp as groups_bp
+    from app.http.admin import bp as admin_api_bp
+    from app.http.push import bp as push_bp
+    from app.http.users import bp as users_bp
+    from app.http.dashboard import init_dashboard
+    from app.http.health import bp as health_bp
+    from app.http.metrics import bp as metrics_bp
+    from app.http.cli import register_commands
+    from app.http.web import bp as web_bp
     from ws import init_gateway
 
     app.register_blueprint(auth_bp)

@@ -28,6 +28,7 @@ import os
 import re
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, Iterable
 
 # prometheus_client opens its files there as soon as a metric is defined: make
@@ -44,7 +45,7 @@ from prometheus_client.exposition import choose_encoder  # noqa: E402
 from prometheus_client.metrics import MetricWrapperBase  # noqa: E402
 
 from app.errors import ChatError  # noqa: E402
-from app.snowflake import EPOCH_MS, NODE_BITS, SEQUENCE_BITS  # noqa: E402
+from app.ids import EPOCH_MS, NODE_BITS, SEQUENCE_BITS  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -108,23 +109,21 @@ KNOWN_CLOSE_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1
                                4401, 4408, 4429, 4503})
 
 
-def observe_handlers(handlers: dict[str, Callable]) -> None:
-    """Learn the frame types the gateway serves, and time `send` up to its ack (in place)."""
-    _known_frame_types.update(handlers)
-    if "send" in handlers:
-        handlers["send"] = _timed_send(handlers["send"])
+def serve_frame_types(kinds) -> None:
+    """The frame types the gateway serves (frames of any other type count as "unknown")."""
+    _known_frame_types.update(kinds)
 
 
-def _timed_send(handler: Callable) -> Callable:
-    def send(conn, frame):
-        started = time.monotonic()
-        try:
-            handler(conn, frame)
-        except Exception as exc:
-            GATEWAY_SEND_ERRORS.labels(exc.code if isinstance(exc, ChatError) else "internal").inc()
-            raise
-        GATEWAY_ACK_LATENCY.observe(time.monotonic() - started)
-    return send
+@contextmanager
+def timed_send():
+    """Time a `send` from its frame to its ack; a refused send counts by its error code."""
+    started = time.monotonic()
+    try:
+        yield
+    except Exception as exc:
+        GATEWAY_SEND_ERRORS.labels(exc.code if isinstance(exc, ChatError) else "internal").inc()
+        raise
+    GATEWAY_ACK_LATENCY.observe(time.monotonic() - started)
 
 
 def frame_in(kind: str | None) -> None:

@@ -500,7 +500,7 @@ def make_users(storage, settings, prefix: str, count: int) -> list[str]:
     """C users with unusable passwords (inserted in batches) and a token for each."""
     from sqlalchemy import insert, select
 
-    from app.auth import issue_token
+    from app.accounts.auth import issue_token
     from models import User
 
     with storage.session() as session:

@@ -40,7 +40,7 @@ PING_EVERY = 20.0
 
 def make_members(storage, settings, prefix: str, count: int) -> list[tuple[int, str]]:
     """N users with unusable passwords and fresh tokens: (user id, token)."""
-    from app.auth import issue_token
+    from app.accounts.auth import issue_token
     from models import User
 
     with storage.session() as session:
@@ -134,7 +134,7 @@ def main() -> int:
         os.environ.update({k: v for k, v in services.env().items()
                            if k in ("DATABASE_URL", "BROKER_URL", "REDIS_URL", "NETHERLINK_ENV", "JWT_SECRET")})
         from app.config import Settings
-        from app.groups import create_group
+        from app.chat.groups import create_group
         from app.storage import Storage, upgrade_schema
         from models import SyncEntry
 

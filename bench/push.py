@@ -8,7 +8,7 @@ private message (rows made directly in the database, as persist and
 dispatch would leave them).
 
 Two ways in, both through the real tasks:
-  --stage deliver (default): the bench plans the pushes with app.push.plan_pushes_many
+  --stage deliver (default): the bench plans the pushes with app.push.planning.plan_pushes_many
       (one pending push_log row per user, badge and preview filled in, which
       is what send_push does) and queues one deliver_push task per row;
   --stage send: the bench queues one send_push task per user, and the worker
@@ -66,7 +66,7 @@ def seed(storage, prefix: str, count: int) -> tuple[list[int], dict[int, str]]:
     """N users, each with an iOS device and one unread private message from one sender."""
     from sqlalchemy import insert, select
 
-    from app.messaging import private_conversation_id
+    from app.chat.conversations import private_conversation_id
     from models import Device, Message, User
 
     with storage.session() as session:
@@ -137,8 +137,8 @@ def worker_times(log_text: str) -> dict:
 CLIENT_CODE = """
 import json, os, secrets, sys, time
 from app.config import Settings
-from app.providers import Delivered, PushRequest
-from app.providers.apns import ApnsClient
+from app.push.providers import Delivered, PushRequest
+from app.push.providers.apns import ApnsClient
 users, batch = int(sys.argv[1]), int(sys.argv[2])
 pushes = [(PushRequest(token=secrets.token_hex(32), title="alice", body=f"are we still on for lunch, user {i}?",
                        badge=1, conversation_id=f"p_1_{i}", msg_id=str(i)), True) for i in range(users)]
@@ -223,7 +223,7 @@ def main() -> int:
         from sqlalchemy import func, select
 
         from app.config import Settings
-        from app.push import PRIORITY_PRIVATE, plan_pushes_many
+        from app.push.planning import PRIORITY_PRIVATE, plan_pushes_many
         from app.storage import Storage, upgrade_schema
         from models import PushLog
 
@@ -232,21 +232,21 @@ def main() -> int:
         say(f"seeding {args.users} offline users with an iOS device and an unread message ({kind} services)...")
         users, tokens = seed(storage, f"push{run_id}-", args.users)
 
-        from tasks.pipeline import deliver_push, enqueue, send_push
+        from tasks.publish import DELIVER_PUSH, SEND_PUSH, queue_push_task
 
         if args.stage == "deliver":
-            say(f"planning {args.users} pushes with app.push.plan_pushes_many (push_log rows)...")
+            say(f"planning {args.users} pushes with app.push.planning.plan_pushes_many (push_log rows)...")
             plans = [plan for start in range(0, len(users), 500)
                      for plan in plan_pushes_many(storage, users[start:start + 500])]
-            jobs = [(deliver_push, [pid], plan.priority) for plan in plans for pid in plan.push_ids]  # as send_push
+            jobs = [(DELIVER_PUSH, [pid], plan.priority) for plan in plans for pid in plan.push_ids]  # as send_push
             if len(jobs) != args.users:
                 raise SystemExit(f"planned {len(jobs)} pushes for {args.users} users: "
                                  f"{collections.Counter(p.skipped for p in plans)}")
         else:
-            jobs = [(send_push, ["0", str(uid), PRIORITY_PRIVATE], PRIORITY_PRIVATE) for uid in users]
+            jobs = [(SEND_PUSH, ["0", str(uid), PRIORITY_PRIVATE], PRIORITY_PRIVATE) for uid in users]
         say(f"queueing {len(jobs)} {jobs[0][0].name.rsplit('.', 1)[-1]} tasks (confirmed publishes)...")
         for task, task_args, priority in jobs:  # deliver_push(push_id, attempt=0), as send_push queues it
-            enqueue(task, task_args, priority, kwargs={"attempt": 0} if task is deliver_push else None)
+            queue_push_task(task, task_args, priority, kwargs={"attempt": 0} if task == DELIVER_PUSH else None)
 
         # Watch the fake from before the worker starts: the first request starts the clock.
         seen = {"first": None, "last": None, "count": 0, "worker_cpu": None}

@@ -25,7 +25,7 @@ from tests.harness import (
 
 def seed_backlog(storage, sender: int, recipient: int, count: int) -> None:
     """K stored messages in the recipient's stream, as persist would leave them."""
-    from app.messaging import private_conversation_id
+    from app.chat.conversations import private_conversation_id
     from models import Message, SyncEntry, User
 
     conv = private_conversation_id(sender, recipient)

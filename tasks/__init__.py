@@ -1,8 +1,10 @@
-"""The Celery app (`celery -A tasks ...`). Tasks live in tasks.pipeline."""
-from celery import Celery
+"""The Celery app (`celery -A tasks ...`), built by tasks.celery_app from the environment.
 
-app = Celery("netherlink")
-app.config_from_object("celeryconfig")
+Task modules by queue family: tasks.messages (persist, dispatch), tasks.push
+(send_push, deliver_push, send_digest), tasks.housekeeping (beat jobs).
+Publishing without loading them: tasks.publish.
+"""
+from tasks.celery_app import make_celery
+from tasks.runtime import settings
 
-import tasks.pipeline  # noqa: E402,F401  (registers the tasks)
-import tasks.worker_metrics  # noqa: E402,F401  (task signals; /metrics on WORKER_METRICS_PORT)
+app = make_celery(settings())

@@ -21,18 +21,29 @@ so a killed worker loses nothing.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from celery import Task, signals
 from celery.utils.time import timezone
 from celery.worker.request import Request, create_request_cls
 from kombu.asynchronous.timer import to_timestamp
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from app import metrics
 
 log = logging.getLogger(__name__)
 
 ACK, REQUEUE, REJECT = "ack", "requeue", "reject"
+
+# Transient trouble (database, Redis or broker away): retry with capped
+# exponential backoff and jitter, for as long as it takes. Never drop.
+TRANSIENT = (DBAPIError, RedisError, BrokerError, ConnectionError, TimeoutError)
+RETRY = dict(autoretry_for=TRANSIENT, retry_backoff=1, retry_backoff_max=30, retry_jitter=True, max_retries=None)
 
 
 class BatchItem(NamedTuple):
@@ -188,3 +199,58 @@ def run_batch(task_name: str, items: list[BatchItem]):
     finally:
         signals.task_postrun.send(sender=task, task_id=task_id, task=task, args=items, kwargs={}, retval=verdicts,
                                   state="SUCCESS" if verdicts is not None else "FAILURE")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Our own services' trouble, to wait out. An IntegrityError nothing explained is a bug
+    to look at, not an outage."""
+    return isinstance(exc, TRANSIENT) and not isinstance(exc, IntegrityError)
+
+
+def settle_batch(name: str, items: list[BatchItem], work: Callable[[list[BatchItem]], dict],
+                 retry: Callable[[BatchItem, Exception], str], alone: Callable[[BatchItem], str]) -> dict:
+    """The verdicts of one batch run, the policy every batch task shares.
+
+    `work(items)` does the batch and returns its verdicts. When it raises: our
+    own services' trouble (is_transient) retries every item later (`retry`);
+    anything else is a message that fails for good, so each item is tried on
+    its own and the one that still fails is settled by `alone` (quarantined
+    or dead-lettered), while the others are done.
+    """
+    try:
+        return work(items)
+    except Exception as exc:
+        if is_transient(exc):
+            return {item.id: retry(item, exc) for item in items}
+        if len(items) == 1:
+            return {items[0].id: alone(items[0])}
+        log.exception("%s: a batch of %d failed; trying them one by one", name, len(items))
+    verdicts = {}
+    for item in items:
+        verdicts.update(settle_batch(name, [item], work, retry, alone))
+    return verdicts
+
+
+def dead_letter(name: str, item: BatchItem) -> str:
+    """A task message that fails for good: REJECT, which RabbitMQ moves to dead_letters."""
+    log.exception("%s %s fails for good; dead-lettered for an operator", name, item.id)
+    metrics.TASK_FAILURES.labels(name).inc()
+    return REJECT
+
+
+def retry_later(task, item: BatchItem, exc: Exception, counter: str, **publish) -> str:
+    """A batch task's message published again after a capped, jittered backoff, its
+    kwargs[counter] counting the retries (Celery's retry does the same); REQUEUE when
+    the broker refuses that too."""
+    number = int(item.kwargs.get(counter) or 0) + 1
+    delay = random.uniform(0.5, 1.0) * min(30, 2 ** number)
+    kwargs = {key: value for key, value in item.kwargs.items() if key != "messages"}
+    try:
+        task.apply_async(kwargs={**kwargs, counter: number}, countdown=delay, **publish)
+    except Exception:  # the broker is away too: back to the queue as it is
+        return REQUEUE
+    name = task.name.rsplit(".", 1)[-1]
+    log.warning("%s %s: %s (%s); retry %d in %.1f s", name, item.id, exc.__class__.__name__,
+                str(getattr(exc, "orig", None) or exc)[:200], number, delay)
+    metrics.TASK_RETRIES.labels(name).inc()
+    return ACK

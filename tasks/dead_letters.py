@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+from celery.signals import worker_ready
 from kombu import Producer
 
 from tasks import app
+from tasks.runtime import settings
 
 
 def dead_letter_count() -> int:
@@ -40,3 +42,11 @@ def replay_dead_letters(limit: int, progress: Callable[[int], None] = lambda n: 
             if replayed % 1000 == 0:
                 progress(replayed)
     return replayed
+
+
+@worker_ready.connect
+def _declare_dead_letter_queue(sender=None, **_):
+    """The dead-letter exchange must exist before a task is rejected, or RabbitMQ drops it."""
+    if settings().broker_is_amqp:
+        with app.connection_for_write() as conn:
+            app.conf.dead_letter_queue(conn.default_channel).declare()

@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from app.config import Settings
-from app.providers import DeadToken, Delivered, PermanentFailure, PushRequest, TemporaryFailure
-from app.providers.apns import ApnsClient, device_label
+from app.push.providers import DeadToken, Delivered, PermanentFailure, PushRequest, TemporaryFailure
+from app.push.providers.apns import ApnsClient, device_label
 from tests.fakes.apns_server import FakeApnsServer, write_p8_key
 
 KEY_ID = "ABC123DEFG"

@@ -102,7 +102,7 @@ def test_a_socket_is_closed_with_4401_when_its_token_expires(cluster):
 
 
 def test_a_small_clock_skew_is_tolerated_and_no_more():
-    from app.auth import JWT_LEEWAY_SECONDS, issue_token, verify_token
+    from app.accounts.auth import JWT_LEEWAY_SECONDS, issue_token, verify_token
     from app.config import Settings
     from app.errors import Unauthorized
 

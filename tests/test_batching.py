@@ -14,11 +14,12 @@ import psutil
 import pytest
 from sqlalchemy import func, select
 
-from app.messaging import message_frame, message_preview, persist_private_message, persist_private_messages, \
-    private_conversation_id
-from app.snowflake import LeasedIds, NodeLease
-from app.sync import read_stream
-from app.unread import unread_counts
+from app.chat.conversations import message_preview, private_conversation_id
+from app.chat.persist import persist_private_message, persist_private_messages
+from app.wire import message_frame
+from app.ids import LeasedIds, NodeLease
+from app.chat.sync import read_stream
+from app.chat.unread import unread_counts
 from models import ENTRY_MESSAGE, Conversation, Message, OfflineMessageIndex, SyncEntry, User
 from tests.harness import wait_until
 from tests.test_crash_recovery import _admin_connection, _blocked_persist_queries
@@ -242,7 +243,7 @@ def test_a_poison_message_in_a_gateway_batch_does_not_take_the_good_ones_with_it
     # A gateway's batch is ONE task message: a payload that fails for good is set aside as a task of its
     # own and dead-lettered alone; the acked messages published with it are stored and delivered.
     from tasks.dead_letters import dead_letter_count
-    from tasks.pipeline import persist_message
+    from tasks.messages import persist_message
 
     alice, bob = make_user(), make_user()
     b = connect(bob, cluster.gw2)
@@ -262,7 +263,7 @@ def test_a_poison_message_in_a_gateway_batch_does_not_take_the_good_ones_with_it
 def test_an_id_collision_in_a_worker_batch_is_dead_lettered_alone(real_services, cluster, make_user, connect, storage,
                                                                    ids):
     from tasks.dead_letters import dead_letter_count
-    from tasks.pipeline import persist_message
+    from tasks.messages import persist_message
 
     alice, bob, carol, dave = make_user(), make_user(), make_user(), make_user()
     holder = _payload(ids, carol.user_id, dave.user_id, "I hold this id")
@@ -463,7 +464,7 @@ def test_a_database_failure_mid_batch_retries_the_batch_without_loss_or_duplicat
     assert sorted(_assert_gap_free(storage, bob.user_id)) == sorted(map(int, all_ids))
     for i, sender in enumerate(senders):
         assert sorted(_assert_gap_free(storage, sender.user_id)) == sorted(int(a["msg_id"]) for a in acks[i])
-    # The failed batch is queued again after a backoff (tasks/pipeline.py _retry_later, logged
+    # The failed batch is queued again after a backoff (tasks/messages.py _retry_later, logged
     # "retry N in X s"), not given straight back to the queue (a hot loop while the outage lasts).
     log = cluster.persist.log_text()[log_mark:]
     assert " retry 1 in " in log, "the batch was not retried with a backoff: " + log[-1500:]

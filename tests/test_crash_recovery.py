@@ -6,7 +6,7 @@ import pymysql
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from app.unread import unread_counts
+from app.chat.unread import unread_counts
 from models import Device, Message, OfflineMessageIndex, PushLog
 from tests.harness import wait_until
 

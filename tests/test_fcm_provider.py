@@ -7,8 +7,8 @@ import socket
 import pytest
 
 from app.config import Settings
-from app.providers import DeadToken, Delivered, PermanentFailure, PushRequest, TemporaryFailure
-from app.providers.fcm import FcmClient
+from app.push.providers import DeadToken, Delivered, PermanentFailure, PushRequest, TemporaryFailure
+from app.push.providers.fcm import FcmClient
 from tests.fakes.fcm_server import FakeFcmServer, make_device_token, write_service_account
 
 

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from app.errors import ChatError, InvalidInput, TooLarge
-from app.messaging import SendRequest
-from app.sync import DEFAULT_LIMIT, MAX_LIMIT, parse_cursor, parse_limit
+from app.chat.intake import SendRequest
+from app.chat.sync import DEFAULT_LIMIT, MAX_LIMIT, parse_cursor, parse_limit
 from models import Message
 from tests.harness import wait_until
 from ws.frames import (

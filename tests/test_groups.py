@@ -8,11 +8,11 @@ import pytest
 import requests
 from sqlalchemy import select
 
-from app.group_messages import fan_out_group_message
-from app.push import PRIORITY_GROUP
-from app.recall import recall_message
+from app.chat.group_messages import fan_out_group_message
+from app.push.planning import PRIORITY_GROUP
+from app.chat.recall import recall_message
 from app.errors import Forbidden, RecallExpired
-from app.unread import UNREAD_KEY, unread_counts
+from app.chat.unread import UNREAD_KEY, unread_counts
 from models import Device, Message, OfflineMessageIndex, PushLog, SyncEntry
 from tests.harness import wait_until
 from tests.test_sync import sync_all

@@ -4,9 +4,9 @@ import secrets
 
 from sqlalchemy import select
 
-from app.messaging import dispatch_private_message
-from app.push import PRIORITY_PRIVATE, plan_pushes
-from app.unread import unread_counts
+from app.chat.dispatch import dispatch_private_message
+from app.push.planning import PRIORITY_PRIVATE, plan_pushes
+from app.chat.unread import unread_counts
 from models import Device, OfflineMessageIndex, PushLog
 from tests.fakes.fcm_server import make_device_token as fcm_token
 from tests.harness import Gateway, wait_until

@@ -8,15 +8,16 @@ import pytest
 import requests
 from sqlalchemy import select, update
 
-from app.messaging import IdCollision, persist_private_message, private_conversation_id
-from app.snowflake import LEASE_KEY, LeasedIds, NodeLease
+from app.chat.conversations import private_conversation_id
+from app.chat.persist import IdCollision, persist_private_message
+from app.ids import LEASE_KEY, LeasedIds, NodeLease
 from models import Device, PushLog, User
 from tests.harness import wait_until
 
 
 def test_a_task_that_fails_for_good_is_dead_lettered_not_dropped_and_can_be_replayed(real_services, cluster):
     from tasks.dead_letters import dead_letter_count, replay_dead_letters
-    from tasks.pipeline import persist_message
+    from tasks.messages import persist_message
 
     before = dead_letter_count()
     persist_message.apply_async(args=[{"msg_id": "1", "note": "a payload persist cannot handle"}])
@@ -111,7 +112,7 @@ def test_the_openapi_document_lists_every_rest_path_the_app_serves():
 def test_housekeeping_drops_only_what_is_past_retention(cluster, make_user, storage):
     from datetime import datetime, timedelta
 
-    from app.maintenance import purge_push_log, purge_synced_offline_index, reconcile_unread
+    from app.chat.maintenance import purge_push_log, purge_synced_offline_index, reconcile_unread
     from models import OfflineMessageIndex
 
     user = int(make_user().user_id)

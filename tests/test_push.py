@@ -11,7 +11,7 @@ import pytest
 import requests
 from sqlalchemy import select, update
 
-from app.push import PRIORITY_DIGEST, PRIORITY_PRIVATE
+from app.push.planning import PRIORITY_DIGEST, PRIORITY_PRIVATE
 from models import STATUS_READ, STATUS_UNREAD, Device, Message, PushLog, User
 from tests.fakes.fcm_server import make_device_token as fcm_token
 from tests.harness import wait_until
@@ -229,7 +229,7 @@ def test_muted_conversations_and_do_not_disturb_hours_get_no_push(cluster, make_
 
 
 def test_a_private_push_overtakes_a_backlog_of_digest_priority_pushes(cluster, make_user, storage):
-    from tasks.pipeline import deliver_push, enqueue
+    from tasks.publish import DELIVER_PUSH, queue_push_task
 
     people = [make_user() for _ in range(13)]
     tokens = [add_device(storage, u, "ios") for u in people]
@@ -253,7 +253,7 @@ def test_a_private_push_overtakes_a_backlog_of_digest_priority_pushes(cluster, m
                 session.flush()
                 rows.append(row)
         for row in rows:  # twelve low-priority pushes first, the private one last
-            enqueue(deliver_push, [row.id], row.priority)
+            queue_push_task(DELIVER_PUSH, [row.id], row.priority)
     finally:
         cluster.ensure_push_worker()
     wait_until(lambda: all(apns_for(cluster.fakes, t) for t in tokens), timeout=30, what="all 13 pushes")
@@ -292,7 +292,7 @@ def test_bulk_retry_needs_an_explicit_filter_body(cluster, make_user, storage):
 def test_a_digest_due_in_quiet_hours_waits_until_they_end(cluster, make_user, connect, storage):
     from datetime import datetime, timedelta, timezone
 
-    from app.push import DIGEST_KEY, plan_digest
+    from app.push.planning import DIGEST_KEY, plan_digest
 
     alice, bob = make_user(), make_user()
     address = f"bob-{bob.user_id}@example.org"
@@ -314,7 +314,7 @@ def test_a_digest_due_in_quiet_hours_waits_until_they_end(cluster, make_user, co
     assert after.push_id is not None and after.defer_seconds is None
 
 
-# -- batched delivery (deliver_push tasks are attempted in batches: app.push.attempt_pushes) --------------
+# -- batched delivery (deliver_push tasks are attempted in batches: app.push.planning.attempt_pushes) --------------
 
 _ids = itertools.count((int(time.time() * 1000) << 22) + secrets.randbelow(1 << 20))
 
@@ -353,8 +353,8 @@ def row_of(storage, push):
 
 def test_one_batch_mixes_delivered_dead_token_temporary_failure_read_and_moved_device(cluster, make_user, storage):
     from app.config import Settings
-    from app.providers.apns import ApnsClient
-    from app.push import attempt_pushes
+    from app.push.providers.apns import ApnsClient
+    from app.push.planning import attempt_pushes
 
     apns = cluster.fakes.apns
     users = [make_user() for _ in range(5)]
@@ -406,7 +406,7 @@ def test_one_batch_mixes_delivered_dead_token_temporary_failure_read_and_moved_d
 
 
 def test_deliveries_queued_twice_are_sent_once_and_a_retry_still_goes_out(cluster, make_user, storage):
-    from tasks.pipeline import queue_delivery
+    from tasks.publish import queue_push_delivery as queue_delivery
 
     apns = cluster.fakes.apns
     pushes = [pending_push(storage, make_user()) for _ in range(4)]
@@ -432,7 +432,7 @@ def test_a_push_worker_killed_mid_batch_loses_nothing_and_sends_each_push_once(r
     import pymysql
     from sqlalchemy.engine import make_url
 
-    from tasks.pipeline import queue_delivery
+    from tasks.publish import queue_push_delivery as queue_delivery
 
     apns = cluster.fakes.apns
     pushes = [pending_push(storage, make_user()) for _ in range(6)]

@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 import pytest
 import requests
 
-from app.push_settings import PushPreferences
+from app.push.settings import PushPreferences
 
 
 def _api(cluster, user, method, path, **kwargs):

@@ -3,10 +3,10 @@ one, every read goes to the writer and sees what it just wrote."""
 from sqlalchemy import event
 
 from app.config import Settings
-from app.conversations import history
-from app.messaging import message_frame
+from app.chat.conversations import history
+from app.wire import message_frame
 from app.storage import Storage
-from app.sync import read_stream
+from app.chat.sync import read_stream
 from tests.harness import wait_until
 
 

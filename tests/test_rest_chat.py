@@ -1,7 +1,7 @@
 """The chat REST API a client shows its screens from: conversation list, history, unread, presence."""
 import requests
 
-from app.presence import now_ms
+from app.chat.presence import now_ms
 from tests.harness import wait_until
 
 
@@ -99,7 +99,7 @@ def test_a_list_being_loaded_while_a_message_is_stored_does_not_hide_that_messag
     arrive); here the GET runs in this process with the message arriving
     between its read and its cache write.
     """
-    import app.conversations as conversations
+    import app.chat.conversations as conversations
 
     alice, bob = make_user(), make_user()
     a, b = connect(alice, cluster.gw1), connect(bob, cluster.gw2)

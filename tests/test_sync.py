@@ -6,8 +6,9 @@ import uuid
 import pytest
 from sqlalchemy import select
 
-from app.messaging import persist_private_message, private_conversation_id
-from app.unread import unread_counts
+from app.chat.conversations import private_conversation_id
+from app.chat.persist import persist_private_message
+from app.chat.unread import unread_counts
 from models import STATUS_RECALLED, Conversation, Message, OfflineMessageIndex
 from tests.harness import wait_until
 

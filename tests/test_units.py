@@ -2,7 +2,7 @@
 import pytest
 
 from app.config import ConfigError, Settings
-from app.snowflake import SnowflakeIds, timestamp_of
+from app.ids import SnowflakeIds, timestamp_of
 
 
 def test_production_refuses_the_default_jwt_secret_and_sqlite():

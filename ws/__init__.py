@@ -5,10 +5,10 @@ from flask import Flask, current_app, g, request
 from flask_sock import Sock
 from redis.exceptions import RedisError
 
-from app.auth import verify_token
-from app.accounts import require_active
+from app.accounts.auth import verify_token
+from app.accounts.status import require_active
 from app.errors import RateLimited
-from app.presence import Presence
+from app.chat.presence import Presence
 from app.ratelimit import Limit, take, warn_unenforced
 
 sock = Sock()

@@ -8,7 +8,7 @@ import math
 import re
 
 from app.errors import InvalidInput, TooLarge, Unauthorized
-from app.messaging import SendRequest
+from app.chat.intake import SendRequest
 
 CLIENT_MSG_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces (fullmatch)
 MESSAGE_TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,19}")

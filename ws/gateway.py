@@ -18,19 +18,21 @@ import gevent
 from simple_websocket import ConnectionClosed
 
 from app import metrics
-from app.accounts import active_among
+from app.accounts.status import active_among
 from app.config import Settings
 from app.errors import ChatError, InvalidInput, RateLimited
-from app.delivery import deliver_to_users
-from app.messaging import MessageIntake, message_frame
-from app.receipts import mark_read
-from app.recall import recall_message
-from app.sync import parse_cursor, parse_limit, read_stream
-from app.presence import DELIVERY_CHANNEL, Presence, now_ms
+from app.chat.delivery import deliver_to_users
+from app.chat.intake import MessageIntake
+from app.chat.receipts import mark_read
+from app.chat.recall import recall_message
+from app.chat.sync import parse_cursor, parse_limit, read_stream
+from app.chat.presence import DELIVERY_CHANNEL, Presence, now_ms
 from app.ratelimit import Limit, LocalBucket, take
-from app.snowflake import LeasedIds, NodeLease
+from app.ids import LeasedIds, NodeLease
 from app.storage import Storage
-from ws.publisher import BatchedCalls
+from app.wire import (
+    ack_frame, error_frame, message_frame, parse_envelope, read_ok_frame, receipt_frame, recalled_frame,
+)
 from ws.frames import (
     check_clock, client_msg_id_of, parse_frame, parse_id, parse_read, parse_send, verify_signature,
 )
@@ -148,7 +150,7 @@ class Gateway:
         self.send_limit = Limit(settings.send_rate_per_second, settings.send_burst)
         self._handlers = {"ping": self._on_ping, "send": self._on_send, "sync": self._on_sync,
                           "read": self._on_read, "recall": self._on_recall}
-        metrics.observe_handlers(self._handlers)
+        metrics.serve_frame_types(self._handlers)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -157,22 +159,11 @@ class Gateway:
         with self._lock:
             if self._started:
                 return
-            from tasks.pipeline import PersistPublisher
+            from tasks.publish import PersistPublisher  # here: a process that never serves a socket loads no broker
 
             self.ids = LeasedIds(NodeLease(self.storage.redis))
-            timeout = self.settings.publish_timeout_seconds
-            persist = PersistPublisher(timeout)
-
-            def publish_many(payloads: list[dict]) -> list:
-                persist.publish_all(payloads)
-                self.intake.record_acks(payloads)
-                return [None] * len(payloads)
-
-            # Concurrent sends share round trips (ws/publisher.py): dedupe claims, then publishes.
-            publish = BatchedCalls("the message broker", publish_many, timeout * 4 + 5,
-                                   self.settings.publish_batch_max, self.settings.publish_in_flight)
-            claim = BatchedCalls("the dedupe store", lambda items: self.intake.claim_many(items), 10, 500)
-            self.intake = MessageIntake(self.storage, self.ids, publish, publish_records_acks=True, claim=claim)
+            publisher = PersistPublisher(self.settings.publish_timeout_seconds)
+            self.intake = MessageIntake(self.storage, self.ids, publisher.publish_all)
             self.presence.mark_gateway_alive(self.gateway_id)
             threading.Thread(target=self._delivery_loop, daemon=True, name="delivery").start()
             threading.Thread(target=self._maintenance_loop, daemon=True, name="maintenance").start()
@@ -192,7 +183,7 @@ class Gateway:
                 self._refresh_presence()  # Redis may have been flushed while we were away
                 for item in pubsub.listen():
                     if item.get("type") == "message":
-                        self._deliver(item["data"])
+                        self._deliver_envelope(item["data"])
             except Exception as exc:
                 log.warning("gateway %s: delivery channel lost (%s); resubscribing", self.gateway_id,
                             exc.__class__.__name__)
@@ -207,21 +198,21 @@ class Gateway:
                 except Exception:
                     pass
 
-    def _deliver(self, raw: str) -> None:
+    def _deliver_envelope(self, raw: str) -> None:
+        """One envelope from this gateway's delivery channel (app.wire): a frame for some of
+        our connections, or a request to close them."""
         try:
-            envelope = json.loads(raw)
-            conn_ids = envelope["conns"]
-            frame = envelope["frame"] if "close" not in envelope else None
-        except (ValueError, KeyError, TypeError):
+            conn_ids, frame, close_code, reason = parse_envelope(raw)
+        except ValueError:
             log.error("gateway %s: malformed delivery envelope dropped", self.gateway_id)
             return
         for conn_id in conn_ids:
             conn = self.connections.get(conn_id)
             if conn is None:
                 continue
-            if frame is None:  # an account cut off (app.accounts)
-                log.info("conn %s: closed (%s)", conn_id, envelope.get("reason", ""))
-                conn.close_after_queued(int(envelope["close"]), str(envelope.get("reason", ""))[:120])
+            if close_code is not None:  # an account cut off (app.accounts.status)
+                log.info("conn %s: closed (%s)", conn_id, reason)
+                conn.close_after_queued(close_code, reason)
             else:
                 conn.send(frame)
 
@@ -350,10 +341,10 @@ class Gateway:
                 raise InvalidInput(f"unknown frame type {kind!r}")
             handler(conn, frame)
         except ChatError as err:
-            conn.send(_error_frame(err.code, err.message, frame, err.retry_after_ms))
+            conn.send(error_frame(err.code, err.message, client_msg_id_of(frame), err.retry_after_ms))
         except Exception:
             log.exception("conn %s: frame handling failed", conn.conn_id)
-            conn.send(_error_frame("internal", "internal error; retry later", frame))
+            conn.send(error_frame("internal", "internal error; retry later", client_msg_id_of(frame)))
         finally:
             metrics.frame_in(frame.get("type"))
 
@@ -380,16 +371,15 @@ class Gateway:
         conn.send({"type": "pong"})
 
     def _on_send(self, conn: Connection, frame: dict) -> None:
-        req = parse_send(frame, self.settings.message_max_content_bytes)
-        if conn.signing_key is not None:
-            check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds, required=True)
-            verify_signature(frame, conn.signing_key)
-        take(self.storage, "send", conn.user_id, self.send_limit, "messages")
-        ack = self.intake.accept(conn.user_id, conn.conn_id, req)
-        log.info("conn %s: msg %s acked", conn.conn_id, ack.msg_id)
-        conn.send({"type": "ack", "client_msg_id": ack.client_msg_id, "msg_id": str(ack.msg_id),
-                   "conversation_id": ack.conversation_id, "timestamp": ack.timestamp})
-
+        with metrics.timed_send():
+            req = parse_send(frame, self.settings.message_max_content_bytes)
+            if conn.signing_key is not None:
+                check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds, required=True)
+                verify_signature(frame, conn.signing_key)
+            take(self.storage, "send", conn.user_id, self.send_limit, "messages")
+            ack = self.intake.accept(conn.user_id, conn.conn_id, req)
+            log.info("conn %s: msg %s acked", conn.conn_id, ack.msg_id)
+            conn.send(ack_frame(ack.client_msg_id, ack.msg_id, ack.conversation_id, ack.timestamp))
 
     def _on_sync(self, conn: Connection, frame: dict) -> None:
         page = read_stream(self.storage, conn.user_id, parse_cursor(frame.get("cursor")),
@@ -399,28 +389,17 @@ class Gateway:
     def _on_read(self, conn: Connection, frame: dict) -> None:
         conversation_id, msg_id = parse_read(frame)
         outcome = mark_read(self.storage, conn.user_id, conversation_id, msg_id)
-        read_ok = {"type": "read_ok", "conversation_id": conversation_id, "msg_id": str(msg_id)}
+        read_ok = read_ok_frame(conversation_id, msg_id)
         conn.send(read_ok)
         deliver_to_users(self.storage, read_ok, [conn.user_id], skip_conn=conn.conn_id)  # the reader's other devices
         if outcome.peer is not None:
-            deliver_to_users(self.storage, {"type": "receipt", "conversation_id": conversation_id,
-                                            "reader": str(conn.user_id), "msg_id": str(msg_id)}, [outcome.peer])
+            deliver_to_users(self.storage, receipt_frame(conversation_id, conn.user_id, msg_id), [outcome.peer])
         log.info("conn %s: read %s up to msg %s", conn.conn_id, conversation_id, msg_id)
 
     def _on_recall(self, conn: Connection, frame: dict) -> None:
         outcome = recall_message(self.storage, conn.user_id, parse_id(frame.get("msg_id"), "msg_id"))
-        recalled = {"type": "recalled", "msg_id": str(outcome.msg_id), "conversation_id": outcome.conversation_id}
+        recalled = recalled_frame(outcome.msg_id, outcome.conversation_id)
         conn.send(recalled)
         deliver_to_users(self.storage, recalled, outcome.parties, skip_conn=conn.conn_id)
         log.info("conn %s: msg %s recalled", conn.conn_id, outcome.msg_id)
 
-
-def _error_frame(code: str, message: str, frame: dict, retry_after_ms: int | None = None) -> dict:
-    """An error frame, naming the client_msg_id of the frame it answers when it had a valid one."""
-    reply = {"type": "error", "code": code, "message": message}
-    if retry_after_ms is not None:
-        reply["retry_after_ms"] = retry_after_ms
-    cmid = client_msg_id_of(frame)
-    if cmid:
-        reply["client_msg_id"] = cmid
-    return reply

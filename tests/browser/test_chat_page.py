@@ -5,7 +5,7 @@ import uuid
 import requests
 from playwright.sync_api import expect
 
-from app.messaging import private_conversation_id
+from app.chat.conversations import private_conversation_id
 from tests.browser.conftest import bubbles, conv_item, log_in, send, start_chat
 from tests.harness import wait_until
 from tests.test_sync import sync_all

@@ -5,7 +5,7 @@ import signal
 from playwright.sync_api import expect
 from sqlalchemy import select
 
-from app.messaging import private_conversation_id
+from app.chat.conversations import private_conversation_id
 from models import Message
 from tests.browser.conftest import PinnedGateway, bubbles, conv_item, log_in, send, start_chat
 from tests.harness import free_port, wait_until

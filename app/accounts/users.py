@@ -1,0 +1,32 @@
+"""Finding users: the lookup behind "start a chat with <username>"."""
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from app.accounts.auth import USERNAME_RE
+from app.errors import InvalidInput, NotFound
+from app.storage import Storage
+from models import User
+
+
+def find_user_by_username(storage: Storage, username) -> dict:
+    """{"user_id", "username"} of the account with this username (as the database
+    compares names: case-insensitively on MySQL); NotFound if there is none."""
+    if not isinstance(username, str) or username == "":
+        raise InvalidInput("query parameter 'username' is required")
+    if not USERNAME_RE.fullmatch(username):
+        raise InvalidInput("username must be 3-32 characters of letters, digits, '_', '.' or '-'")
+    with storage.sessions() as session:
+        user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise NotFound(f"no user named {username!r}")
+    return {"user_id": str(user.id), "username": user.username}
+
+
+def user_by_id(storage: Storage, user_id: int) -> dict:
+    """{"user_id", "username"}: names for senders and readers a client does not know (former members too)."""
+    with storage.sessions() as session:
+        user = session.get(User, user_id) if 0 < user_id < 2**63 else None
+    if user is None:
+        raise NotFound(f"user {user_id} does not exist")
+    return {"user_id": str(user.id), "username": user.username}

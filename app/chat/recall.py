@@ -1,0 +1,100 @@
+"""`recall`: the sender takes a message back within two minutes (a group's owner at any time)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import select, update
+
+from app.chat.conversations import invalidate_conversation_lists
+from app.errors import Forbidden, NotFound, RecallExpired
+from app.ids import timestamp_of
+from app.storage import Storage
+from app.chat.sync import append_entries, entries_of
+from app.chat.unread import forget_unread, rebuild_unread
+from models import ENTRY_MESSAGE, ENTRY_RECALL, STATUS_RECALLED, ChatGroup, Conversation, Message
+
+RECALL_WINDOW_MS = 2 * 60 * 1000
+RECALLED_PREVIEW = "[message recalled]"
+IN_FLIGHT_WAIT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class RecallOutcome:
+    msg_id: int
+    conversation_id: str
+    parties: list[int]
+    recalled_at: int
+
+
+def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | None = None) -> RecallOutcome:
+    """Clear the message's content, mark it recalled, and put a recall entry in
+    the sync stream of everyone who received it. Recalling it again changes
+    nothing in MySQL but completes what an interrupted attempt left undone.
+
+    Private: the sender, within 2 minutes. Group: the sender within 2 minutes,
+    or the group owner at any time.
+    """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    _await_persisted(storage, msg_id, now_ms)
+    with storage.session() as session:
+        msg = session.scalar(select(Message).where(Message.id == msg_id).with_for_update())
+        parties = _parties(session, msg) if msg is not None else []
+        # The sender may recall before the fan-out reached their own stream.
+        if msg is None or (user_id not in parties and user_id != msg.sender_id):
+            raise NotFound(f"message {msg_id} does not exist")
+        by_owner = msg.is_group and user_id in parties and session.scalar(
+            select(ChatGroup.owner_id).where(ChatGroup.id == msg.group_id)) == user_id
+        if msg.sender_id != user_id and not by_owner:
+            raise Forbidden("only the sender can recall a message" + (" (or the group owner)" if msg.is_group else ""))
+        already = msg.status == STATUS_RECALLED
+        if not already and not by_owner and now_ms - msg.timestamp > RECALL_WINDOW_MS:
+            raise RecallExpired("messages can be recalled for 2 minutes after sending")
+        if already:  # a retry: redo what an earlier attempt may not have finished
+            now_ms = msg.recalled_at
+        else:
+            _mark_recalled(session, msg, now_ms)
+        missing = _without_recall_entry(session, msg.id, parties)
+        chunk = storage.settings.group_fanout_chunk
+        append_entries(session, storage.is_mysql, missing[:chunk], msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+    for start in range(chunk, len(missing), chunk):  # a big group: the rest in bounded transactions
+        with storage.session() as session:
+            todo = _without_recall_entry(session, msg.id, missing[start:start + chunk])
+            append_entries(session, storage.is_mysql, todo, msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+    if msg.is_group:
+        forget_unread(storage, parties)  # recounted from MySQL when next asked for
+    else:
+        rebuild_unread(storage, msg.receiver_id)  # a recalled message no longer counts as unread
+    invalidate_conversation_lists(storage, parties)
+    return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms)
+
+
+def _parties(session, msg: Message) -> list[int]:
+    """Who has the message: both sides of a private chat; the members it was delivered to in a group."""
+    if not msg.is_group:
+        return [msg.sender_id, msg.receiver_id]
+    return sorted(entries_of(session, msg.id, ENTRY_MESSAGE))
+
+
+def _without_recall_entry(session, msg_id: int, user_ids: list[int]) -> list[int]:
+    done = entries_of(session, msg_id, ENTRY_RECALL, user_ids)
+    return [uid for uid in user_ids if uid not in done]
+
+
+def _mark_recalled(session, msg: Message, now_ms: int) -> None:
+    msg.status, msg.content, msg.extra, msg.recalled_at = STATUS_RECALLED, "", None, now_ms
+    session.execute(update(Conversation).where(  # the conversation_id index: every member's row
+        Conversation.conversation_id == msg.conversation_id, Conversation.last_msg_id == msg.id)
+        .values(last_message=RECALLED_PREVIEW))
+
+
+def _await_persisted(storage: Storage, msg_id: int, now_ms: int) -> None:
+    """An acked message may still be queued for persist: give a recent id a moment."""
+    if now_ms - timestamp_of(msg_id) > RECALL_WINDOW_MS:
+        return  # too old to be in flight (or not an id of ours): answer at once
+    deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        with storage.sessions() as session:
+            if session.get(Message, msg_id) is not None:
+                return
+        time.sleep(0.05)

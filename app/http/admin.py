@@ -1,0 +1,86 @@
+"""Admin REST API for pushes (admin role only)."""
+from __future__ import annotations
+
+from functools import wraps
+
+from flask import Blueprint, g, jsonify, request
+
+from app.http import json_body, storage
+from app.http.chat import require_user
+from app.errors import Forbidden, InvalidInput, Unavailable
+from app.push.admin import PushFilter, fail_reopened, list_pushes, reopen_matching, reopen_push
+from models import User
+
+bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
+
+
+def require_admin(view):
+    @require_user
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        with storage().sessions() as session:
+            user = session.get(User, g.user_id)
+        if user is None or not user.is_admin:
+            raise Forbidden("admins only")
+        return view(*args, **kwargs)
+    return wrapper
+
+
+def enqueue_deliveries(pushes: list[tuple[int, int]]) -> None:
+    from tasks.publish import queue_push_delivery
+
+    for i, (push_id, priority) in enumerate(pushes):
+        try:
+            queue_push_delivery(push_id, priority, attempt=0)  # reopened: attempts start again at 0
+        except Exception:
+            for unqueued, _ in pushes[i:]:  # none may stay pending with nothing queued for it
+                fail_reopened(storage(), unqueued, "retry could not be queued (broker unavailable); try again")
+            raise Unavailable("the broker is unavailable: the retry was not queued") from None
+
+
+MAX_PAGE = 10**15  # (page - 1) * per_page is the database's OFFSET, which must stay below 2^63
+
+
+def _int(name: str, default: int) -> int:
+    raw = request.args.get(name, "")
+    if raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidInput(f"'{name}' must be a whole number")
+    return int(raw) if len(raw) <= 19 else MAX_PAGE + 1  # too large either way (checked below)
+
+
+def _filter_text(body: dict, name: str):
+    """A filter of a bulk retry: a string, or null (absent). Anything else is refused, not read as no filter."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidInput(f"'{name}' must be a string or null")
+    return value
+
+
+@bp.get("/pushes")
+@require_admin
+def pushes():
+    flt = PushFilter.parse(request.args.get("status"), request.args.get("user_id"), request.args.get("provider"))
+    page = _int("page", 1)
+    if page > MAX_PAGE:
+        raise InvalidInput(f"'page' must be at most {MAX_PAGE}")
+    return jsonify(list_pushes(storage(), flt, page, _int("per_page", 50)))
+
+
+@bp.post("/pushes/<int:push_id>/retry")
+@require_admin
+def retry_one(push_id: int):
+    priority = reopen_push(storage(), push_id)
+    enqueue_deliveries([(push_id, priority)])
+    return jsonify(id=str(push_id), status="pending"), 202
+
+
+@bp.post("/pushes/retry")
+@require_admin
+def retry_many():
+    body = json_body()  # explicit: {} means "every failed push", a missing body is an error
+    flt = PushFilter.parse(_filter_text(body, "status"), body.get("user_id"), _filter_text(body, "provider"))
+    reopened = reopen_matching(storage(), flt)
+    enqueue_deliveries(reopened)
+    return jsonify(retried=len(reopened), ids=[str(i) for i, _ in reopened]), 202

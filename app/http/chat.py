@@ -1,0 +1,71 @@
+"""Conversations, history, unread and presence (REST, bearer token)."""
+from __future__ import annotations
+
+from functools import wraps
+
+from flask import Blueprint, g, jsonify, request
+
+from app.http import settings, storage
+from app.accounts.status import require_active
+from app.accounts.auth import verify_token
+from app.chat.conversations import HISTORY_DEFAULT_LIMIT, history, list_conversations
+from app.errors import InvalidInput, NotFound, Unauthorized
+from app.wire import message_frame
+from app.chat.presence import Presence
+from app.chat.unread import unread_counts
+from models import User
+
+bp = Blueprint("chat", __name__, url_prefix="/api")
+
+
+def require_user(view):
+    """Bearer-token authentication for a REST view; sets g.user_id."""
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer "):
+            raise Unauthorized("missing bearer token (Authorization: Bearer <JWT>)")
+        g.user_id = verify_token(settings(), header[len("Bearer "):].strip()).user_id
+        with storage().sessions() as session:  # a deleted or disabled account's tokens stop working at once
+            require_active(session, g.user_id)
+        return view(*args, **kwargs)
+    return wrapper
+
+
+def _int_arg(name: str, default: int | None) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) >= 2**63:
+        raise InvalidInput(f"query parameter '{name}' must be a whole number below 2^63")
+    return int(raw)
+
+
+@bp.get("/conversations")
+@require_user
+def conversations():
+    return jsonify(conversations=list_conversations(storage(), g.user_id))
+
+
+@bp.get("/conversations/<conversation_id>/messages")
+@require_user
+def conversation_messages(conversation_id: str):
+    return jsonify(history(storage(), g.user_id, conversation_id, _int_arg("before", None),
+                           _int_arg("limit", HISTORY_DEFAULT_LIMIT), message_frame))
+
+
+@bp.get("/unread")
+@require_user
+def unread():
+    counts = unread_counts(storage(), g.user_id)
+    return jsonify(conversations=counts, total=sum(counts.values()))
+
+
+@bp.get("/users/<int:user_id>/presence")
+@require_user
+def presence(user_id: int):
+    with storage().sessions() as session:
+        if user_id >= 2**63 or session.get(User, user_id) is None:
+            raise NotFound(f"user {user_id} does not exist")
+    state = Presence(storage().redis, settings().presence_ttl_seconds).presence_of(user_id)
+    return jsonify(user_id=str(user_id), **state)

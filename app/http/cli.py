@@ -1,0 +1,103 @@
+"""Operator commands: `flask --app wsgi migrate`, `create-admin NAME`, `disable-user NAME`, …"""
+from __future__ import annotations
+
+import click
+from flask import Flask, current_app
+from sqlalchemy import select
+
+from app.accounts.auth import register_user
+from app.errors import ChatError
+from app.storage import upgrade_schema
+from app.chat.unread import rebuild_unread
+from models import User
+
+
+def register_commands(app: Flask) -> None:
+    @app.cli.command("migrate")
+    def migrate():
+        """Create or upgrade the database schema (Alembic, idempotent)."""
+        upgrade_schema(current_app.config["SETTINGS"].database_url)
+        click.echo("schema is up to date")
+
+    @app.cli.command("create-admin")
+    @click.argument("username")
+    def create_admin(username):
+        """Create an admin account (asks for its password), or make an existing user an admin."""
+        storage = current_app.extensions["netherlink.storage"]
+        settings = current_app.config["SETTINGS"]
+        with storage.session() as session:
+            user = session.scalar(select(User).where(User.username == username))
+            if user is None:
+                password = click.prompt("Password for the new account", hide_input=True,
+                                        confirmation_prompt=True)
+                try:
+                    user = session.get(User, register_user(session, settings, username, password))
+                except ChatError as err:
+                    raise click.ClickException(err.message) from None
+            user.is_admin = True
+        click.echo(f"user {username} (id {user.id}) is an admin")
+
+    def _set_disabled(username: str, disabled: bool, done: str) -> None:
+        from app.accounts.status import set_disabled
+
+        try:
+            user_id = set_disabled(current_app.extensions["netherlink.storage"], username, disabled)
+        except ChatError as err:
+            raise click.ClickException(err.message) from None
+        click.echo(f"user {username} (id {user_id}) {done}")
+
+    @app.cli.command("disable-user")
+    @click.argument("username")
+    def disable_user(username):
+        """Disable an account: no login, its tokens refused, its open sockets closed (4401)."""
+        _set_disabled(username, True, "is disabled; open connections were closed")
+
+    @app.cli.command("enable-user")
+    @click.argument("username")
+    def enable_user(username):
+        """Enable a disabled account again."""
+        _set_disabled(username, False, "is enabled")
+
+    @app.cli.command("rebuild-unread")
+    @click.option("--user", "user_ids", type=int, multiple=True, help="only this user id (repeatable)")
+    def rebuild_unread_command(user_ids):
+        """Recount unread counters in Redis from MySQL (after Redis lost its data)."""
+        storage = current_app.extensions["netherlink.storage"]
+        if not user_ids:
+            with storage.sessions() as session:
+                user_ids = session.scalars(select(User.id).order_by(User.id)).all()
+        total = len(user_ids)
+        for done, user_id in enumerate(user_ids, 1):
+            rebuild_unread(storage, user_id)
+            if done % 1000 == 0 or done == total:
+                click.echo(f"rebuilt unread counters of {done}/{total} users")
+
+    @app.cli.command("retry-pushes")
+    @click.option("--id", "push_ids", type=int, multiple=True, help="retry this push (repeatable)")
+    @click.option("--status", default="failed", show_default=True, help="with no --id: failed or skipped")
+    @click.option("--user", "user_id", type=int, help="with no --id: only this user's pushes")
+    @click.option("--provider", type=click.Choice(["apns", "fcm", "email"]), help="with no --id: only this provider")
+    def retry_pushes_command(push_ids, status, user_id, provider):
+        """Re-send failed pushes from the payload stored in push_log."""
+        from app.http.admin import enqueue_deliveries
+        from app.push.admin import PushFilter, reopen_matching, reopen_push
+
+        storage = current_app.extensions["netherlink.storage"]
+        try:
+            if push_ids:
+                reopened = [(push_id, reopen_push(storage, push_id)) for push_id in push_ids]
+            else:
+                reopened = reopen_matching(storage, PushFilter.parse(status, user_id, provider))
+        except ChatError as err:
+            raise click.ClickException(err.message) from None
+        enqueue_deliveries(reopened)
+        click.echo(f"queued {len(reopened)} push(es) for another attempt")
+
+    @app.cli.command("replay-dead-letters")
+    @click.option("--limit", type=int, default=10_000, show_default=True)
+    def replay_dead_letters_command(limit):
+        """Send dead-lettered tasks back to the queue they came from (after fixing the cause)."""
+        from tasks.dead_letters import replay_dead_letters
+
+        replayed = replay_dead_letters(limit, progress=lambda n: click.echo(f"replayed {n}"))
+        click.echo(f"replayed {replayed} dead-lettered task(s)")

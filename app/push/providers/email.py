@@ -1,0 +1,50 @@
+"""Email over SMTP: the channel for digests."""
+from __future__ import annotations
+
+import logging
+import smtplib
+import ssl
+from email.message import EmailMessage
+from email.utils import make_msgid
+
+from app.config import Settings
+from app.push.providers import Delivered, PermanentFailure, PushOutcome, TemporaryFailure
+
+log = logging.getLogger(__name__)
+
+
+class EmailClient:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def send(self, to_address: str, subject: str, text: str) -> PushOutcome:
+        """One mail; the only place that talks SMTP."""
+        s = self.settings
+        mail = EmailMessage()
+        mail["From"], mail["To"], mail["Subject"] = s.smtp_from, to_address, subject
+        mail["Message-ID"] = make_msgid(domain="netherlink")
+        mail.set_content(text)
+        try:
+            with smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=15) as smtp:
+                if s.smtp_starttls:
+                    smtp.starttls(context=ssl.create_default_context())
+                if s.smtp_user:
+                    smtp.login(s.smtp_user, s.smtp_password)
+                refused = smtp.send_message(mail)
+        except smtplib.SMTPRecipientsRefused as exc:
+            return _refused(exc.recipients)
+        except smtplib.SMTPResponseException as exc:
+            reason = f"SMTP {exc.smtp_code}"
+            return TemporaryFailure(reason) if 400 <= exc.smtp_code < 500 else PermanentFailure(reason)
+        except (OSError, smtplib.SMTPException) as exc:  # connection refused, timeout, dropped
+            return TemporaryFailure(f"SMTP unavailable: {exc.__class__.__name__}")
+        if refused:
+            return _refused(refused)
+        return Delivered(mail["Message-ID"])
+
+
+def _refused(recipients: dict) -> PushOutcome:
+    """4xx from the server means later; 5xx means never."""
+    code = next(iter(recipients.values()))[0] if recipients else 550
+    reason = f"recipient refused: SMTP {code}"
+    return TemporaryFailure(reason) if 400 <= code < 500 else PermanentFailure(reason)

@@ -1,0 +1,81 @@
+"""The wire format of what the server sends: frames, sync entries, delivery envelopes.
+
+One place for every shape a client or a gateway reads (docs/protocol.md):
+domain modules build their results with these functions and never write a
+frame's keys themselves. Ids are strings on the wire (snowflakes exceed 2^53).
+"""
+from __future__ import annotations
+
+import json
+
+from models import STATUS_RECALLED
+
+
+def message_frame(msg) -> dict:
+    """The live `message` frame, also a sync entry and a history item; `msg` is a
+    Message or a row with its columns."""
+    return {
+        "type": "message", "msg_id": str(msg.id), "client_msg_id": msg.client_msg_id,
+        "conversation_id": msg.conversation_id, "from": str(msg.sender_id),
+        "to": str(msg.receiver_id) if msg.receiver_id is not None else None,
+        "group_id": str(msg.group_id) if msg.group_id is not None else None,
+        "message_type": msg.message_type, "content": msg.content if msg.status != STATUS_RECALLED else "",
+        "extra": msg.extra or {}, "timestamp": msg.timestamp, "status": msg.status,
+    }
+
+
+def recalled_frame(msg_id: int, conversation_id: str, recalled_at: int | None = None) -> dict:
+    """`recalled`: live to every party, and as a sync entry (with the recall's time)."""
+    frame = {"type": "recalled", "msg_id": str(msg_id), "conversation_id": conversation_id}
+    if recalled_at is not None:
+        frame["timestamp"] = recalled_at
+    return frame
+
+
+def ack_frame(client_msg_id: str, msg_id: int, conversation_id: str, timestamp: int) -> dict:
+    return {"type": "ack", "client_msg_id": client_msg_id, "msg_id": str(msg_id),
+            "conversation_id": conversation_id, "timestamp": timestamp}
+
+
+def read_ok_frame(conversation_id: str, msg_id: int) -> dict:
+    return {"type": "read_ok", "conversation_id": conversation_id, "msg_id": str(msg_id)}
+
+
+def receipt_frame(conversation_id: str, reader_id: int, msg_id: int) -> dict:
+    return {"type": "receipt", "conversation_id": conversation_id, "reader": str(reader_id), "msg_id": str(msg_id)}
+
+
+def error_frame(code: str, message: str, client_msg_id: str | None = None,
+                retry_after_ms: int | None = None) -> dict:
+    """An error frame, naming the client_msg_id of the send it answers when it had a valid one."""
+    reply = {"type": "error", "code": code, "message": message}
+    if retry_after_ms is not None:
+        reply["retry_after_ms"] = retry_after_ms
+    if client_msg_id:
+        reply["client_msg_id"] = client_msg_id
+    return reply
+
+
+# Delivery envelopes: what dispatch publishes on a gateway's delivery channel
+# (`gateway:{id}:deliver`) and ws/gateway.py reads back.
+
+def frame_envelope(conn_ids: list[str], frame_json: str) -> str:
+    """A frame (already JSON) for these connections of one gateway."""
+    return json.dumps({"conns": conn_ids, "frame": frame_json})
+
+
+def close_envelope(conn_ids: list[str], code: int, reason: str) -> str:
+    """Ask one gateway to close these connections (an account cut off) after what is queued."""
+    return json.dumps({"conns": conn_ids, "close": code, "reason": reason})
+
+
+def parse_envelope(raw: str) -> tuple[list[str], str | None, int | None, str]:
+    """(connections, frame JSON or None, close code or None, reason); ValueError when malformed."""
+    try:
+        envelope = json.loads(raw)
+        conn_ids = envelope["conns"]
+        if "close" in envelope:
+            return conn_ids, None, int(envelope["close"]), str(envelope.get("reason", ""))[:120]
+        return conn_ids, envelope["frame"], None, ""
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError("malformed delivery envelope") from exc
