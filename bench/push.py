@@ -141,7 +141,7 @@ from app.push.providers import Delivered, PushRequest
 from app.push.providers.apns import ApnsClient
 users, batch = int(sys.argv[1]), int(sys.argv[2])
 pushes = [(PushRequest(token=secrets.token_hex(32), title="alice", body=f"are we still on for lunch, user {i}?",
-                       badge=1, conversation_id=f"p_1_{i}", msg_id=str(i)), True) for i in range(users)]
+                       badge=1, conversation_id=f"p_1_{i}", msg_id=str(i)) for i in range(users)]
 with ApnsClient(Settings.from_env()) as client:
     client.send_many(pushes[:10])  # connection and provider token
     started, cpu = time.monotonic(), time.process_time()

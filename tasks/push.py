@@ -7,9 +7,9 @@ import logging
 from celery.signals import worker_init
 
 from app import metrics
+from app.push.attempts import MISSING, attempt_pushes
 from app.push.planning import (
-    COALESCE_KEY, DIGEST_KEY, MISSING, PRIORITY_DIGEST, attempt_pushes, mark_queued, plan_digest, plan_pushes_many,
-    schedule_once,
+    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, mark_queued, plan_digest, plan_pushes_many, schedule_once,
 )
 from tasks import app
 from tasks.batching import ACK, REJECT, RETRY, BatchItem, BatchTask, dead_letter, retry_later, settle_batch

@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from app.config import Settings
-from app.push.providers import DeadToken, Delivered, PermanentFailure, PushRequest, TemporaryFailure
-from app.push.providers.apns import ApnsClient, device_label
+from app.push.providers import DeadToken, Delivered, PermanentFailure, PushRequest, TemporaryFailure, device_label
+from app.push.providers.apns import ApnsClient
 from tests.fakes.apns_server import FakeApnsServer, write_p8_key
 
 KEY_ID = "ABC123DEFG"
@@ -112,7 +112,7 @@ def test_group_and_digest_pushes_go_at_apple_priority_5(client, fake, priority, 
 
 
 def test_preview_off_shows_a_generic_alert_without_the_message_text(client, fake):
-    outcome = client.send(push(title="Alice", body="the door code is 4711"), preview=False)
+    outcome = client.send(push(title="Alice", body="the door code is 4711", preview=False))
 
     assert isinstance(outcome, Delivered)
     received = fake.notifications[0]
@@ -238,7 +238,7 @@ def test_one_provider_token_and_one_http2_connection_carry_many_pushes(client, f
 def test_send_many_sends_a_batch_as_concurrent_streams_of_one_connection(client, fake):
     fake.delay_next(20, seconds=0.5)  # one after the other, 20 answers held 0.5 s each would take 10 s
     started = time.monotonic()
-    outcomes = client.send_many([(push(token=f"{i:02x}" * 32, msg_id=str(i)), True) for i in range(20)])
+    outcomes = client.send_many([push(token=f"{i:02x}" * 32, msg_id=str(i)) for i in range(20)])
     took = time.monotonic() - started
 
     assert took < 4, f"the batch took {took:.1f} s: its requests were not concurrent"
@@ -253,9 +253,8 @@ def test_send_many_gives_each_request_its_own_outcome(client, fake, clock):
     fake.fail_token(dead, 410, "Unregistered")
     fake.fail_token(busy, 503, "ServiceUnavailable")
     fake.fail_token(wrong, 400, "BadExpirationDate")
-    outcomes = client.send_many([(push(), True), (push(token=dead), True), (push(token="not-hex"), True),
-                                 (push(token=busy), False), (push(token=wrong), True),
-                                 (push(body="x" * 10_000), True)])
+    outcomes = client.send_many([push(), push(token=dead), push(token="not-hex"), push(token=busy, preview=False),
+                                 push(token=wrong), push(body="x" * 10_000)])
 
     assert [type(o) for o in outcomes] == [Delivered, DeadToken, DeadToken, TemporaryFailure, PermanentFailure,
                                            Delivered]

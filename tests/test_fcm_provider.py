@@ -71,7 +71,7 @@ def test_group_message_goes_at_normal_priority(fcm, fake_fcm):
 
 
 def test_preview_off_shows_a_generic_notification_without_sender_or_text(fcm, fake_fcm):
-    assert isinstance(fcm.send(_push(), preview=False), Delivered)
+    assert isinstance(fcm.send(_push(preview=False)), Delivered)
 
     [message] = fake_fcm.messages
     assert message["notification"] == {"body": "New message"}
@@ -256,7 +256,7 @@ def test_send_many_sends_concurrently_and_answers_in_order(fcm, fake_fcm):
     fake_fcm.fail_token(tokens[3], error_code="UNREGISTERED", status=404)
     fake_fcm.delay_next(0.5, count=8)  # one after the other: 4 s
     started = time.monotonic()
-    outcomes = fcm.send_many([(_push(token), True) for token in tokens])
+    outcomes = fcm.send_many([_push(token) for token in tokens])
     took = time.monotonic() - started
 
     assert took < 3, f"{took:.1f} s: the requests were not concurrent"

@@ -314,7 +314,7 @@ def test_a_digest_due_in_quiet_hours_waits_until_they_end(cluster, make_user, co
     assert after.push_id is not None and after.defer_seconds is None
 
 
-# -- batched delivery (deliver_push tasks are attempted in batches: app.push.planning.attempt_pushes) --------------
+# -- batched delivery (deliver_push tasks are attempted in batches: app.push.attempts.attempt_pushes) --------------
 
 _ids = itertools.count((int(time.time() * 1000) << 22) + secrets.randbelow(1 << 20))
 
@@ -354,7 +354,7 @@ def row_of(storage, push):
 def test_one_batch_mixes_delivered_dead_token_temporary_failure_read_and_moved_device(cluster, make_user, storage):
     from app.config import Settings
     from app.push.providers.apns import ApnsClient
-    from app.push.planning import attempt_pushes
+    from app.push.attempts import attempt_pushes
 
     apns = cluster.fakes.apns
     users = [make_user() for _ in range(5)]

@@ -1,4 +1,5 @@
-"""Push providers (APNs, FCM, email): each a small client with one I/O method.
+"""Push providers (APNs, FCM, email): each a small client behind `PushProvider`, whose one
+I/O method `send_many` takes a batch of `PushRequest`s and answers one outcome for each.
 
 Every provider reply falls into exactly one outcome (after matrix-org/sygnal):
 delivered; the token is dead (remove the device, never retry); a temporary
@@ -7,12 +8,21 @@ permanent failure (give up and record why).
 """
 from __future__ import annotations
 
+import email.utils
+import hashlib
+import math
 from dataclasses import dataclass
+from datetime import timezone
+from typing import Protocol
 
 
 @dataclass(frozen=True)
 class PushRequest:
-    """What to show on one device. Built by the push service from a message."""
+    """What to show on one device, or what to mail: built by app.push.attempts from a push_log row.
+
+    A digest mail is a request of its own kind: `token` is the email address,
+    `title` the subject, `body` the text and `badge` the number of unread messages.
+    """
 
     token: str
     title: str
@@ -22,6 +32,7 @@ class PushRequest:
     msg_id: str
     priority: int = 8  # push_tasks priority: private 8, group 5, digest 1
     sound: str = "default"
+    preview: bool = True  # False: the device shows "New message", not the sender and text
 
 
 @dataclass(frozen=True)
@@ -46,3 +57,37 @@ class PermanentFailure:
 
 
 PushOutcome = Delivered | DeadToken | TemporaryFailure | PermanentFailure
+
+
+class PushProvider(Protocol):
+    """A provider client: one per worker process, shared by its threads."""
+
+    def send_many(self, requests: list[PushRequest]) -> list[PushOutcome]:
+        """Send each request; one outcome per request, in order. Never raises for anything the
+        provider or the network does."""
+
+
+def device_label(token: str) -> str:
+    """A short, stable name for a device token that is safe to log."""
+    return hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """A Retry-After header as seconds from `now` (epoch seconds): delta-seconds or an HTTP date
+    (RFC 9110 section 10.2.3); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - now
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)

@@ -21,19 +21,16 @@ hash of its token.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import ssl
 import sys
 import threading
 import time
-from datetime import timezone
-from typing import Callable, Sequence
+from typing import Callable
 
 import certifi
 import httpx
@@ -42,7 +39,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from app.config import Settings
-from app.push.providers import DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure
+from app.push.providers import (
+    DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
+    retry_after_seconds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +77,6 @@ REQUIRED_SETTINGS = (
 )
 _DEVICE_TOKEN = re.compile(r"[0-9a-fA-F]{1,400}")
 _DEVICE_PATH = re.compile(r"/3/device/([0-9a-fA-F]+)")
-
-
-def device_label(token: str) -> str:
-    """A short, stable name for a device token that is safe to log."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 class _HideDeviceTokensFilter(logging.Filter):
@@ -173,20 +168,19 @@ class ApnsClient:
         if not thread.is_alive():
             loop.close()
 
-    def send(self, request: PushRequest, preview: bool = True) -> PushOutcome:
+    def send(self, request: PushRequest) -> PushOutcome:
         """Push one notification; never raises for anything Apple or the network does."""
-        return self.send_many([(request, preview)])[0]
+        return self.send_many([request])[0]
 
-    def send_many(self, pushes: Sequence[tuple[PushRequest, bool]]) -> list[PushOutcome]:
+    def send_many(self, requests: list[PushRequest]) -> list[PushOutcome]:
         """Push notifications concurrently as HTTP/2 streams of the one connection.
 
-        `pushes` are (request, preview) pairs; returns one outcome per pair, in
-        order. Never raises for anything Apple or the network does; each
-        request is bounded by the client's timeout.
+        One outcome per request, in order. Never raises for anything Apple or
+        the network does; each request is bounded by the client's timeout.
         """
-        if not pushes:
+        if not requests:
             return []
-        return asyncio.run_coroutine_threadsafe(self._send_all(list(pushes)), self._running_loop()).result()
+        return asyncio.run_coroutine_threadsafe(self._send_all(list(requests)), self._running_loop()).result()
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         with self._loop_lock:
@@ -198,14 +192,13 @@ class ApnsClient:
                 self._http, self._streams = None, None
             return self._loop
 
-    async def _send_all(self, pushes: list[tuple[PushRequest, bool]]) -> list[PushOutcome]:
+    async def _send_all(self, requests: list[PushRequest]) -> list[PushOutcome]:
         if self._http is None:
             self._http = httpx.AsyncHTTPTransport(http2=True, verify=self._tls, limits=DEFAULT_LIMITS)
             self._streams = asyncio.Semaphore(self._max_streams)
-        results = await asyncio.gather(*(self._send_one(request, preview) for request, preview in pushes),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(self._send_one(request) for request in requests), return_exceptions=True)
         outcomes = []
-        for (request, _), result in zip(pushes, results):
+        for request, result in zip(requests, results):
             if isinstance(result, BaseException):  # a bug of ours, not Apple's answer: retried, and loud
                 logger.error("APNs msg_id=%s device=%s: unexpected %s", request.msg_id, device_label(request.token),
                              type(result).__name__, exc_info=result)
@@ -213,13 +206,13 @@ class ApnsClient:
             outcomes.append(result)
         return outcomes
 
-    async def _send_one(self, request: PushRequest, preview: bool) -> PushOutcome:
+    async def _send_one(self, request: PushRequest) -> PushOutcome:
         device = device_label(request.token)
         if not _DEVICE_TOKEN.fullmatch(request.token):
             # Not an APNs token at all: no request can succeed, and it must not reach a URL path.
             logger.warning("APNs msg_id=%s device=%s: device token is not hex, dropping it", request.msg_id, device)
             return DeadToken("BadDeviceToken")
-        payload = self._payload(request, preview)
+        payload = self._payload(request)
         if payload is None:
             logger.error("APNs msg_id=%s device=%s: payload exceeds %d bytes even without text",
                          request.msg_id, device, MAX_PAYLOAD_BYTES)
@@ -300,9 +293,9 @@ class ApnsClient:
             headers["apns-collapse-id"] = _collapse_id(request.conversation_id)
         return headers
 
-    def _payload(self, request: PushRequest, preview: bool) -> bytes | None:
+    def _payload(self, request: PushRequest) -> bytes | None:
         """The JSON payload, its text shortened to fit 4096 bytes; None if nothing fits."""
-        alert = {"title": request.title, "body": request.body} if preview else {"body": GENERIC_BODY}
+        alert = {"title": request.title, "body": request.body} if request.preview else {"body": GENERIC_BODY}
         if not alert.get("title", True):
             del alert["title"]
         aps: dict = {"alert": alert, "badge": request.badge}
@@ -338,7 +331,7 @@ class ApnsClient:
         if 400 <= status < 500 and status != 429:
             return PermanentFailure(reason)
         # 429, 5xx, and anything Apple does not send (a proxy's 3xx, say): worth a bounded retry.
-        return TemporaryFailure(reason, _retry_after(response.headers.get("retry-after"), self._clock()))
+        return TemporaryFailure(reason, retry_after_seconds(response.headers.get("retry-after"), self._clock()))
 
 
 def _load_signing_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
@@ -402,22 +395,3 @@ def _reason(response: httpx.Response) -> str:
         reason = None
     return reason if isinstance(reason, str) and reason else f"HTTP {response.status_code}"
 
-
-def _retry_after(value: str | None, now: float) -> float | None:
-    """Retry-After as seconds from now: either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - now
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)

@@ -1,4 +1,5 @@
-"""Email over SMTP: the channel for digests."""
+"""Email over SMTP: the channel for digests (a digest is a `PushRequest` of its own kind: the
+address in `token`, the subject in `title`, the text in `body`)."""
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,7 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 
 from app.config import Settings
-from app.push.providers import Delivered, PermanentFailure, PushOutcome, TemporaryFailure
+from app.push.providers import Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure
 
 log = logging.getLogger(__name__)
 
@@ -17,13 +18,17 @@ class EmailClient:
     def __init__(self, settings: Settings):
         self.settings = settings
 
-    def send(self, to_address: str, subject: str, text: str) -> PushOutcome:
+    def send_many(self, requests: list[PushRequest]) -> list[PushOutcome]:
+        """The digest mails, one after the other (a digest is rare; a connection each keeps it simple)."""
+        return [self._send(request) for request in requests]
+
+    def _send(self, request: PushRequest) -> PushOutcome:
         """One mail; the only place that talks SMTP."""
         s = self.settings
         mail = EmailMessage()
-        mail["From"], mail["To"], mail["Subject"] = s.smtp_from, to_address, subject
+        mail["From"], mail["To"], mail["Subject"] = s.smtp_from, request.token, request.title
         mail["Message-ID"] = make_msgid(domain="netherlink")
-        mail.set_content(text)
+        mail.set_content(request.body)
         try:
             with smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=15) as smtp:
                 if s.smtp_starttls:

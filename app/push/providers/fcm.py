@@ -1,7 +1,8 @@
 """Firebase Cloud Messaging (HTTP v1) provider, built on pyfcm and google-auth.
 
 `FcmClient.send` is the only network I/O: it posts one message and maps FCM's
-answer to exactly one push outcome (see app.push.providers). It never sleeps or
+answer to exactly one push outcome (see app.push.providers); `send_many` runs
+it for a batch, a few at a time. It never sleeps or
 retries on its own (apart from one token refresh on a 401): the push task owns
 the retry budget and backoff and honours the Retry-After we return.
 
@@ -9,16 +10,13 @@ FCM reference: https://firebase.google.com/docs/reference/fcm/rest/v1/ErrorCode
 """
 from __future__ import annotations
 
-import email.utils
 import functools
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
 
 import google.auth.exceptions
 import google.auth.transport.requests
@@ -28,7 +26,10 @@ from pyfcm import FCMNotification
 from requests.adapters import HTTPAdapter
 
 from app.config import Settings
-from app.push.providers import DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure
+from app.push.providers import (
+    DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
+    retry_after_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,6 @@ class _PyfcmAtBaseUrl(FCMNotification):
     def __init__(self, base_url: str, credentials: service_account.Credentials):
         super().__init__(credentials=credentials)
         self.FCM_END_POINT_BASE = f"{base_url.rstrip('/')}/v1/projects"
-
-
-def device_fingerprint(token: str) -> str:
-    """A short stable hash that identifies a device token in logs without revealing it."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
 def load_credentials(path: str) -> service_account.Credentials:
@@ -118,10 +114,10 @@ class FcmClient:
         self._pyfcm = _PyfcmAtBaseUrl(settings.fcm_base_url, self._credentials)
         self.endpoint = self._pyfcm.fcm_end_point
 
-    def send(self, request: PushRequest, preview: bool = True) -> PushOutcome:
+    def send(self, request: PushRequest) -> PushOutcome:
         """Push one notification to one device; never raises for provider or network trouble."""
-        device = device_fingerprint(request.token)
-        payload = self._build_payload(request, preview)
+        device = device_label(request.token)
+        payload = self._build_payload(request)
         started = time.monotonic()
         try:
             response = self._post(payload, fresh_token=False)
@@ -138,18 +134,18 @@ class FcmClient:
         self._log_outcome(request.msg_id, device, outcome, time.monotonic() - started)
         return outcome
 
-    def send_many(self, pushes: Sequence[tuple[PushRequest, bool]]) -> list[PushOutcome]:
-        """`send` for (request, preview) pairs, up to MAX_CONCURRENT_SENDS at once (threads sharing the
-        session and the access token); one outcome per pair, in order. Never raises for provider or
-        network trouble."""
-        if len(pushes) <= 1:
-            return [self.send(request, preview) for request, preview in pushes]
+    def send_many(self, requests: list[PushRequest]) -> list[PushOutcome]:
+        """`send` for each request, up to MAX_CONCURRENT_SENDS at once (threads sharing the session and
+        the access token); one outcome per request, in order. Never raises for provider or network
+        trouble."""
+        if len(requests) <= 1:
+            return [self.send(request) for request in requests]
         with self._token_lock:
             if self._pool is None or self._pool_pid != os.getpid():  # made after a fork, in the process using it
                 self._pool = ThreadPoolExecutor(MAX_CONCURRENT_SENDS, thread_name_prefix="fcm")
                 self._pool_pid = os.getpid()
             pool = self._pool
-        return list(pool.map(lambda push: self.send(*push), pushes))
+        return list(pool.map(self.send, requests))
 
     def close(self) -> None:
         """Close the pooled connections (and the sending threads)."""
@@ -164,8 +160,8 @@ class FcmClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _build_payload(self, request: PushRequest, preview: bool) -> bytes:
-        title, body = (request.title, request.body) if preview else (None, GENERIC_BODY)
+    def _build_payload(self, request: PushRequest) -> bytes:
+        title, body = (request.title, request.body) if request.preview else (None, GENERIC_BODY)
         android_notification = {
             "tag": request.conversation_id,  # replaces the conversation's previous notification in the tray
             "notification_count": max(0, request.badge),
@@ -235,9 +231,9 @@ def _classify(response: requests.Response, token: str) -> PushOutcome:
         return Delivered(name)
     error = _fcm_error(response)
     code = error["errorCode"] or error["status"] or "no error code"
-    reason = f"FCM {status} {code}: {error['message']}".replace(token, f"<token {device_fingerprint(token)}>")
+    reason = f"FCM {status} {code}: {error['message']}".replace(token, f"<token {device_label(token)}>")
     reason = reason[:MAX_REASON_CHARS]
-    retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
+    retry_after = retry_after_seconds(response.headers.get("Retry-After"), time.time())
 
     if error["errorCode"] == "UNREGISTERED" or status == 404:
         return DeadToken(reason)  # the app was uninstalled or the token expired
@@ -286,22 +282,6 @@ def _fcm_error_code(response: requests.Response) -> str | None:
 def _names_the_token(error: dict) -> bool:
     """An INVALID_ARGUMENT about the registration token itself (not about our message)."""
     return "registration token" in error["message"].lower() or "message.token" in error["fields"]
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Retry-After as seconds: delta-seconds or an HTTP date (RFC 9110 section 10.2.3)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _first_line(exc: BaseException) -> str:
