@@ -7,9 +7,9 @@ from flask import Blueprint, g, jsonify, request
 
 from app.http import json_body, storage
 from app.http.chat import require_user
+from app.http.requests import PushRetrySelection
 from app.errors import Forbidden, InvalidInput, Unavailable
-from app.push.admin import PushFilter, fail_reopened, list_pushes, reopen_matching, reopen_push
-from models import User
+from app.push.admin import PushFilter, fail_reopened, is_admin, list_pushes, reopen_matching, reopen_push
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
 
@@ -18,9 +18,7 @@ def require_admin(view):
     @require_user
     @wraps(view)
     def wrapper(*args, **kwargs):
-        with storage().sessions() as session:
-            user = session.get(User, g.user_id)
-        if user is None or not user.is_admin:
+        if not is_admin(storage(), g.user_id):
             raise Forbidden("admins only")
         return view(*args, **kwargs)
     return wrapper
@@ -50,14 +48,6 @@ def _int(name: str, default: int) -> int:
     return int(raw) if len(raw) <= 19 else MAX_PAGE + 1  # too large either way (checked below)
 
 
-def _filter_text(body: dict, name: str):
-    """A filter of a bulk retry: a string, or null (absent). Anything else is refused, not read as no filter."""
-    value = body.get(name)
-    if value is not None and not isinstance(value, str):
-        raise InvalidInput(f"'{name}' must be a string or null")
-    return value
-
-
 @bp.get("/pushes")
 @require_admin
 def pushes():
@@ -79,8 +69,7 @@ def retry_one(push_id: int):
 @bp.post("/pushes/retry")
 @require_admin
 def retry_many():
-    body = json_body()  # explicit: {} means "every failed push", a missing body is an error
-    flt = PushFilter.parse(_filter_text(body, "status"), body.get("user_id"), _filter_text(body, "provider"))
-    reopened = reopen_matching(storage(), flt)
+    selection = PushRetrySelection.parse(json_body())  # explicit: {} means "every failed push", no body is an error
+    reopened = reopen_matching(storage(), selection.filter)
     enqueue_deliveries(reopened)
     return jsonify(retried=len(reopened), ids=[str(i) for i, _ in reopened]), 202

@@ -16,8 +16,7 @@ from app.http.admin import enqueue_deliveries
 from app.accounts.auth import authenticate
 from app.ratelimit import limit_login
 from app.errors import ChatError
-from app.push.admin import PROVIDERS, STATUSES, PushFilter, list_pushes, reopen_matching, reopen_push
-from models import User
+from app.push.admin import PROVIDERS, STATUSES, PushFilter, is_admin, list_pushes, reopen_matching, reopen_push
 
 bp = Blueprint("dashboard", __name__, url_prefix="/admin")
 
@@ -43,9 +42,7 @@ def admin_page(view):
         user_id = session.get("admin_user_id")
         if user_id is None:
             return redirect(url_for("dashboard.login", next=request.full_path))
-        with storage().sessions() as db:
-            user = db.get(User, user_id)
-        if user is None or not user.is_admin:
+        if not is_admin(storage(), user_id):
             session.clear()
             return render_template("admin/message.html", title="Forbidden",
                                    message="This account is not an admin."), 403

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 from flask import Blueprint, g, jsonify
-from sqlalchemy import select
 
 from app.http import json_body, storage
 from app.http.chat import require_user
+from app.http.requests import DeviceRegistration, PushSettingsUpdate
 from app.push.settings import (
-    device_view, load_preferences, register_device, remove_device, update_preferences,
+    device_view, list_devices, load_preferences, register_device, remove_device, save_preferences,
 )
-from models import Device
 
 bp = Blueprint("push", __name__, url_prefix="/api")
 
@@ -17,9 +16,9 @@ bp = Blueprint("push", __name__, url_prefix="/api")
 @bp.post("/devices")
 @require_user
 def add_device():
-    body = json_body()
+    registration = DeviceRegistration.parse(json_body())
     with storage().session() as session:
-        device = register_device(session, g.user_id, body.get("platform"), body.get("token"))
+        device = register_device(session, g.user_id, registration.platform, registration.token)
         view = device_view(device)
     return jsonify(view), 201
 
@@ -28,8 +27,7 @@ def add_device():
 @require_user
 def my_devices():
     with storage().sessions() as session:
-        devices = session.scalars(select(Device).where(Device.user_id == g.user_id).order_by(Device.id)).all()
-    return jsonify(devices=[device_view(d) for d in devices])
+        return jsonify(devices=[device_view(d) for d in list_devices(session, g.user_id)])
 
 
 @bp.delete("/devices/<path:token>")
@@ -50,7 +48,8 @@ def get_push_settings():
 @bp.put("/push-settings")
 @require_user
 def put_push_settings():
-    body = json_body()
+    update = PushSettingsUpdate.parse(json_body())
     with storage().session() as session:
-        prefs = update_preferences(session, g.user_id, body)
+        prefs = update.applied_to(load_preferences(session, g.user_id))
+        save_preferences(session, g.user_id, prefs)
     return jsonify(prefs.view())

@@ -1,4 +1,4 @@
-"""Admin view of push_log: list with filters, retry one or many from the stored payload."""
+"""Admin view of push_log: who may see it, list with filters, retry one or many from the stored payload."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,12 +8,20 @@ from sqlalchemy import func, select, update
 from app.errors import Conflict, InvalidInput, NotFound
 from app.push.planning import FAILED, PENDING, SKIPPED, SUCCESS
 from app.storage import Storage
-from models import PushLog
+from models import PushLog, User
 
 STATUSES = (PENDING, SUCCESS, FAILED, SKIPPED)
 PROVIDERS = ("apns", "fcm", "email")
 RETRYABLE = (FAILED, SKIPPED)
 MAX_PER_PAGE = 200
+
+
+def is_admin(storage: Storage, user_id: int) -> bool:
+    """Whether this account exists and has the admin role (checked on every request: a demoted
+    admin's token or cookie stops working at once)."""
+    with storage.sessions() as session:
+        user = session.get(User, user_id)
+    return user is not None and user.is_admin
 
 
 @dataclass(frozen=True)

@@ -1,35 +1,26 @@
-"""Devices (push tokens) and each user's push preferences."""
+"""Devices (push tokens) and each user's push preferences. The REST bodies that change them are
+checked in app.http.requests."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, time as dtime, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.errors import InvalidInput, NotFound
+from app.errors import NotFound
 from models import Device, PushSetting
 
 PLATFORMS = ("ios", "android", "web")
 CHANNELS = ("apns", "fcm", "email")
-TOKEN_RE = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
-EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{1,60}")
-HHMM_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
-CONVERSATION_ID_RE = re.compile(r"[a-z]_[0-9_]{1,98}")
-MAX_MUTED = 1000
 
 
 # --- devices -------------------------------------------------------------------
 
-def register_device(session: Session, user_id: int, platform, token) -> Device:
+def register_device(session: Session, user_id: int, platform: str, token: str) -> Device:
     """Add a push token; a token already registered (another account on the same
     phone) moves to this user."""
-    if platform not in PLATFORMS:
-        raise InvalidInput(f"'platform' must be one of {', '.join(PLATFORMS)}")
-    if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
-        raise InvalidInput("'token' must be 1-255 printable ASCII characters without spaces")
     device = session.scalar(select(Device).where(Device.token == token).with_for_update())
     if device is None:
         device = Device(user_id=user_id, platform=platform, token=token)
@@ -45,6 +36,11 @@ def remove_device(session: Session, user_id: int, token: str) -> None:
     if device is None:  # someone else's token is "not found" too: tokens are not to be probed
         raise NotFound("no such device token on your account")
     session.delete(device)
+
+
+def list_devices(session: Session, user_id: int) -> list[Device]:
+    """The user's devices, oldest first."""
+    return list(session.scalars(select(Device).where(Device.user_id == user_id).order_by(Device.id)))
 
 
 def device_view(device: Device) -> dict:
@@ -115,55 +111,9 @@ def _preferences(row: PushSetting | None) -> PushPreferences:
                            dnd_end=row.dnd_end, time_zone=row.time_zone or "UTC", preview=row.preview)
 
 
-def update_preferences(session: Session, user_id: int, body: dict) -> PushPreferences:
-    """Apply the fields present in `body`; the others keep their values."""
-    known = {"channels", "email", "muted_conversations", "do_not_disturb", "time_zone", "preview"}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise InvalidInput(f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-    prefs = load_preferences(session, user_id)
-    if "channels" in body:
-        channels = body["channels"]
-        if not isinstance(channels, list) or any(c not in CHANNELS for c in channels):
-            raise InvalidInput(f"'channels' must be a list of {', '.join(CHANNELS)}")
-        prefs.channels = sorted(set(channels), key=CHANNELS.index)
-    if "email" in body:
-        email = body["email"]
-        if email is not None and (not isinstance(email, str) or not EMAIL_RE.fullmatch(email)):
-            raise InvalidInput("'email' must be an email address or null")
-        prefs.email = email
-    if "muted_conversations" in body:
-        muted = body["muted_conversations"]
-        if not isinstance(muted, list) or len(muted) > MAX_MUTED or any(
-                not isinstance(c, str) or not CONVERSATION_ID_RE.fullmatch(c) for c in muted):
-            raise InvalidInput(f"'muted_conversations' must be a list of at most {MAX_MUTED} conversation ids")
-        prefs.muted_conversations = sorted(set(muted))
-    if "do_not_disturb" in body:
-        dnd = body["do_not_disturb"]
-        if dnd is None:
-            prefs.dnd_start = prefs.dnd_end = None
-        elif isinstance(dnd, dict) and set(dnd) == {"start", "end"} and all(
-                isinstance(dnd[k], str) and HHMM_RE.fullmatch(dnd[k]) for k in ("start", "end")) \
-                and dnd["start"] != dnd["end"]:
-            prefs.dnd_start, prefs.dnd_end = dnd["start"], dnd["end"]
-        else:
-            raise InvalidInput("'do_not_disturb' must be null or {\"start\": \"HH:MM\", \"end\": \"HH:MM\"} "
-                               "(24-hour, different times; it may wrap midnight)")
-    if "time_zone" in body:
-        zone = body["time_zone"]
-        try:
-            if not isinstance(zone, str) or not zone:
-                raise ValueError
-            ZoneInfo(zone)
-        except (ValueError, ZoneInfoNotFoundError):
-            raise InvalidInput("'time_zone' must be an IANA time zone name such as 'Europe/Berlin'") from None
-        prefs.time_zone = zone
-    if "preview" in body:
-        if not isinstance(body["preview"], bool):
-            raise InvalidInput("'preview' must be true or false")
-        prefs.preview = body["preview"]
+def save_preferences(session: Session, user_id: int, prefs: PushPreferences) -> None:
+    """Store the user's preferences (all of them: app.http.requests.PushSettingsUpdate merges a change)."""
     row = session.get(PushSetting, user_id) or PushSetting(user_id=user_id)
     row.channels, row.email, row.muted_conversations = prefs.channels, prefs.email, prefs.muted_conversations
     row.dnd_start, row.dnd_end, row.time_zone, row.preview = prefs.dnd_start, prefs.dnd_end, prefs.time_zone, prefs.preview
     session.merge(row)
-    return prefs
