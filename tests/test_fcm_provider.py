@@ -1,8 +1,10 @@
 """FCM provider against a real local FCM HTTP v1 server and OAuth token endpoint (no mocks)."""
 from __future__ import annotations
 
+import email.utils
 import logging
 import socket
+import time
 
 import pytest
 
@@ -117,6 +119,23 @@ def test_unavailable_is_temporary_and_carries_retry_after(fcm, fake_fcm):
     outcome = fcm.send(_push())
 
     assert outcome == TemporaryFailure("FCM 503 UNAVAILABLE: The service is currently unavailable.", 7.0)
+
+
+def test_a_retry_after_http_date_counts_from_now(fcm, fake_fcm):
+    fake_fcm.fail_next(error_code="UNAVAILABLE", retry_after=email.utils.formatdate(time.time() + 120, usegmt=True))
+
+    outcome = fcm.send(_push())
+
+    assert isinstance(outcome, TemporaryFailure) and 110.0 <= outcome.retry_after <= 120.0
+
+
+@pytest.mark.parametrize("header", ["in a minute", "inf", "nan"])
+def test_an_unreadable_retry_after_is_ignored(fcm, fake_fcm, header):
+    fake_fcm.fail_next(error_code="UNAVAILABLE", retry_after=header)
+
+    outcome = fcm.send(_push())
+
+    assert isinstance(outcome, TemporaryFailure) and outcome.retry_after is None
 
 
 def test_internal_error_is_temporary_and_the_next_attempt_delivers(fcm, fake_fcm):
