@@ -244,7 +244,7 @@ def main() -> int:
                                  f"{collections.Counter(p.skipped for p in plans)}")
         else:
             jobs = [(SEND_PUSH, ["0", str(uid), PRIORITY_PRIVATE], PRIORITY_PRIVATE) for uid in users]
-        say(f"queueing {len(jobs)} {jobs[0][0].name.rsplit('.', 1)[-1]} tasks (confirmed publishes)...")
+        say(f"queueing {len(jobs)} {jobs[0][0].rsplit('.', 1)[-1]} tasks (confirmed publishes)...")
         for task, task_args, priority in jobs:  # deliver_push(push_id, attempt=0), as send_push queues it
             queue_push_task(task, task_args, priority, kwargs={"attempt": 0} if task == DELIVER_PUSH else None)
 
