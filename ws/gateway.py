@@ -339,7 +339,11 @@ class Gateway:
             handler = self._handlers.get(kind)
             if handler is None:
                 raise InvalidInput(f"unknown frame type {kind!r}")
-            handler(conn, frame)
+            if kind == "send":
+                with metrics.timed_send():
+                    handler(conn, frame)
+            else:
+                handler(conn, frame)
         except ChatError as err:
             conn.send(error_frame(err.code, err.message, client_msg_id_of(frame), err.retry_after_ms))
         except Exception:
@@ -371,15 +375,14 @@ class Gateway:
         conn.send({"type": "pong"})
 
     def _on_send(self, conn: Connection, frame: dict) -> None:
-        with metrics.timed_send():
-            req = parse_send(frame, self.settings.message_max_content_bytes)
-            if conn.signing_key is not None:
-                check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds, required=True)
-                verify_signature(frame, conn.signing_key)
-            take(self.storage, "send", conn.user_id, self.send_limit, "messages")
-            ack = self.intake.accept(conn.user_id, conn.conn_id, req)
-            log.info("conn %s: msg %s acked", conn.conn_id, ack.msg_id)
-            conn.send(ack_frame(ack.client_msg_id, ack.msg_id, ack.conversation_id, ack.timestamp))
+        req = parse_send(frame, self.settings.message_max_content_bytes)
+        if conn.signing_key is not None:
+            check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds, required=True)
+            verify_signature(frame, conn.signing_key)
+        take(self.storage, "send", conn.user_id, self.send_limit, "messages")
+        ack = self.intake.accept(conn.user_id, conn.conn_id, req)
+        log.info("conn %s: msg %s acked", conn.conn_id, ack.msg_id)
+        conn.send(ack_frame(ack.client_msg_id, ack.msg_id, ack.conversation_id, ack.timestamp))
 
     def _on_sync(self, conn: Connection, frame: dict) -> None:
         page = read_stream(self.storage, conn.user_id, parse_cursor(frame.get("cursor")),
