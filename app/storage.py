@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import redis
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, delete, event, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -102,6 +102,21 @@ def insert_ignoring_duplicates(model, is_mysql: bool):
     from sqlalchemy.dialects.sqlite import insert
 
     return insert(model).on_conflict_do_nothing()
+
+
+def purge_in_batches(storage: Storage, model, *conditions, max_batches: int, batch: int = 1000) -> int:
+    """Delete the rows matching `conditions` in primary-key batches of one transaction each
+    (no long lock on a big table); at most `max_batches`, the rest at the next run."""
+    removed = 0
+    for _ in range(max_batches):
+        with storage.session() as session:
+            ids = session.scalars(select(model.id).where(*conditions).order_by(model.id).limit(batch)).all()
+            if ids:
+                session.execute(delete(model).where(model.id.in_(ids)))
+        removed += len(ids)
+        if len(ids) < batch:
+            break
+    return removed
 
 
 def upgrade_schema(database_url: str) -> None:

@@ -8,7 +8,7 @@ private message (rows made directly in the database, as persist and
 dispatch would leave them).
 
 Two ways in, both through the real tasks:
-  --stage deliver (default): the bench plans the pushes with app.push.planning.plan_pushes_many
+  --stage deliver (default): the bench plans the pushes with app.push.planning.plan_pushes
       (one pending push_log row per user, badge and preview filled in, which
       is what send_push does) and queues one deliver_push task per row;
   --stage send: the bench queues one send_push task per user, and the worker
@@ -42,7 +42,6 @@ import os
 import re
 import resource
 import secrets
-import shutil
 import signal
 import statistics
 import subprocess
@@ -53,6 +52,7 @@ import time
 import uuid
 from pathlib import Path
 
+from bench import close_run
 from bench.load import ms, percentile
 
 PROGRESS_EVERY = 2.0
@@ -223,7 +223,7 @@ def main() -> int:
         from sqlalchemy import func, select
 
         from app.config import Settings
-        from app.push.planning import PRIORITY_PRIVATE, plan_pushes_many
+        from app.push.planning import PRIORITY_PRIVATE, plan_pushes
         from app.storage import Storage, upgrade_schema
         from models import PushLog
 
@@ -235,9 +235,9 @@ def main() -> int:
         from tasks.publish import DELIVER_PUSH, SEND_PUSH, queue_push_task
 
         if args.stage == "deliver":
-            say(f"planning {args.users} pushes with app.push.planning.plan_pushes_many (push_log rows)...")
+            say(f"planning {args.users} pushes with app.push.planning.plan_pushes (push_log rows)...")
             plans = [plan for start in range(0, len(users), 500)
-                     for plan in plan_pushes_many(storage, users[start:start + 500])]
+                     for plan in plan_pushes(storage, users[start:start + 500])]
             jobs = [(DELIVER_PUSH, [pid], plan.priority) for plan in plans for pid in plan.push_ids]  # as send_push
             if len(jobs) != args.users:
                 raise SystemExit(f"planned {len(jobs)} pushes for {args.users} users: "
@@ -358,11 +358,7 @@ def main() -> int:
         if worker is not None:
             worker.stop()
         fake.stop()
-        services.close()
-        if ok and not args.keep_logs:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
+        close_run(services, tmp, ok, args.keep_logs)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from app.chat import maintenance
 from app.chat.presence import sweep_presence as sweep_presence_entries
+from app.push import admin as push_admin
 from tasks import app
 from tasks.batching import RETRY
 from tasks.runtime import storage
@@ -19,7 +20,7 @@ def purge_synced_offline_index() -> int:
 def purge_push_log() -> int:
     """Finished push_log rows older than PUSH_LOG_RETENTION_DAYS."""
     s = storage()
-    return maintenance.purge_push_log(s, s.settings.push_log_retention_days)
+    return push_admin.purge_push_log(s, s.settings.push_log_retention_days)
 
 
 @app.task(name="tasks.pipeline.reconcile_unread", acks_late=True, **RETRY)

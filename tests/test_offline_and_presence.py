@@ -4,8 +4,8 @@ import secrets
 
 from sqlalchemy import select
 
-from app.chat.dispatch import dispatch_private_message
-from app.push.planning import PRIORITY_PRIVATE, plan_pushes_many
+from app.chat.dispatch import dispatch_private_messages
+from app.push.planning import PRIORITY_PRIVATE, plan_pushes
 from app.chat.unread import unread_counts
 from models import Device, OfflineMessageIndex, PushLog
 from tests.fakes.fcm_server import make_device_token as fcm_token
@@ -61,9 +61,9 @@ def test_running_dispatch_and_push_planning_again_changes_nothing(cluster, make_
     wait_until(lambda: [p.push_status for p in _push_rows(storage, bob.user_id)] == ["success"], timeout=15,
                what="the push")
     for _ in range(2):
-        outcome = dispatch_private_message(storage, int(ack["msg_id"]), None)
+        outcome, = dispatch_private_messages(storage, [(int(ack["msg_id"]), None)])
         assert outcome.offline_users == [int(bob.user_id)]
-        assert plan_pushes_many(storage, [int(bob.user_id)])[0].push_ids == []  # already delivered
+        assert plan_pushes(storage, [int(bob.user_id)])[0].push_ids == []  # already delivered
     assert storage.redis.hget(f"unread:{bob.user_id}", ack["conversation_id"]) == "1"
     assert len(_offline_rows(storage, bob.user_id)) == 1
     assert len(_push_rows(storage, bob.user_id)) == 1

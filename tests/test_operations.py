@@ -112,7 +112,8 @@ def test_the_openapi_document_lists_every_rest_path_the_app_serves():
 def test_housekeeping_drops_only_what_is_past_retention(cluster, make_user, storage):
     from datetime import datetime, timedelta
 
-    from app.chat.maintenance import purge_push_log, purge_synced_offline_index, reconcile_unread
+    from app.chat.maintenance import purge_synced_offline_index, reconcile_unread
+    from app.push.admin import purge_push_log
     from models import OfflineMessageIndex
 
     user = int(make_user().user_id)

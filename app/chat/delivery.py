@@ -9,9 +9,13 @@ from app.storage import Storage
 from app.wire import close_envelope, frame_envelope
 
 
-def deliver_to_gateways(client, frame: dict, targets: dict[str, list[str]]) -> None:
-    """Publish one frame to each gateway's delivery channel, naming its connections."""
-    deliver_frames(client, [(frame, targets)])
+def by_gateway(conns: Iterable[LiveConnection], skip_conn: str | None = None) -> dict[str, list[str]]:
+    """{gateway id: its connection ids} of these connections (but `skip_conn`)."""
+    targets: dict[str, list[str]] = {}
+    for conn in conns:
+        if conn.conn_id != skip_conn:
+            targets.setdefault(conn.gateway_id, []).append(conn.conn_id)
+    return targets
 
 
 def deliver_frames(client, deliveries: list[tuple[dict, dict[str, list[str]]]]) -> None:
@@ -33,13 +37,7 @@ def deliver_to_users(storage: Storage, frame: dict, user_ids: Iterable[int],
     Returns each user's live connections, so callers can tell who was offline.
     """
     live = Presence(storage.redis, storage.settings.presence_ttl_seconds).live_connections(user_ids)
-    targets: dict[str, list[str]] = {}
-    for conns in live.values():
-        for conn in conns:
-            if conn.conn_id != skip_conn:
-                targets.setdefault(conn.gateway_id, []).append(conn.conn_id)
-    if targets:
-        deliver_to_gateways(storage.redis, frame, targets)
+    deliver_frames(storage.redis, [(frame, by_gateway((c for conns in live.values() for c in conns), skip_conn))])
     return live
 
 
@@ -47,9 +45,6 @@ def close_connections(storage: Storage, user_id: int, code: int, reason: str) ->
     """Ask the gateways holding this user's sockets to close them (after what is queued);
     returns how many were asked."""
     live = Presence(storage.redis, storage.settings.presence_ttl_seconds).live_connections([user_id])[user_id]
-    by_gateway: dict[str, list[str]] = {}
-    for conn in live:
-        by_gateway.setdefault(conn.gateway_id, []).append(conn.conn_id)
-    for gateway_id, conn_ids in by_gateway.items():
+    for gateway_id, conn_ids in by_gateway(live).items():
         storage.redis.publish(DELIVERY_CHANNEL.format(gateway_id), close_envelope(conn_ids, code, reason))
     return len(live)

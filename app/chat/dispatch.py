@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from app.chat.delivery import deliver_frames
+from app.chat.delivery import by_gateway, deliver_frames
 from app.chat.presence import Presence
-from app.chat.unread import count_unread_each
+from app.chat.unread import count_unread
 from app.storage import Storage, insert_ignoring_duplicates
 from app.wire import message_frame
 from models import ENTRY_MESSAGE, Message, OfflineMessageIndex, SyncEntry
@@ -25,19 +25,13 @@ class DispatchOutcome:
     offline_users: list[int] = field(default_factory=list)
 
 
-def dispatch_private_message(storage: Storage, msg_id: int, origin_conn: str | None) -> DispatchOutcome:
-    """Live delivery to every connection of both parties (not the sending one),
-    unread for the recipient, offline index + push for an offline recipient.
-
-    Returns which users are offline; the caller enqueues their pushes.
-    """
-    return dispatch_private_messages(storage, [(msg_id, origin_conn)])[0]
-
-
 def dispatch_private_messages(storage: Storage, items: list[tuple[int, str | None]]) -> list[DispatchOutcome]:
-    """`dispatch_private_message` for many messages (msg id, sending connection) at once:
-    one read of the messages and their stream positions, one presence lookup, one
-    Redis round trip for the live frames and one for unread, one offline-index insert."""
+    """Stored private messages (msg id, sending connection) to every connection of both
+    parties (not the sending one), unread for the recipient, offline index for an offline
+    recipient; returns who is offline per message (the caller queues their pushes).
+
+    One read of the messages and their stream positions, one presence lookup, one Redis
+    round trip for the live frames and one for unread, one offline-index insert."""
     ids = [msg_id for msg_id, _ in items]
     with storage.sessions() as session:
         messages = {msg.id: msg for msg in session.scalars(select(Message).where(Message.id.in_(ids)))}
@@ -52,10 +46,7 @@ def dispatch_private_messages(storage: Storage, items: list[tuple[int, str | Non
     deliveries, outcomes, offline = [], [], []
     for msg_id, origin_conn in items:
         msg, outcome = messages[msg_id], DispatchOutcome(msg_id)
-        targets: dict[str, list[str]] = {}
-        for conn in live[msg.receiver_id] + live[msg.sender_id]:
-            if conn.conn_id != origin_conn:
-                targets.setdefault(conn.gateway_id, []).append(conn.conn_id)
+        targets = by_gateway(live[msg.receiver_id] + live[msg.sender_id], origin_conn)
         outcome.live_connections = sum(map(len, targets.values()))
         deliveries.append((message_frame(msg), targets))
         if not live[msg.receiver_id]:
@@ -67,7 +58,8 @@ def dispatch_private_messages(storage: Storage, items: list[tuple[int, str | Non
         with storage.session() as session:  # a redelivery finds its rows there
             session.execute(insert_ignoring_duplicates(OfflineMessageIndex, storage.is_mysql), offline)
     # Last: a visible sign that dispatch ran.
-    count_unread_each(storage, [(messages[mid].receiver_id, mid, messages[mid].conversation_id,
-                                 positions[(messages[mid].receiver_id, mid)]) for mid, _ in items])
+    count_unread(storage, [(mid, messages[mid].conversation_id,
+                            [(messages[mid].receiver_id, positions[(messages[mid].receiver_id, mid)])])
+                           for mid, _ in items])
     return outcomes
 

@@ -29,9 +29,9 @@ from app.wire import message_frame
 from app.chat.recall import RECALLED_PREVIEW
 from app.storage import Storage, insert_ignoring_duplicates
 from app.chat.sync import append_entries, entries_of
-from app.chat.unread import count_unread_many
+from app.chat.unread import count_unread
 from models import (
-    ENTRY_MESSAGE, ENTRY_RECALL, STATUS_RECALLED, ChatGroup, Conversation, Message, OfflineMessageIndex, User,
+    ENTRY_MESSAGE, ENTRY_RECALL, STATUS_RECALLED, Conversation, Message, OfflineMessageIndex, User,
 )
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,9 @@ def fan_out_group_message(storage: Storage, msg_id: int, user_ids: list[int],
     _index_offline(storage, msg, outcome.offline_users)
     # Counted last (a visible sign the chunk ran); not for the sender, nor for a
     # member who already read past this message (a read that committed first).
-    count_unread_many(storage, msg_id, msg.conversation_id,
-                      [(uid, seq) for uid, seq in seqs.items()
-                       if uid != msg.sender_id and (read_upto.get(uid) or 0) < msg_id])
+    count_unread(storage, [(msg_id, msg.conversation_id,
+                            [(uid, seq) for uid, seq in seqs.items()
+                             if uid != msg.sender_id and (read_upto.get(uid) or 0) < msg_id])])
     return outcome
 
 
@@ -138,9 +138,9 @@ def _write_streams(storage: Storage, msg: Message, user_ids: list[int], preview:
         missing = [uid for uid in user_ids if uid not in have]
         # Conversation rows first, then user rows: the private path's lock order.
         _upsert_group_conversations(session, storage.is_mysql, msg, missing, preview)
-        seqs = {**have, **append_entries(session, storage.is_mysql, missing, msg.id, msg.conversation_id)}
+        seqs = {**have, **append_entries(session, storage.is_mysql, [(missing, msg.id, msg.conversation_id)])[0]}
         if recalled:
-            append_entries(session, storage.is_mysql, missing, msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+            append_entries(session, storage.is_mysql, [(missing, msg.id, msg.conversation_id)], kind=ENTRY_RECALL)
         read_upto = {uid: pos for uid, pos in session.execute(
             select(Conversation.user_id, Conversation.last_read_msg_id).where(
                 Conversation.conversation_id == msg.conversation_id, Conversation.user_id.in_(user_ids))).all()}
@@ -159,8 +159,3 @@ def _index_offline(storage: Storage, msg: Message, user_ids: list[int]) -> None:
     with storage.session() as session:  # redelivery: existing rows are kept
         session.execute(insert_ignoring_duplicates(OfflineMessageIndex, storage.is_mysql), [
             {"user_id": uid, "message_id": msg.id, "conversation_id": msg.conversation_id} for uid in user_ids])
-
-
-def group_name(storage: Storage, group_id: int) -> str | None:
-    with storage.sessions() as session:
-        return session.scalar(select(ChatGroup.name).where(ChatGroup.id == group_id))

@@ -31,11 +31,6 @@ def group_conversation_id(group_id: int) -> str:
     return f"g_{group_id}"
 
 
-def group_of_conversation(conversation_id: str) -> int | None:
-    prefix, _, rest = conversation_id.partition("_")
-    return int(rest) if prefix == "g" and rest.isdigit() else None
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 

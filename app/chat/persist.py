@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.chat.conversations import invalidate_conversation_lists, message_preview
-from app.chat.sync import append_entries, append_entries_many
+from app.chat.sync import append_entries
 from app.storage import Storage
 from models import Message
 
@@ -43,15 +43,7 @@ def persist_private_message(storage: Storage, payload: dict) -> PersistOutcome:
     msg_id = int(payload["msg_id"])
     sender, to = int(payload["sender_id"]), int(payload["to"])
     try:
-        with storage.session() as session:
-            session.execute(insert(Message), [_message_row(payload)])
-            preview = message_preview(payload["message_type"], payload["content"])
-            upsert_conversations(session, storage.is_mysql, [  # in user order: one lock order, no deadlocks
-                {"conversation_id": payload["conversation_id"], "user_id": user_id, "target_id": peer,
-                 "is_group": False, "last_message": preview, "last_message_time": int(payload["timestamp"]),
-                 "last_msg_id": msg_id} for user_id, peer in sorted([(sender, to), (to, sender)])])
-            append_entries(session, storage.is_mysql, [sender, to], msg_id, payload["conversation_id"])
-        invalidate_conversation_lists(storage, [sender, to])
+        _store(storage, [payload])
         return PersistOutcome(msg_id, stored=True, dispatch=True)
     except IntegrityError:
         existing, original = stored_copy(storage, msg_id, sender, payload["client_msg_id"])
@@ -71,31 +63,39 @@ def persist_private_messages(storage: Storage, payloads: list[dict]) -> list[Per
     redelivery, or a second copy of a send), the batch is rolled back and each
     message goes through `persist_private_message` on its own, which knows
     every case; one whose id another message holds (IdCollision) comes back
-    `collided`, for the caller to set aside, so it cannot hold up the others.
+    `collided`, for the caller to quarantine, so it cannot hold up the others.
     """
     if len(payloads) <= 1:
-        return [persist_private_message(storage, payload) for payload in payloads]
+        return [_persist_alone(storage, payload) for payload in payloads]
     try:
-        with storage.session() as session:
-            session.execute(insert(Message), [_message_row(payload) for payload in payloads])
-            newest: dict[tuple[int, str], dict] = {}  # one row per (user, conversation): its newest message
-            for payload in payloads:
-                sender, to, msg_id = int(payload["sender_id"]), int(payload["to"]), int(payload["msg_id"])
-                for user_id, peer in ((sender, to), (to, sender)):
-                    key = (user_id, payload["conversation_id"])
-                    if key not in newest or newest[key]["last_msg_id"] < msg_id:
-                        newest[key] = {
-                            "conversation_id": payload["conversation_id"], "user_id": user_id, "target_id": peer,
-                            "is_group": False, "last_msg_id": msg_id, "last_message_time": int(payload["timestamp"]),
-                            "last_message": message_preview(payload["message_type"], payload["content"])}
-            upsert_conversations(session, storage.is_mysql, [newest[key] for key in sorted(newest)])  # lock order
-            append_entries_many(session, storage.is_mysql, [
-                ([int(p["sender_id"]), int(p["to"])], int(p["msg_id"]), p["conversation_id"]) for p in payloads])
+        _store(storage, payloads)
     except IntegrityError:
         log.info("batch of %d holds a message stored before; persisting one by one", len(payloads))
         return [_persist_alone(storage, payload) for payload in payloads]
-    invalidate_conversation_lists(storage, [int(p[k]) for p in payloads for k in ("sender_id", "to")])
     return [PersistOutcome(int(p["msg_id"]), stored=True, dispatch=True) for p in payloads]
+
+
+def _store(storage: Storage, payloads: list[dict]) -> None:
+    """One transaction: the messages, both parties' conversation rows moved to each one's
+    newest message (in user order: one lock order, no deadlocks) and a stream entry per
+    party, one sequence bump per user; then the parties' cached lists dropped. Raises
+    IntegrityError (nothing written) if any message is stored already."""
+    with storage.session() as session:
+        session.execute(insert(Message), [_message_row(payload) for payload in payloads])
+        newest: dict[tuple[int, str], dict] = {}  # one row per (user, conversation): its newest message
+        for payload in payloads:
+            sender, to, msg_id = int(payload["sender_id"]), int(payload["to"]), int(payload["msg_id"])
+            for user_id, peer in ((sender, to), (to, sender)):
+                key = (user_id, payload["conversation_id"])
+                if key not in newest or newest[key]["last_msg_id"] < msg_id:
+                    newest[key] = {
+                        "conversation_id": payload["conversation_id"], "user_id": user_id, "target_id": peer,
+                        "is_group": False, "last_msg_id": msg_id, "last_message_time": int(payload["timestamp"]),
+                        "last_message": message_preview(payload["message_type"], payload["content"])}
+        upsert_conversations(session, storage.is_mysql, [newest[key] for key in sorted(newest)])
+        append_entries(session, storage.is_mysql, [
+            ([int(p["sender_id"]), int(p["to"])], int(p["msg_id"]), p["conversation_id"]) for p in payloads])
+    invalidate_conversation_lists(storage, [int(p[k]) for p in payloads for k in ("sender_id", "to")])
 
 
 def _persist_alone(storage: Storage, payload: dict) -> PersistOutcome:
@@ -133,8 +133,6 @@ def stored_copy(storage: Storage, msg_id: int, sender: int, client_msg_id: str) 
     if original is not None:
         log.warning("msg %s is a second copy of msg %s (same client_msg_id); dropped", msg_id, original)
     return None, original
-
-
 
 
 _UPSERT_SQL = {

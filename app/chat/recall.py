@@ -56,15 +56,15 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
             _mark_recalled(session, msg, now_ms)
         missing = _without_recall_entry(session, msg.id, parties)
         chunk = storage.settings.group_fanout_chunk
-        append_entries(session, storage.is_mysql, missing[:chunk], msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+        append_entries(session, storage.is_mysql, [(missing[:chunk], msg.id, msg.conversation_id)], kind=ENTRY_RECALL)
     for start in range(chunk, len(missing), chunk):  # a big group: the rest in bounded transactions
         with storage.session() as session:
             todo = _without_recall_entry(session, msg.id, missing[start:start + chunk])
-            append_entries(session, storage.is_mysql, todo, msg.id, msg.conversation_id, kind=ENTRY_RECALL)
+            append_entries(session, storage.is_mysql, [(todo, msg.id, msg.conversation_id)], kind=ENTRY_RECALL)
     if msg.is_group:
         forget_unread(storage, parties)  # recounted from MySQL when next asked for
     else:
-        rebuild_unread(storage, msg.receiver_id)  # a recalled message no longer counts as unread
+        rebuild_unread(storage, [msg.receiver_id])  # a recalled message no longer counts as unread
     invalidate_conversation_lists(storage, parties)
     return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms)
 

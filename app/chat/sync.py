@@ -42,15 +42,10 @@ def next_stream_seqs(session: Session, is_mysql: bool, counts) -> dict[int, int]
         select(User.id, User.inbox_seq).where(User.id.in_(ids)).with_for_update()).all()}
 
 
-def append_entries(session: Session, is_mysql: bool, user_ids, msg_id: int, conversation_id: str,
-                   kind: int = ENTRY_MESSAGE) -> dict[int, int]:
-    """Add one entry to each user's stream; returns the new positions (deleted users left out)."""
-    return append_entries_many(session, is_mysql, [(user_ids, msg_id, conversation_id)], kind)[0]
-
-
-def append_entries_many(session: Session, is_mysql: bool, items, kind: int = ENTRY_MESSAGE) -> list[dict[int, int]]:
-    """Entries of many messages, (user ids, msg id, conversation id) each, in this order
-    in every stream, with one sequence bump per user; returns each message's positions."""
+def append_entries(session: Session, is_mysql: bool, items, kind: int = ENTRY_MESSAGE) -> list[dict[int, int]]:
+    """Stream entries of messages, (user ids, msg id, conversation id) each, in this order
+    in every stream, with one sequence bump per user; returns each message's positions
+    (deleted users, who have no stream, left out)."""
     items = [(sorted(set(user_ids)), msg_id, conversation_id) for user_ids, msg_id, conversation_id in items]
     counts = Counter(uid for user_ids, _, _ in items for uid in user_ids)
     tops = next_stream_seqs(session, is_mysql, dict(counts))

@@ -1,13 +1,15 @@
-"""Admin view of push_log: who may see it, list with filters, retry one or many from the stored payload."""
+"""Admin view of push_log: who may see it, list with filters, retry one or many from the stored
+payload, and its retention (run by beat)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import func, select, update
 
 from app.errors import Conflict, InvalidInput, NotFound
 from app.push.planning import FAILED, PENDING, SKIPPED, SUCCESS
-from app.storage import Storage
+from app.storage import Storage, purge_in_batches
 from models import PushLog, User
 
 STATUSES = (PENDING, SUCCESS, FAILED, SKIPPED)
@@ -107,3 +109,10 @@ def fail_reopened(storage: Storage, push_id: int, reason: str) -> None:
     with storage.session() as session:
         session.execute(update(PushLog).where(PushLog.id == push_id, PushLog.push_status == PENDING,
                                               PushLog.attempts == 0).values(push_status=FAILED, error_msg=reason))
+
+
+def purge_push_log(storage: Storage, older_than_days: int, max_batches: int = 50) -> int:
+    """Drop finished push_log rows past their retention (pending rows are kept: they still run)."""
+    cutoff = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(days=older_than_days)
+    return purge_in_batches(storage, PushLog, PushLog.push_status != PENDING, PushLog.created_at < cutoff,
+                            max_batches=max_batches)

@@ -280,7 +280,7 @@ def _write(session, todo: list[_Attempt]) -> None:
 def _digest_mail(storage: Storage, user_id: int, msg_id: str, priority: int) -> PushRequest | str:
     """The digest mail of what the user has not read yet, or why there is none to send."""
     with storage.sessions() as session:
-        prefs = load_preferences(session, user_id)
+        prefs = load_preferences(session, [user_id])[user_id]
         messages = latest_unread(session, user_id, DIGEST_MAX_MESSAGES, prefs.muted_conversations)
         names = dict(session.execute(select(User.id, User.username).where(
             User.id.in_({m.sender_id for m in messages}))).all()) if messages else {}

@@ -1,6 +1,6 @@
 """Offline push, who gets what: the pushes of a user after their coalescing window, and digests.
 
-dispatch -> `schedule_push` (coalescing) -> send_push task -> `plan_pushes_many`
+dispatch -> `schedule_push` (coalescing) -> send_push task -> `plan_pushes`
 (one push_log row per device, carrying the newest unread message and the
 badge) -> app.push.attempts.attempt_pushes (one transaction per batch: rows
 locked, the provider calls, outcomes recorded); retries are deliver_push
@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from app.chat.conversations import message_preview
 from app.chat.unread import latest_unread, latest_unread_ids, unread_totals
-from app.push.settings import load_preferences, load_preferences_many
+from app.push.settings import load_preferences
 from app.storage import Storage, insert_ignoring_duplicates
 from models import ChatGroup, Device, Message, PushLog, User
 
@@ -55,7 +55,7 @@ class PushPlan:
     priority: int = PRIORITY_PRIVATE
 
 
-def plan_pushes_many(storage: Storage, user_ids, now: datetime | None = None) -> list[PushPlan]:
+def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list[PushPlan]:
     """For each user: push their newest unread message to each enabled device, once.
 
     Runs after a user's coalescing window: whatever arrived meanwhile is
@@ -75,7 +75,7 @@ def plan_pushes_many(storage: Storage, user_ids, now: datetime | None = None) ->
     pipe.execute()
     plans = {user_id: PushPlan(user_id) for user_id in user_ids}
     with storage.sessions() as session:
-        prefs = load_preferences_many(session, user_ids)
+        prefs = load_preferences(session, user_ids)
         newest = latest_unread_ids(session, {uid: prefs[uid].muted_conversations for uid in user_ids})
         messages = {m.id: m for m in session.scalars(select(Message).where(Message.id.in_(set(newest.values()))))} \
             if newest else {}
@@ -151,7 +151,7 @@ def plan_digest(storage: Storage, user_id: int, now: datetime | None = None) -> 
     """A pending email row for the user's unread messages, or nothing to mail, or later (quiet hours)."""
     now = now or datetime.now(timezone.utc)
     with storage.sessions() as session:
-        prefs = load_preferences(session, user_id)
+        prefs = load_preferences(session, [user_id])[user_id]
         latest = next(iter(latest_unread(session, user_id, 1, prefs.muted_conversations)), None)
     quiet_until = prefs.quiet_until(now)
     if quiet_until is not None and latest is not None:  # the digest key stays: no second digest meanwhile

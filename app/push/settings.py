@@ -92,12 +92,8 @@ def _hhmm(value: str) -> dtime:
     return dtime(int(hours), int(minutes))
 
 
-def load_preferences(session: Session, user_id: int) -> PushPreferences:
-    return _preferences(session.get(PushSetting, user_id))
-
-
-def load_preferences_many(session: Session, user_ids) -> dict[int, PushPreferences]:
-    """`load_preferences` of many users in one query."""
+def load_preferences(session: Session, user_ids) -> dict[int, PushPreferences]:
+    """The push preferences of these users (defaults for those who set none), in one query."""
     rows = {row.user_id: row for row in session.scalars(select(PushSetting).where(
         PushSetting.user_id.in_(list(user_ids))))} if user_ids else {}
     return {user_id: _preferences(rows.get(user_id)) for user_id in user_ids}
