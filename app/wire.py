@@ -1,4 +1,5 @@
-"""The wire format of what the server sends: frames, sync entries, delivery envelopes.
+"""The wire format: what the server sends (frames, sync entries, delivery envelopes)
+and the ids clients send.
 
 One place for every shape a client or a gateway reads (docs/protocol.md):
 domain modules build their results with these functions and never write a
@@ -7,8 +8,26 @@ frame's keys themselves. Ids are strings on the wire (snowflakes exceed 2^53).
 from __future__ import annotations
 
 import json
+import re
 
+from app.errors import InvalidInput
 from models import STATUS_RECALLED
+
+ID_RE = re.compile(r"[0-9]{1,19}")
+MAX_ID = 2**63  # ids are signed 64-bit in the database
+CONVERSATION_ID_RE = re.compile(r"[a-z]_[0-9_]{1,98}")  # p_<low>_<high>, g_<group id>
+
+
+def parse_id(value, name: str) -> int:
+    """An id a client sent (frame field, REST body or path): ids travel as decimal strings
+    (snowflakes exceed 2^53); integers are tolerated."""
+    if isinstance(value, bool):
+        raise InvalidInput(f"'{name}' must be an id string")
+    if isinstance(value, int) and 0 < value < MAX_ID:
+        return value
+    if isinstance(value, str) and ID_RE.fullmatch(value) and 0 < int(value) < MAX_ID:
+        return int(value)
+    raise InvalidInput(f"'{name}' must be an id string of digits")
 
 
 def message_frame(msg) -> dict:

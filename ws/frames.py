@@ -9,12 +9,10 @@ import re
 
 from app.errors import InvalidInput, TooLarge, Unauthorized
 from app.chat.intake import SendRequest
+from app.wire import CONVERSATION_ID_RE, parse_id
 
 CLIENT_MSG_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces (fullmatch)
 MESSAGE_TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,19}")
-ID_RE = re.compile(r"[0-9]{1,19}")
-MAX_ID = 2**63  # ids are signed 64-bit in the database
-CONVERSATION_ID_RE = re.compile(r"[a-z]_[0-9_]{1,98}")
 MAX_EXTRA_BYTES = 4096
 # Objects and arrays inside one another in `extra` (the object itself is level 1). The
 # store must take whatever is acked: MariaDB refuses JSON nested more than 31 levels,
@@ -50,17 +48,6 @@ def parse_frame(raw) -> dict:
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise InvalidInput("frame must be a JSON object with a string 'type'")
     return frame
-
-
-def parse_id(value, name: str) -> int:
-    """Ids travel as decimal strings (snowflakes exceed 2^53); integers are tolerated."""
-    if isinstance(value, bool):
-        raise InvalidInput(f"'{name}' must be an id string")
-    if isinstance(value, int) and 0 < value < MAX_ID:
-        return value
-    if isinstance(value, str) and ID_RE.fullmatch(value) and 0 < int(value) < MAX_ID:
-        return int(value)
-    raise InvalidInput(f"'{name}' must be an id string of digits")
 
 
 def client_msg_id_of(frame: dict) -> str | None:

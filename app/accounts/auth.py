@@ -54,10 +54,8 @@ def register_user(session: Session, settings: Settings, username, password) -> i
     return user.id
 
 
-def authenticate(session: Session, settings: Settings, username, password) -> User:
+def authenticate(session: Session, settings: Settings, username: str, password: str) -> User:
     """Return the user whose credentials these are, or raise Unauthorized."""
-    if not isinstance(username, str) or not isinstance(password, str):
-        raise InvalidInput("username and password must be strings")
     user = session.scalar(select(User).where(User.username == username))
     hasher = _hasher(settings)
     try:

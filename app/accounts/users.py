@@ -1,9 +1,12 @@
-"""Finding users: the lookup behind "start a chat with <username>"."""
+"""Finding users (the lookup behind "start a chat with <username>") and the operator's account commands."""
 from __future__ import annotations
+
+from typing import Callable
 
 from sqlalchemy import select
 
-from app.accounts.auth import USERNAME_RE
+from app.accounts.auth import USERNAME_RE, register_user
+from app.config import Settings
 from app.errors import InvalidInput, NotFound
 from app.storage import Storage
 from models import User
@@ -30,3 +33,19 @@ def user_by_id(storage: Storage, user_id: int) -> dict:
     if user is None:
         raise NotFound(f"user {user_id} does not exist")
     return {"user_id": str(user.id), "username": user.username}
+
+
+def make_admin(storage: Storage, settings: Settings, username: str, new_password: Callable[[], str]) -> int:
+    """Give this account the admin role, creating it (with the password `new_password()` asks
+    for) when there is none; returns its id."""
+    with storage.session() as session:
+        user = session.scalar(select(User).where(User.username == username))
+        if user is None:
+            user = session.get(User, register_user(session, settings, username, new_password()))
+        user.is_admin = True
+        return user.id
+
+
+def all_user_ids(storage: Storage) -> list[int]:
+    with storage.sessions() as session:
+        return list(session.scalars(select(User.id).order_by(User.id)).all())

@@ -7,9 +7,9 @@ from flask import Blueprint, g, jsonify, request
 
 from app.http import json_body, storage
 from app.http.chat import require_user
-from app.http.requests import PushRetrySelection
-from app.errors import Forbidden, InvalidInput, Unavailable
-from app.push.admin import PushFilter, fail_reopened, is_admin, list_pushes, reopen_matching, reopen_push
+from app.http.requests import PushListPage, PushRetrySelection
+from app.errors import Forbidden, Unavailable
+from app.push.admin import fail_reopened, is_admin, list_pushes, reopen_matching, reopen_push
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
 
@@ -36,26 +36,11 @@ def enqueue_deliveries(pushes: list[tuple[int, int]]) -> None:
             raise Unavailable("the broker is unavailable: the retry was not queued") from None
 
 
-MAX_PAGE = 10**15  # (page - 1) * per_page is the database's OFFSET, which must stay below 2^63
-
-
-def _int(name: str, default: int) -> int:
-    raw = request.args.get(name, "")
-    if raw == "":
-        return default
-    if not (raw.isascii() and raw.isdigit()):
-        raise InvalidInput(f"'{name}' must be a whole number")
-    return int(raw) if len(raw) <= 19 else MAX_PAGE + 1  # too large either way (checked below)
-
-
 @bp.get("/pushes")
 @require_admin
 def pushes():
-    flt = PushFilter.parse(request.args.get("status"), request.args.get("user_id"), request.args.get("provider"))
-    page = _int("page", 1)
-    if page > MAX_PAGE:
-        raise InvalidInput(f"'page' must be at most {MAX_PAGE}")
-    return jsonify(list_pushes(storage(), flt, page, _int("per_page", 50)))
+    req = PushListPage.parse(request.args)
+    return jsonify(list_pushes(storage(), req.filter, req.page, req.per_page))
 
 
 @bp.post("/pushes/<int:push_id>/retry")

@@ -8,12 +8,13 @@ from flask import Blueprint, g, jsonify, request
 from app.http import settings, storage
 from app.accounts.status import require_active
 from app.accounts.auth import verify_token
-from app.chat.conversations import HISTORY_DEFAULT_LIMIT, history, list_conversations
-from app.errors import InvalidInput, NotFound, Unauthorized
-from app.wire import message_frame
+from app.accounts.users import user_by_id
+from app.chat.conversations import history, list_conversations
 from app.chat.presence import Presence
 from app.chat.unread import unread_counts
-from models import User
+from app.errors import Unauthorized
+from app.http.requests import HistoryPage
+from app.wire import message_frame
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 
@@ -32,15 +33,6 @@ def require_user(view):
     return wrapper
 
 
-def _int_arg(name: str, default: int | None) -> int | None:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) >= 2**63:
-        raise InvalidInput(f"query parameter '{name}' must be a whole number below 2^63")
-    return int(raw)
-
-
 @bp.get("/conversations")
 @require_user
 def conversations():
@@ -50,8 +42,8 @@ def conversations():
 @bp.get("/conversations/<conversation_id>/messages")
 @require_user
 def conversation_messages(conversation_id: str):
-    return jsonify(history(storage(), g.user_id, conversation_id, _int_arg("before", None),
-                           _int_arg("limit", HISTORY_DEFAULT_LIMIT), message_frame))
+    page = HistoryPage.parse(request.args)
+    return jsonify(history(storage(), g.user_id, conversation_id, page.before, page.limit, message_frame))
 
 
 @bp.get("/unread")
@@ -64,8 +56,6 @@ def unread():
 @bp.get("/users/<int:user_id>/presence")
 @require_user
 def presence(user_id: int):
-    with storage().sessions() as session:
-        if user_id >= 2**63 or session.get(User, user_id) is None:
-            raise NotFound(f"user {user_id} does not exist")
+    user_by_id(storage(), user_id)  # NotFound for an unknown user
     state = Presence(storage().redis, settings().presence_ttl_seconds).presence_of(user_id)
     return jsonify(user_id=str(user_id), **state)

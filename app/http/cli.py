@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import click
 from flask import Flask, current_app
-from sqlalchemy import select
-
-from app.accounts.auth import register_user
+from app.accounts.users import all_user_ids, make_admin
+from app.chat.unread import rebuild_unread
 from app.errors import ChatError
 from app.storage import upgrade_schema
-from app.chat.unread import rebuild_unread
-from models import User
+
+REBUILD_CHUNK = 500  # users recounted per MySQL snapshot
 
 
 def register_commands(app: Flask) -> None:
@@ -23,19 +22,13 @@ def register_commands(app: Flask) -> None:
     @click.argument("username")
     def create_admin(username):
         """Create an admin account (asks for its password), or make an existing user an admin."""
-        storage = current_app.extensions["netherlink.storage"]
-        settings = current_app.config["SETTINGS"]
-        with storage.session() as session:
-            user = session.scalar(select(User).where(User.username == username))
-            if user is None:
-                password = click.prompt("Password for the new account", hide_input=True,
-                                        confirmation_prompt=True)
-                try:
-                    user = session.get(User, register_user(session, settings, username, password))
-                except ChatError as err:
-                    raise click.ClickException(err.message) from None
-            user.is_admin = True
-        click.echo(f"user {username} (id {user.id}) is an admin")
+        try:
+            user_id = make_admin(current_app.extensions["netherlink.storage"], current_app.config["SETTINGS"],
+                                 username, lambda: click.prompt("Password for the new account", hide_input=True,
+                                                                confirmation_prompt=True))
+        except ChatError as err:
+            raise click.ClickException(err.message) from None
+        click.echo(f"user {username} (id {user_id}) is an admin")
 
     def _set_disabled(username: str, disabled: bool, done: str) -> None:
         from app.accounts.status import set_disabled
@@ -63,14 +56,11 @@ def register_commands(app: Flask) -> None:
     def rebuild_unread_command(user_ids):
         """Recount unread counters in Redis from MySQL (after Redis lost its data)."""
         storage = current_app.extensions["netherlink.storage"]
-        if not user_ids:
-            with storage.sessions() as session:
-                user_ids = session.scalars(select(User.id).order_by(User.id)).all()
+        user_ids = list(user_ids) or all_user_ids(storage)
         total = len(user_ids)
-        for done, user_id in enumerate(user_ids, 1):
-            rebuild_unread(storage, user_id)
-            if done % 1000 == 0 or done == total:
-                click.echo(f"rebuilt unread counters of {done}/{total} users")
+        for start in range(0, total, REBUILD_CHUNK):
+            rebuild_unread(storage, user_ids[start:start + REBUILD_CHUNK])
+            click.echo(f"rebuilt unread counters of {min(start + REBUILD_CHUNK, total)}/{total} users")
 
     @app.cli.command("retry-pushes")
     @click.option("--id", "push_ids", type=int, multiple=True, help="retry this push (repeatable)")

@@ -42,7 +42,7 @@ def delete_device(token: str):
 @require_user
 def get_push_settings():
     with storage().sessions() as session:
-        return jsonify(load_preferences(session, g.user_id).view())
+        return jsonify(load_preferences(session, [g.user_id])[g.user_id].view())
 
 
 @bp.put("/push-settings")
@@ -50,6 +50,6 @@ def get_push_settings():
 def put_push_settings():
     update = PushSettingsUpdate.parse(json_body())
     with storage().session() as session:
-        prefs = update.applied_to(load_preferences(session, g.user_id))
+        prefs = update.applied_to(load_preferences(session, [g.user_id])[g.user_id])
         save_preferences(session, g.user_id, prefs)
     return jsonify(prefs.view())

@@ -10,15 +10,20 @@ import re
 from dataclasses import dataclass, replace
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from app.accounts.auth import validate_credentials
+from app.chat.conversations import HISTORY_DEFAULT_LIMIT
+from app.chat.groups import ROLES, clean_group_name
 from app.errors import InvalidInput
 from app.push.admin import PushFilter
 from app.push.settings import CHANNELS, PLATFORMS, PushPreferences
+from app.wire import CONVERSATION_ID_RE, parse_id
 
 DEVICE_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, no spaces
 EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{1,60}")
 HHMM_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
-CONVERSATION_ID_RE = re.compile(r"[a-z]_[0-9_]{1,98}")
 MAX_MUTED = 1000
+MAX_IDS_PER_REQUEST = 1000  # user ids in one group request
+MAX_PAGE = 10**15  # (page - 1) * per_page is the database's OFFSET, which must stay below 2^63
 
 
 def _refuse_unknown(body: dict, allowed: set[str]) -> None:
@@ -29,6 +34,113 @@ def _refuse_unknown(body: dict, allowed: set[str]) -> None:
 
 def _is_text(value, pattern: re.Pattern) -> bool:
     return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
+def _user_ids(body: dict, name: str) -> list[int]:
+    raw = body.get(name, [])
+    if not isinstance(raw, list):
+        raise InvalidInput(f"'{name}' must be a list of user id strings")
+    if len(raw) > MAX_IDS_PER_REQUEST:
+        raise InvalidInput(f"'{name}' holds at most {MAX_IDS_PER_REQUEST} ids per request")
+    return [parse_id(value, name) for value in raw]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """POST /api/auth/register."""
+
+    username: str
+    password: str
+
+    @classmethod
+    def parse(cls, body: dict) -> Registration:
+        return cls(*validate_credentials(body.get("username"), body.get("password")))
+
+
+@dataclass(frozen=True)
+class Login:
+    """POST /api/auth/login (and the dashboard's login form)."""
+
+    username: str
+    password: str
+
+    @classmethod
+    def parse(cls, body) -> Login:
+        username, password = body.get("username"), body.get("password")
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise InvalidInput("username and password must be strings")
+        return cls(username, password)
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    """GET /api/conversations/{id}/messages?before=&limit=."""
+
+    before: int | None
+    limit: int
+
+    @classmethod
+    def parse(cls, args) -> HistoryPage:
+        def number(name: str, default: int | None) -> int | None:
+            raw = args.get(name)
+            if not raw:
+                return default
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) >= 2**63:
+                raise InvalidInput(f"query parameter '{name}' must be a whole number below 2^63")
+            return int(raw)
+        return cls(number("before", None), number("limit", HISTORY_DEFAULT_LIMIT))
+
+
+@dataclass(frozen=True)
+class GroupCreation:
+    """POST /api/groups: a name and the members besides the creator."""
+
+    name: str
+    members: list[int]
+
+    @classmethod
+    def parse(cls, body: dict) -> GroupCreation:
+        members = _user_ids(body, "members")
+        return cls(clean_group_name(body.get("name")), members)
+
+
+@dataclass(frozen=True)
+class GroupRename:
+    """PATCH /api/groups/{id}."""
+
+    name: str
+
+    @classmethod
+    def parse(cls, body: dict) -> GroupRename:
+        return cls(clean_group_name(body.get("name")))
+
+
+@dataclass(frozen=True)
+class MemberAddition:
+    """POST /api/groups/{id}/members: at least one user id."""
+
+    user_ids: list[int]
+
+    @classmethod
+    def parse(cls, body: dict) -> MemberAddition:
+        ids = _user_ids(body, "user_ids")
+        if not ids:
+            raise InvalidInput("'user_ids' must name at least one user")
+        return cls(ids)
+
+
+@dataclass(frozen=True)
+class RoleChange:
+    """PATCH /api/groups/{id}/members/{user_id}."""
+
+    role: str
+
+    @classmethod
+    def parse(cls, body: dict) -> RoleChange:
+        role = body.get("role")
+        if role not in ROLES:
+            raise InvalidInput(f"'role' must be one of {', '.join(ROLES)}")
+        return cls(role)
 
 
 @dataclass(frozen=True)
@@ -119,6 +231,30 @@ def _time_zone(zone) -> str:
     except (ValueError, ZoneInfoNotFoundError):
         raise InvalidInput("'time_zone' must be an IANA time zone name such as 'Europe/Berlin'") from None
     return zone
+
+
+@dataclass(frozen=True)
+class PushListPage:
+    """GET /api/admin/pushes?status=&user_id=&provider=&page=&per_page=."""
+
+    filter: PushFilter
+    page: int
+    per_page: int
+
+    @classmethod
+    def parse(cls, args) -> PushListPage:
+        def number(name: str, default: int) -> int:
+            raw = args.get(name)
+            if not raw:
+                return default
+            if not (raw.isascii() and raw.isdigit()):
+                raise InvalidInput(f"'{name}' must be a whole number")
+            return int(raw) if len(raw) <= 19 else MAX_PAGE + 1  # too large either way (checked below)
+        flt = PushFilter.parse(args.get("status"), args.get("user_id"), args.get("provider"))
+        page = number("page", 1)
+        if page > MAX_PAGE:
+            raise InvalidInput(f"'page' must be at most {MAX_PAGE}")
+        return cls(flt, page, number("per_page", 50))
 
 
 @dataclass(frozen=True)
