@@ -56,7 +56,7 @@ class Settings:
     # (the app's own heartbeat still closes silent sockets; about 40 % less CPU on
     # idle connections, docs/benchmarks.md).
     ws_ping_interval_seconds: int = 25
-    # Group commit at the gateway (ws/publisher.py): sends arriving while earlier
+    # Group commit at the gateway (app/group_commit.py, used by app/chat/intake.py): sends arriving while earlier
     # publishes await their confirms leave together, at most this many per task,
     # with this many batches awaiting confirms at once.
     publish_batch_max: int = 200

@@ -2,7 +2,7 @@
 
 Who serves what (docs/operations.md, "Metrics and alerts"):
 
-- a gateway serves `GET /metrics` on its own HTTP port (app/api/metrics.py):
+- a gateway serves `GET /metrics` on its own HTTP port (app/http/metrics.py):
   the `netherlink_gateway_*` families plus the process and Python collectors;
 - a Celery worker serves the pipeline families (`netherlink_messages_*`,
   `netherlink_delivery_*`, `netherlink_push_*`, `netherlink_task_*`) and the

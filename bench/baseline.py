@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -42,6 +41,8 @@ import time
 import uuid
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from bench import close_run
 
 PAYLOAD = json.dumps({"msg_id": "0", "sender_id": "1", "to": "2", "client_msg_id": "x" * 32, "content": "y" * 200,
                       "timestamp": 0, "conversation_id": "p_1_2", "origin_conn": "gw1-" + "z" * 16})
@@ -375,11 +376,7 @@ def main() -> int:
         print("interrupted: stopping everything", flush=True)
         return 130
     finally:
-        services.close()
-        if ok and not args.keep_logs:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
+        close_run(services, tmp, ok, args.keep_logs)
 
 
 if __name__ == "__main__":

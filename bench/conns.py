@@ -50,7 +50,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
 import socket
 import struct
@@ -62,6 +61,8 @@ import time
 import uuid
 import zlib
 from pathlib import Path
+
+from bench import close_run
 
 PROGRESS_EVERY = 2.0
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -802,11 +803,7 @@ def main() -> int:
             client.kill()
         if gateway is not None:
             gateway.stop()
-        services.close()
-        if ok and not args.keep_logs:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
+        close_run(services, tmp, ok, args.keep_logs)
 
 
 if __name__ == "__main__":

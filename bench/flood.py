@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import websocket
 
+from bench import close_run
 from bench.load import ms, percentile
 from tests.harness import (
     Gateway, Worker, provision_embedded, provision_real, real_services_reachable, register_and_login,
@@ -144,11 +144,7 @@ def main() -> int:
     finally:
         for proc in reversed(procs):
             proc.stop()
-        services.close()
-        if ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"logs kept in {tmp}", file=sys.stderr)
+        close_run(services, tmp, ok, keep_logs=False)
 
 
 if __name__ == "__main__":

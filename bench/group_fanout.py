@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import selectors
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 import websocket
 from sqlalchemy import func, insert, select
 
+from bench import close_run
 from bench.load import ms, percentile
 from tests.harness import Gateway, Worker, provision_embedded, provision_real, real_services_reachable
 
@@ -199,11 +199,7 @@ def main() -> int:
         members.close()
         for proc in reversed(procs):
             proc.stop()
-        services.close()
-        if ok and not args.keep_logs:
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif not ok:
-            print(f"logs kept in {tmp}", file=sys.stderr)
+        close_run(services, tmp, ok, args.keep_logs)
 
 
 if __name__ == "__main__":

@@ -208,13 +208,13 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def settle_batch(name: str, items: list[BatchItem], work: Callable[[list[BatchItem]], dict],
-                 retry: Callable[[BatchItem, Exception], str], alone: Callable[[BatchItem], str]) -> dict:
+                 retry: Callable[[BatchItem, Exception], str], give_up: Callable[[BatchItem], str]) -> dict:
     """The verdicts of one batch run, the policy every batch task shares.
 
     `work(items)` does the batch and returns its verdicts. When it raises: our
     own services' trouble (is_transient) retries every item later (`retry`);
     anything else is a message that fails for good, so each item is tried on
-    its own and the one that still fails is settled by `alone` (quarantined
+    its own and the one that still fails is settled by `give_up` (quarantined
     or dead-lettered), while the others are done.
     """
     try:
@@ -223,11 +223,11 @@ def settle_batch(name: str, items: list[BatchItem], work: Callable[[list[BatchIt
         if is_transient(exc):
             return {item.id: retry(item, exc) for item in items}
         if len(items) == 1:
-            return {items[0].id: alone(items[0])}
+            return {items[0].id: give_up(items[0])}
         log.exception("%s: a batch of %d failed; trying them one by one", name, len(items))
     verdicts = {}
     for item in items:
-        verdicts.update(settle_batch(name, [item], work, retry, alone))
+        verdicts.update(settle_batch(name, [item], work, retry, give_up))
     return verdicts
 
 

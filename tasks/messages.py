@@ -107,7 +107,7 @@ def _persist_items(items: list[BatchItem], strict: bool = False) -> dict:
     elif todo:
         dispatch_messages.apply_async(args=[todo], argsrepr=f"[{len(todo)} messages: {todo[0][0]} …]")
     for payload, outcome in zip(private, outcomes):
-        if outcome.collided:  # alone, it fails and is dead-lettered for an operator (docs/operations.md)
+        if outcome.collided:  # on its own it fails and is dead-lettered for an operator (docs/operations.md)
             log.critical("msg %s: its id is taken by another message; quarantined", outcome.msg_id)
             _quarantine(payload, "private.message")
     groups = [_persist_group(m) for m in batch if m.get("group_id") is not None]

@@ -9,7 +9,7 @@ from celery.signals import worker_init
 from app import metrics
 from app.push.attempts import MISSING, attempt_pushes
 from app.push.planning import (
-    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, mark_queued, plan_digest, plan_pushes_many, schedule_once,
+    COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, mark_queued, plan_digest, plan_pushes, schedule_once,
 )
 from tasks import app
 from tasks.batching import ACK, REJECT, RETRY, BatchItem, BatchTask, dead_letter, retry_later, settle_batch
@@ -62,7 +62,7 @@ def _plan_and_send(wanted: dict) -> dict:
     users = {}  # one plan per user, however many of their tasks the batch holds
     for msg_id, user_id in wanted.values():
         users.setdefault(user_id, msg_id)
-    plans = plan_pushes_many(s, list(users))
+    plans = plan_pushes(s, list(users))
     todo = [(push_id, 0) for plan in plans for push_id in plan.push_ids]
     if todo:
         attempt_pushes(s, todo, providers(), s.settings.push_max_retries, s.settings.push_retry_base_seconds,
@@ -93,7 +93,7 @@ def _push_batch(task, items: list[BatchItem], parse, work) -> dict:
         name, [item for item in items if item.id in wanted],
         work=lambda batch: work({item.id: wanted[item.id] for item in batch}),
         retry=lambda item, exc: retry_later(task, item, exc, "retries", args=item.args, priority=item.priority),
-        alone=lambda item: dead_letter(name, item)))
+        give_up=lambda item: dead_letter(name, item)))
     return verdicts
 
 
@@ -108,10 +108,10 @@ def deliver_push(items: list[BatchItem]) -> dict:
     over all of them (one transaction, concurrent APNs requests). Returns how
     each task message is settled.
     """
-    return _push_batch(deliver_push, items, _delivery, _deliver)
+    return _push_batch(deliver_push, items, _delivery_args, _attempt_deliveries)
 
 
-def _deliver(wanted: dict) -> dict:
+def _attempt_deliveries(wanted: dict) -> dict:
     s = storage()
     results = attempt_pushes(s, wanted.values(), providers(), s.settings.push_max_retries,
                              s.settings.push_retry_base_seconds, before_commit=_queue_retries)
@@ -129,7 +129,7 @@ def _deliver(wanted: dict) -> dict:
     return verdicts
 
 
-def _delivery(item: BatchItem) -> tuple[int, int | None]:
+def _delivery_args(item: BatchItem) -> tuple[int, int | None]:
     args, kwargs = list(item.args), dict(item.kwargs)
     push_id = int(args[0] if args else kwargs["push_id"])
     attempt = args[1] if len(args) > 1 else kwargs.get("attempt")

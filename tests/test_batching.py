@@ -240,7 +240,7 @@ def test_a_message_whose_id_another_message_holds_comes_back_collided_and_the_re
 
 def test_a_poison_message_in_a_gateway_batch_does_not_take_the_good_ones_with_it(
         real_services, cluster, make_user, connect, storage, ids):
-    # A gateway's batch is ONE task message: a payload that fails for good is set aside as a task of its
+    # A gateway's batch is ONE task message: a payload that fails for good is quarantined as a task of its
     # own and dead-lettered alone; the acked messages published with it are stored and delivered.
     from tasks.dead_letters import dead_letter_count
     from tasks.messages import persist_message
