@@ -59,8 +59,14 @@ def log_dir():
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory):
-    kind = _choose_kind()
+def service_kind() -> str:
+    """"real" or "embedded": what this run tests against (tests/unit provisions its own of the same kind)."""
+    return _choose_kind()
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory, service_kind):
+    kind = service_kind
     tmp = tmp_path_factory.mktemp("services")
     svc: Services = provision_real(RUN_ID) if kind == "real" else provision_embedded(RUN_ID, tmp)
     # The test process reads the same settings as its children (assertions go to the same stores).
