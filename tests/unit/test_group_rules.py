@@ -131,6 +131,18 @@ def test_a_removed_member_gets_none_of_the_new_messages(chat, make_user, storage
     assert _synced(storage, bob) == ["without Carol"] and unread_counts(storage, bob) == {ack.conversation_id: 1}
 
 
+def test_a_redelivered_group_message_does_not_reach_a_member_who_joined_after_it(chat, make_user, storage):
+    owner, bob, carol = make_user(), make_user(), make_user()
+    group = create_group(storage, owner, "late joiner", [bob])
+    chat.message(owner, group_id=group.group_id, content="before Carol")
+    add_members(storage, owner, group.group_id, [carol])
+    (outcome, _), = chat.redeliver(chat.published).values()  # the worker died before its ack
+
+    assert outcome.stored is False and [uid for chunk in outcome.chunks for uid in chunk] == sorted([owner, bob])
+    assert _synced(storage, carol) == [] and unread_counts(storage, carol) == {}
+    assert _history(storage, carol, group.conversation_id) == []
+
+
 def test_a_rename_shows_in_every_list_including_former_members(make_user, storage):
     owner, bob, carol = make_user(), make_user(), make_user()
     group = create_group(storage, owner, "old name", [bob, carol])

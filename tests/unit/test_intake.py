@@ -5,7 +5,7 @@ import pytest
 
 from app.chat.conversations import history
 from app.chat.groups import add_members, create_group
-from app.chat.intake import MessageIntake
+from app.chat.intake import DEDUPE_KEY, MessageIntake
 from app.errors import Forbidden, InvalidInput, NotFound, Unavailable
 from app.storage import Storage
 from app.wire import message_frame
@@ -65,8 +65,9 @@ def test_only_current_members_send_to_a_group_and_a_refused_send_can_be_retried_
     with pytest.raises(NotFound, match="does not exist"):
         chat.send(owner, group_id=group.group_id + 1000, content="wrong group")
     assert chat.published == []
+    assert not storage.redis.exists(DEDUPE_KEY.format(outsider, "g-1"))  # no record of a refused send
 
-    # The refusal left no dedupe record: the same send, retried once the user is in, goes through.
+    # The same send, retried once the user is in, goes through.
     add_members(storage, owner, group.group_id, [outsider])
     ack = chat.send(outsider, group_id=group.group_id, content="let me in", client_msg_id="g-1")
     chat.deliver()

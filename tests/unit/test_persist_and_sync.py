@@ -123,6 +123,8 @@ def test_sync_after_a_position_returns_exactly_what_was_missed_in_order_and_page
         if not page.has_more:
             break
     assert pages == [["missed 0", "missed 1"], ["missed 2", "missed 3"], ["missed 4"]]
+    exact = _sync(storage, bob, int(seen.cursor), limit=5)  # a page that takes exactly what is left
+    assert (len(exact.entries), exact.cursor, exact.has_more) == (5, str(after), False)
     caught_up = _sync(storage, bob, after)
     assert (caught_up.entries, caught_up.cursor, caught_up.has_more) == ([], str(after), False)
 

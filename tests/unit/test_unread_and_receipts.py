@@ -48,7 +48,7 @@ def test_reading_a_conversation_one_is_not_in_is_refused(chat, make_user, storag
     with pytest.raises(Forbidden):
         mark_read(storage, mallory, ack.conversation_id, ack.msg_id)
     with pytest.raises(NotFound):
-        mark_read(storage, mallory, "p_1_2", 1)
+        mark_read(storage, mallory, f"p_{min(alice, mallory)}_{max(alice, mallory)}", ack.msg_id)  # never written
     assert unread_counts(storage, bob) == {ack.conversation_id: 1}
 
 
