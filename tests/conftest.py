@@ -61,7 +61,7 @@ def log_dir():
 
 @pytest.fixture(scope="session")
 def service_kind() -> str:
-    """"real" or "embedded": what this run tests against (tests/unit provisions its own of the same kind)."""
+    """What this run tests against, "real" or "embedded" (tests/unit provisions its own of the same kind)."""
     return _choose_kind()
 
 

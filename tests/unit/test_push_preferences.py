@@ -5,8 +5,7 @@ import pytest
 
 from app.errors import NotFound
 from app.push.settings import (
-    CHANNELS, PushPreferences, list_devices, load_preferences, load_preferences_many, register_device, remove_device,
-    save_preferences,
+    CHANNELS, PushPreferences, list_devices, load_preferences, register_device, remove_device, save_preferences,
 )
 
 UTC = timezone.utc
@@ -46,7 +45,6 @@ def test_preferences_are_kept_as_saved_and_default_to_every_channel(make_user, s
     with storage.sessions() as session:
         assert load_preferences(session, alice) == wanted
         assert load_preferences(session, bob) == PushPreferences() and PushPreferences().channels == list(CHANNELS)
-        assert load_preferences_many(session, [alice, bob]) == {alice: wanted, bob: PushPreferences()}
     assert wanted.is_muted("g_1") and not wanted.is_muted("g_2")
     assert wanted.view()["do_not_disturb"] == {"start": "23:00", "end": "06:30"}
 
