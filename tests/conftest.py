@@ -24,8 +24,9 @@ REQUIRE_SERVICES = os.environ.get("NETHERLINK_REQUIRE_SERVICES") == "1"
 
 def pytest_collection_modifyitems(session, config, items):
     # The fault suite restarts RabbitMQ, Redis and MariaDB: it runs last, after
-    # every test that relies on the shared gateways and workers.
-    items.sort(key=lambda item: "/tests/faults/" in str(item.path))
+    # every test that relies on the shared gateways and workers. The fast domain
+    # tests (tests/unit) run first: a broken rule fails the run in seconds.
+    items.sort(key=lambda item: ("/tests/faults/" in str(item.path), "/tests/unit/" not in str(item.path)))
 
 
 def pytest_configure(config):
@@ -59,8 +60,14 @@ def log_dir():
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory):
-    kind = _choose_kind()
+def service_kind() -> str:
+    """What this run tests against, "real" or "embedded" (tests/unit provisions its own of the same kind)."""
+    return _choose_kind()
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory, service_kind):
+    kind = service_kind
     tmp = tmp_path_factory.mktemp("services")
     svc: Services = provision_real(RUN_ID) if kind == "real" else provision_embedded(RUN_ID, tmp)
     # The test process reads the same settings as its children (assertions go to the same stores).

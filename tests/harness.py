@@ -76,7 +76,8 @@ class Services:
                 print(f"cleanup step failed: {exc!r}")
 
 
-def provision_real(run_id: str) -> Services:
+def provision_real(run_id: str, broker: bool = True) -> Services:
+    """A database, a Redis db and (unless `broker` is False: tests/unit needs none) a RabbitMQ vhost."""
     import pymysql
 
     db_name = f"nl_test_{run_id}"
@@ -92,12 +93,14 @@ def provision_real(run_id: str) -> Services:
         c.close()
 
     vhost = f"nl_test_{run_id}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
-    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-                   check=True, capture_output=True, timeout=60)
+    if broker:
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                       check=True, capture_output=True, timeout=60)
 
     def drop_vhost():
-        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
+        if broker:
+            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], capture_output=True, timeout=60)
 
     redis_db = claim_redis_db(run_id)
 
@@ -106,19 +109,31 @@ def provision_real(run_id: str) -> Services:
 
     services = Services(
         "real", f"mysql+pymysql://root@127.0.0.1:3306/{db_name}?charset=utf8mb4",
-        f"{RABBITMQ_URL}{vhost}", f"{REDIS_ADMIN_URL}/{redis_db}",
+        f"{RABBITMQ_URL}{vhost}" if broker else "", f"{REDIS_ADMIN_URL}/{redis_db}",
     )
     services.cleanup += [drop_db, drop_vhost, flush_redis]
     return services
+
+
+CLAIM_KEY = "nl:test:claimed-by"  # the harness's mark on a Redis db a run holds
 
 
 def claim_redis_db(run_id: str) -> int:
     """An empty Redis db (1-15) that no other run holds; db 0 is left to humans."""
     for db in range(15, 0, -1):
         client = redis.Redis.from_url(f"{REDIS_ADMIN_URL}/{db}")
-        if client.dbsize() == 0 and client.set("nl:test:claimed-by", run_id, nx=True, ex=6 * 3600):
+        if client.dbsize() == 0 and client.set(CLAIM_KEY, run_id, nx=True, ex=6 * 3600):
             return db
     raise RuntimeError("no empty Redis db among 1-15 for the tests; flush a leftover one")
+
+
+def flush_redis_keeping_claim(client) -> None:
+    """Empty this run's Redis db (a Redis that lost its data) but keep the run's claim on it,
+    so that a concurrent run does not take the db meanwhile."""
+    claim = client.get(CLAIM_KEY)
+    client.flushdb()
+    if claim is not None:
+        client.set(CLAIM_KEY, claim, ex=6 * 3600)
 
 
 def provision_embedded(run_id: str, tmp: Path) -> Services:

@@ -2,7 +2,7 @@
 import requests
 
 from app.chat.presence import now_ms
-from tests.harness import wait_until
+from tests.harness import flush_redis_keeping_claim, wait_until
 
 
 def _get(gateway, user, path, **params):
@@ -185,10 +185,7 @@ def test_unread_totals_per_conversation_survive_a_redis_flush(cluster, make_user
     unread_key = f"unread:{bob.user_id}"
     assert storage.redis.hget(unread_key, from_carol[0]["conversation_id"]) == "3"  # served from Redis
 
-    claim = storage.redis.get("nl:test:claimed-by")  # the harness's mark on this Redis db
-    storage.redis.flushdb()
-    if claim is not None:
-        storage.redis.set("nl:test:claimed-by", claim, ex=6 * 3600)
+    flush_redis_keeping_claim(storage.redis)
     assert not storage.redis.exists(unread_key)
 
     assert _ok(_get(cluster.gw2, bob, "/unread")) == expected  # recounted from MySQL
