@@ -43,8 +43,8 @@ def test_preferences_are_kept_as_saved_and_default_to_every_channel(make_user, s
     with storage.session() as session:
         save_preferences(session, alice, wanted)
     with storage.sessions() as session:
-        assert load_preferences(session, alice) == wanted
-        assert load_preferences(session, bob) == PushPreferences() and PushPreferences().channels == list(CHANNELS)
+        assert load_preferences(session, [alice])[alice] == wanted
+        assert load_preferences(session, [bob])[bob] == PushPreferences() and PushPreferences().channels == list(CHANNELS)
     assert wanted.is_muted("g_1") and not wanted.is_muted("g_2")
     assert wanted.view()["do_not_disturb"] == {"start": "23:00", "end": "06:30"}
 
