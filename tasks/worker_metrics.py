@@ -17,7 +17,7 @@ from celery.signals import (
 )
 
 from app import metrics
-from app.config import Settings
+from tasks.runtime import settings as worker_settings
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ _dir_ready = False
 def _claim_metrics_dir(sender=None, **_):
     """Main process, before the pool forks: a clean directory for this run's numbers."""
     global _dir_ready
-    settings = Settings.from_env()
+    settings = worker_settings()
     if not settings.worker_metrics_port:
         _dir_ready = bool(metrics.MULTIPROC_DIR) and metrics.claim_multiproc_dir()
         return
@@ -45,7 +45,7 @@ def _claim_metrics_dir(sender=None, **_):
 def _serve_metrics(sender=None, **_):
     """Main process, pool started: serve /metrics on WORKER_METRICS_PORT."""
     global _server
-    settings = Settings.from_env()
+    settings = worker_settings()
     if not settings.worker_metrics_port or not _dir_ready or _server is not None:
         return
     from prometheus_client import start_http_server
