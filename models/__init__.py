@@ -194,8 +194,10 @@ class Device(Base):
 
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     user_id: Mapped[int] = mapped_column(BigInteger)
-    platform: Mapped[str] = mapped_column(String(16))  # ios / android / web
-    token: Mapped[str] = mapped_column(ExactString(255), unique=True)
+    platform: Mapped[str] = mapped_column(String(16))  # ios / android / web / webpush
+    token: Mapped[str] = mapped_column(ExactString(255), unique=True)  # webpush: "webpush:<sha256 of endpoint>"
+    # webpush only: {"endpoint", "p256dh", "auth"} (an endpoint may be longer than a token column)
+    subscription: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
 

@@ -45,6 +45,23 @@ def queue_push_delivery(push_id: int, priority: int, attempt: int = 0, countdown
     queue_push_task(DELIVER_PUSH, [push_id], priority, countdown=countdown, kwargs={"attempt": attempt})
 
 
+def queue_badge_syncs(storage, user_ids, msg_id: int) -> list[int]:
+    """After a read or a recall (msg_id): a badge sync for each of these users whose devices show a
+    notification of ours, unless one is already queued for their window; the users it was queued for.
+
+    It is send_push with kind "badge_sync", so it rides the push worker's batches with the
+    notifications; the planner runs when the window closes (app.push.badges).
+    """
+    from app.push.badges import PRIORITY_BADGE_SYNC, claim_badge_syncs
+
+    users = claim_badge_syncs(storage, user_ids)
+    window = storage.settings.push_badge_coalesce_seconds
+    for user_id in users:
+        queue_push_task(SEND_PUSH, [str(msg_id), str(user_id), PRIORITY_BADGE_SYNC], PRIORITY_BADGE_SYNC,
+                        countdown=window, kwargs={"kind": "badge_sync"})
+    return users
+
+
 class PersistPublisher:
     """The gateway's producer of persist_message tasks: Celery's task message, published
     with kombu directly on a connection kept per publishing greenlet, each publish

@@ -8,6 +8,8 @@ from celery.signals import worker_init
 
 from app import metrics
 from app.push.attempts import MISSING, attempt_pushes
+from app.push.badges import plan_badge_syncs
+from app.push.providers import BADGE_SYNC
 from app.push.planning import (
     COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, mark_queued, plan_digest, plan_pushes, schedule_once,
 )
@@ -74,7 +76,11 @@ def _plan_and_send(wanted: dict) -> dict:
             mark_queued(s, DIGEST_KEY.format(user_id))
         if plan.skipped:
             log.info("user %s: no push for msg %s (%s)", user_id, users[plan.user_id], plan.skipped)
-    log.info("planned pushes of %d user(s) from %d task(s): %d push(es) sent", len(users), len(wanted), len(todo))
+    for plan in sync_plans:
+        if plan.skipped:
+            log.info("user %s: no badge sync for msg %s (%s)", plan.user_id, syncs[plan.user_id], plan.skipped)
+    log.info("planned pushes of %d user(s) and badge syncs of %d from %d task(s): %d push(es) sent",
+             len(users), len(syncs), len(wanted), len(todo))
     return {item_id: ACK for item_id in wanted}
 
 
@@ -167,3 +173,4 @@ def _preload_push_providers(sender=None, **_):
         import app.push.providers.apns  # noqa: F401
         import app.push.providers.email  # noqa: F401
         import app.push.providers.fcm  # noqa: F401
+        import app.push.providers.webpush  # noqa: F401

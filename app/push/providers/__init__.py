@@ -16,6 +16,9 @@ from datetime import timezone
 from typing import Protocol
 
 
+ALERT, BADGE_SYNC = "alert", "badge_sync"
+
+
 @dataclass(frozen=True)
 class PushRequest:
     """What to show on one device, or what to mail: built by app.push.attempts from a push_log row.
@@ -33,6 +36,11 @@ class PushRequest:
     priority: int = 8  # push_tasks priority: private 8, group 5, digest 1
     sound: str = "default"
     preview: bool = True  # False: the device shows "New message", not the sender and text
+    kind: str = ALERT  # ALERT: a notification to show; BADGE_SYNC: silent, set the badge and withdraw
+    # BADGE_SYNC: the shown notifications to remove, as (conversation_id, msg_id) pairs; the
+    # conversation id is their collapse id / tag / Topic
+    withdraw: tuple[tuple[str, str], ...] = ()
+    subscription: dict | None = None  # webpush: {"endpoint", "p256dh", "auth"} of the device
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from app.config import Settings
 from app.push.providers import (
-    DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
+    BADGE_SYNC, DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
     retry_after_seconds,
 )
 
@@ -56,6 +56,7 @@ MAX_COLLAPSE_ID_BYTES = 64
 TOKEN_RENEW_AFTER_SECONDS = 50 * 60  # Apple refuses provider tokens older than 60 minutes
 FORCED_RENEWAL_MIN_INTERVAL_SECONDS = 20 * 60  # faster renewals earn TooManyProviderTokenUpdates
 NOTIFICATION_TTL_SECONDS = 24 * 3600  # apns-expiration: Apple keeps retrying an offline device this long
+BADGE_SYNC_TTL_SECONDS = 3600  # a silent badge update older than this is not worth delivering
 GENERIC_BODY = "New message"
 ELLIPSIS = "\u2026"
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -282,6 +283,10 @@ class ApnsClient:
     # -- request --------------------------------------------------------------------
 
     def _headers(self, request: PushRequest, provider_token: str) -> dict[str, str]:
+        if request.kind == BADGE_SYNC:  # Apple: a background push goes at priority 5, and shows nothing
+            return {"authorization": f"bearer {provider_token}", "apns-topic": self._topic,
+                    "apns-push-type": "background", "apns-priority": "5",
+                    "apns-expiration": str(int(self._clock()) + BADGE_SYNC_TTL_SECONDS)}
         headers = {
             "authorization": f"bearer {provider_token}",
             "apns-topic": self._topic,
@@ -295,6 +300,8 @@ class ApnsClient:
 
     def _payload(self, request: PushRequest) -> bytes | None:
         """The JSON payload, its text shortened to fit 4096 bytes; None if nothing fits."""
+        if request.kind == BADGE_SYNC:
+            return self._badge_sync_payload(request)
         alert = {"title": request.title, "body": request.body} if request.preview else {"body": GENERIC_BODY}
         if not alert.get("title", True):
             del alert["title"]
@@ -315,6 +322,18 @@ class ApnsClient:
                 _shorten_to_fit(alert, field, encode)
         data = encode()
         return data if len(data) <= MAX_PAYLOAD_BYTES else None
+
+    @staticmethod
+    def _badge_sync_payload(request: PushRequest) -> bytes | None:
+        """A background push: the new badge, and the notifications for the app to remove (their
+        apns-collapse-id, thread-id and msg id), newest conversations first if they do not all fit."""
+        withdraw = [{"collapse_id": _collapse_id(c), "thread_id": c, "msg_id": m} for c, m in request.withdraw]
+        while True:
+            data = json.dumps({"aps": {"content-available": 1, "badge": request.badge}, "kind": BADGE_SYNC,
+                               "withdraw": withdraw}, separators=(",", ":")).encode()
+            if len(data) <= MAX_PAYLOAD_BYTES or not withdraw:
+                return data if len(data) <= MAX_PAYLOAD_BYTES else None
+            withdraw = withdraw[:-1]
 
     # -- response -------------------------------------------------------------------
 
