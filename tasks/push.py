@@ -48,24 +48,35 @@ def send_push(items: list[BatchItem]) -> dict:
     all of them attempted at once, as one `attempt_pushes` (no deliver_push
     task for a first attempt; retries are deliver_push tasks). Returns how each
     task message is settled.
+
+    Called as send_push(msg_id, user_id, priority, kind="badge_sync") after a read or a recall
+    (tasks.publish.queue_badge_syncs), it plans that user's badge sync instead (silent pushes
+    with the new badge and the notifications to withdraw, app.push.badges), in the same batch.
     """
     return _push_batch(send_push, items, _planner_args, _plan_and_send)
 
 
-def _planner_args(item: BatchItem) -> tuple[str, int]:
+def _planner_args(item: BatchItem) -> tuple[str, int, str]:
     args, kwargs = list(item.args), dict(item.kwargs)
     msg_id = args[0] if args else kwargs["msg_id"]
     user_id = int(args[1] if len(args) > 1 else kwargs["user_id"])
-    return str(msg_id), user_id
+    kind = kwargs.get("kind") or "message"
+    if kind not in ("message", BADGE_SYNC):
+        raise ValueError(f"unknown send_push kind {kind!r}")
+    return str(msg_id), user_id, kind
 
 
 def _plan_and_send(wanted: dict) -> dict:
     s = storage()
-    users = {}  # one plan per user, however many of their tasks the batch holds
-    for msg_id, user_id in wanted.values():
-        users.setdefault(user_id, msg_id)
+    users, syncs = {}, {}  # one plan per user, however many of their tasks the batch holds
+    for msg_id, user_id, kind in wanted.values():
+        if kind == BADGE_SYNC:
+            syncs.setdefault(user_id, int(msg_id))
+        else:
+            users.setdefault(user_id, msg_id)
     plans = plan_pushes(s, list(users))
-    todo = [(push_id, 0) for plan in plans for push_id in plan.push_ids]
+    sync_plans = plan_badge_syncs(s, syncs)
+    todo = [(push_id, 0) for plan in plans + sync_plans for push_id in plan.push_ids]
     if todo:
         attempt_pushes(s, todo, providers(), s.settings.push_max_retries, s.settings.push_retry_base_seconds,
                        before_commit=_queue_retries)
