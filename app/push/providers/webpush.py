@@ -137,7 +137,10 @@ class WebPushClient:
         plaintext = self.payload(request)
         if plaintext is None:
             return PermanentFailure("payload too large even without text")
-        body = encrypt(plaintext, sub["p256dh"], sub["auth"])
+        try:
+            body = encrypt(plaintext, sub["p256dh"], sub["auth"])
+        except ValueError:  # p256dh is not a point of the curve: no push to it can ever work
+            return DeadToken("subscription key p256dh is not a P-256 public key")
         audience = f"{parts.scheme}://{parts.netloc}"
         silent = request.kind == BADGE_SYNC
         headers = {
