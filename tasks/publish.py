@@ -52,13 +52,15 @@ def queue_badge_syncs(storage, user_ids, msg_id: int) -> list[int]:
     It is send_push with kind "badge_sync", so it rides the push worker's batches with the
     notifications; the planner runs when the window closes (app.push.badges).
     """
-    from app.push.badges import PRIORITY_BADGE_SYNC, claim_badge_syncs
+    from app.push.badges import BADGE_SYNC_KEY, PRIORITY_BADGE_SYNC, claim_badge_syncs
+    from app.push.planning import mark_queued
 
     users = claim_badge_syncs(storage, user_ids)
     window = storage.settings.push_badge_coalesce_seconds
     for user_id in users:
         queue_push_task(SEND_PUSH, [str(msg_id), str(user_id), PRIORITY_BADGE_SYNC], PRIORITY_BADGE_SYNC,
                         countdown=window, kwargs={"kind": "badge_sync"})
+        mark_queued(storage, BADGE_SYNC_KEY.format(user_id))
     return users
 
 
