@@ -1,5 +1,6 @@
-# Sourced by scripts/run.sh and scripts/test.sh: make .venv and install
-# requirements-dev.txt (which includes requirements.txt) into it when either changed. Needs Python 3.11 with venv.
+# Sourced by scripts/run.sh and scripts/test.sh: make .venv and install requirements-dev.lock
+# (the hashed lock of requirements-dev.txt, which includes requirements.txt) into it when a
+# lock changed. Needs Python 3.11 with venv. The locks are made by scripts/lock.sh.
 set -euo pipefail
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
@@ -7,15 +8,32 @@ if ! "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) els
   echo "NetherLink needs Python 3.11 (found: $("$PYTHON" --version 2>&1)). Set PYTHON=/path/to/python3.11." >&2
   exit 1
 fi
+# A pin edited in requirements*.txt without 'bash scripts/lock.sh' would be silently ignored.
+"$PYTHON" - <<'PY' || exit 1
+import re, sys
+def pins(path):
+    out = {}
+    for line in open(path):
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;#\\]+)", line)
+        if m:
+            out[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    return out
+for wanted, lock in (("requirements.txt", "requirements.lock"), ("requirements-dev.txt", "requirements-dev.lock")):
+    locked = pins(lock)
+    stale = [f"{n}=={v}" for n, v in pins(wanted).items() if locked.get(n) != v]
+    if stale:
+        sys.exit(f"{lock} does not match {wanted} ({', '.join(stale)}): run 'bash scripts/lock.sh'")
+PY
 if [ ! -x .venv/bin/python ]; then
   echo "creating virtualenv .venv" >&2
   "$PYTHON" -m venv .venv || { echo "could not create a virtualenv: on Debian/Ubuntu run 'apt-get install python3.11-venv'" >&2; exit 1; }
 fi
-want=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock requirements-dev.lock | sha256sum | cut -d' ' -f1)
 have=$(cat .venv/.requirements.sha256 2>/dev/null || true)
 if [ "$want" != "$have" ]; then
-  echo "installing requirements into .venv" >&2
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+  echo "installing requirements-dev.lock into .venv" >&2
+  # --require-hashes: every file pip fetches must be the one the lock names.
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements-dev.lock
   echo "$want" > .venv/.requirements.sha256
 fi
 
