@@ -113,7 +113,6 @@ class Conversation(Base):
     last_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     last_message_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    unread_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_read_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # this user's read position
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())

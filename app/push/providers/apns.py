@@ -27,7 +27,6 @@ import logging
 import os
 import re
 import ssl
-import sys
 import threading
 import time
 from typing import Callable
@@ -45,11 +44,6 @@ from app.push.providers import (
 )
 
 logger = logging.getLogger(__name__)
-
-try:  # httpcore imports sniffio inside every async request; anyio >= 4.12 no longer installs it.
-    import sniffio  # noqa: F401
-except ImportError:  # then each request's failed import scanned sys.path (18 % of a send's CPU);
-    sys.modules.setdefault("sniffio", None)  # this makes it fail at once, and httpcore assumes asyncio
 
 MAX_PAYLOAD_BYTES = 4096
 MAX_COLLAPSE_ID_BYTES = 64
