@@ -1,14 +1,14 @@
 """device.subscription: the Web Push subscription (endpoint and keys) of a webpush device
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 """
 from alembic import op
 import sqlalchemy as sa
 
 
 revision = '0007'
-down_revision = '0005'  # the lead re-chains it after 0006 at merge
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
