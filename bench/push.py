@@ -385,7 +385,6 @@ def seed_three_devices(storage, prefix: str, count: int, webpush) -> tuple[list[
 
     from models import Device
     from tests.fakes.fcm_server import make_device_token
-    from tests.fakes.webpush_server import Subscription  # noqa: F401 - what new_subscription makes
 
     users, ios = seed(storage, prefix, count)
     devices, rows, subs = {}, [], {}

@@ -31,16 +31,14 @@ import threading
 import time
 from typing import Callable
 
-import certifi
 import httpx
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from app.config import Settings
 from app.push.providers import (
     BADGE_SYNC, DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
-    retry_after_seconds,
+    load_p256_key, retry_after_seconds, tls_context,
 )
 
 logger = logging.getLogger(__name__)
@@ -351,29 +349,11 @@ def _load_signing_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
     for attr, env_name in REQUIRED_SETTINGS:
         if not getattr(settings, attr):
             raise ValueError(f"APNs is not configured: {env_name} is not set")
-    path = settings.apns_key_file
-    try:
-        with open(path, "rb") as f:
-            pem = f.read()
-    except OSError as exc:
-        raise ValueError(f"APNS_KEY_FILE {path!r} cannot be read: {exc.strerror or exc}") from None
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"APNS_KEY_FILE {path!r} is not an unencrypted PEM private key (.p8): {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise ValueError(f"APNS_KEY_FILE {path!r} is not an EC P-256 key, as Apple's .p8 keys are")
-    return key
+    return load_p256_key(settings.apns_key_file, "APNS_KEY_FILE", " (.p8)", ", as Apple's .p8 keys are")
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=certifi.where())
-    if settings.apns_ca_file:
-        try:
-            context.load_verify_locations(cafile=settings.apns_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"APNS_CA_FILE {settings.apns_ca_file!r} is not a readable PEM CA bundle: {exc}") from None
-    return context
+    return tls_context(settings.apns_ca_file, "APNS_CA_FILE")
 
 
 def _collapse_id(conversation_id: str) -> str:

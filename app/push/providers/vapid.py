@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from py_vapid import Vapid02, VapidException
 
 from app.config import Settings
+from app.push.providers import load_p256_key
 
 TOKEN_LIFETIME_SECONDS = 12 * 3600  # exp; push services refuse more than 24 h
 TOKEN_REUSE_SECONDS = 3600  # sign again for an audience after this long
@@ -32,19 +33,8 @@ def load_vapid_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
         raise ValueError("web push is not configured: VAPID_PRIVATE_KEY_FILE is not set")
     if not settings.vapid_subject:
         raise ValueError("web push is not configured: VAPID_SUBJECT is not set (mailto: or https: contact)")
-    path = settings.vapid_private_key_file
-    try:
-        with open(path, "rb") as f:
-            pem = f.read()
-    except OSError as exc:
-        raise ValueError(f"VAPID_PRIVATE_KEY_FILE {path!r} cannot be read: {exc.strerror or exc}") from None
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"VAPID_PRIVATE_KEY_FILE {path!r} is not an unencrypted PEM private key: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise ValueError(f"VAPID_PRIVATE_KEY_FILE {path!r} is not an EC P-256 key (RFC 8292 needs ES256)")
-    return key
+    return load_p256_key(settings.vapid_private_key_file, "VAPID_PRIVATE_KEY_FILE",
+                         curve_hint=" (RFC 8292 needs ES256)")
 
 
 def public_key_b64(key: ec.EllipticCurvePrivateKey) -> str:

@@ -21,14 +21,12 @@ import json
 import logging
 import os
 import re
-import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 from urllib.parse import urlsplit
 
-import certifi
 import http_ece
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from app.config import Settings
 from app.push.providers import (
     ALERT, BADGE_SYNC, DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure,
-    device_label, retry_after_seconds,
+    device_label, retry_after_seconds, tls_context,
 )
 from app.push.providers.vapid import VapidSigner
 
@@ -67,24 +65,13 @@ def topic_of(conversation_id: str) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(conversation_id.encode()).digest()).rstrip(b"=").decode()[:32]
 
 
-def _tls_context(settings: Settings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=certifi.where())
-    if settings.webpush_ca_file:
-        try:
-            context.load_verify_locations(cafile=settings.webpush_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"WEBPUSH_CA_FILE {settings.webpush_ca_file!r} is not a readable PEM CA bundle: "
-                             f"{exc}") from None
-    return context
-
-
 class WebPushClient:
     """Sends encrypted, VAPID-signed pushes to browsers' push services. Share one per process."""
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time, timeout: float = 10.0):
         self._signer = VapidSigner(settings, clock)  # ValueError when VAPID_* is missing or unusable
         self._clock = clock
-        self._http = httpx.Client(verify=_tls_context(settings), timeout=httpx.Timeout(timeout, connect=5.0),
+        self._http = httpx.Client(verify=tls_context(settings.webpush_ca_file, "WEBPUSH_CA_FILE"), timeout=httpx.Timeout(timeout, connect=5.0),
                                   follow_redirects=False,
                                   limits=httpx.Limits(max_connections=32, max_keepalive_connections=32,
                                                       keepalive_expiry=120.0))
