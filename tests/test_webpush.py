@@ -153,3 +153,21 @@ def test_vapid_settings_are_checked(tmp_path):
     key.chmod(stat.S_IRUSR | stat.S_IWUSR)
     with pytest.raises(ConfigError, match="VAPID_SUBJECT must name a real contact"):
         Settings.from_env(production | {"VAPID_SUBJECT": "mailto:ops@example.com"})
+
+
+def test_a_long_message_is_cut_to_fit_the_4096_bytes_a_push_service_takes(tmp_path):
+    with FakeWebPushServer() as fake:
+        env = fake.env()
+        client = WebPushClient(Settings(vapid_private_key_file=env["VAPID_PRIVATE_KEY_FILE"],
+                                        vapid_subject=env["VAPID_SUBJECT"], webpush_ca_file=env["WEBPUSH_CA_FILE"]))
+        sub = fake.new_subscription()
+        text = "ü" * 3000  # two bytes each: twice what fits
+        request = PushRequest(token="t", title="alice", body=text, badge=1, conversation_id="p_1_2", msg_id="1",
+                              subscription={"endpoint": sub.endpoint, "p256dh": sub.p256dh, "auth": sub.auth})
+        try:
+            client.send_many([request])
+        finally:
+            client.close()
+        [push] = fake.deliveries_to(sub)
+        assert push.body_bytes <= 4096 and push.payload["body"].endswith("\u2026")
+        assert text.startswith(push.payload["body"][:-1]) and len(push.payload["body"]) > 1500

@@ -133,3 +133,25 @@ def tls_context(ca_file: str, setting: str) -> ssl.SSLContext:
         except (OSError, ssl.SSLError) as exc:
             raise ValueError(f"{setting} {ca_file!r} is not a readable PEM CA bundle: {exc}") from None
     return context
+
+
+ELLIPSIS = "\u2026"
+
+
+def shorten_to_fit(container: dict, field: str, encode, limit: int) -> None:
+    """Cut container[field] to the longest prefix (plus an ellipsis) with which `encode()` stays
+    within `limit` bytes, or to "" if none does."""
+    text = container[field]
+
+    def fits(keep: int) -> bool:
+        container[field] = text[:keep].rstrip() + ELLIPSIS if keep else ""
+        return len(encode()) <= limit
+
+    low, high = 0, len(text) - 1  # keep-count search; escaping makes bytes per character vary
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    fits(low)

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from app.config import Settings
 from app.push.providers import (
     BADGE_SYNC, DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
-    load_p256_key, retry_after_seconds, tls_context,
+    load_p256_key, retry_after_seconds, shorten_to_fit, tls_context,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ FORCED_RENEWAL_MIN_INTERVAL_SECONDS = 20 * 60  # faster renewals earn TooManyPro
 NOTIFICATION_TTL_SECONDS = 24 * 3600  # apns-expiration: Apple keeps retrying an offline device this long
 BADGE_SYNC_TTL_SECONDS = 3600  # a silent badge update older than this is not worth delivering
 GENERIC_BODY = "New message"
-ELLIPSIS = "\u2026"
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 # Apple closes idle connections itself; keep ours well past httpx's 5 s default so
 # sparse pushes do not pay a TLS handshake each (Apple treats connection churn as abuse).
@@ -311,7 +310,7 @@ class ApnsClient:
             if len(encode()) <= MAX_PAYLOAD_BYTES:
                 break
             if field in alert:
-                _shorten_to_fit(alert, field, encode)
+                shorten_to_fit(alert, field, encode, MAX_PAYLOAD_BYTES)
         data = encode()
         return data if len(data) <= MAX_PAYLOAD_BYTES else None
 
@@ -361,24 +360,6 @@ def _collapse_id(conversation_id: str) -> str:
         return conversation_id
     # Still one stable id per conversation, and a sha256 hex digest is exactly 64 bytes.
     return hashlib.sha256(conversation_id.encode()).hexdigest()
-
-
-def _shorten_to_fit(alert: dict, field: str, encode: Callable[[], bytes]) -> None:
-    """Cut alert[field] to the longest prefix (plus an ellipsis) whose payload fits, or to ""."""
-    text = alert[field]
-
-    def fits(keep: int) -> bool:
-        alert[field] = text[:keep].rstrip() + ELLIPSIS if keep else ""
-        return len(encode()) <= MAX_PAYLOAD_BYTES
-
-    low, high = 0, len(text) - 1  # keep-count search; escaping makes bytes per character vary
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle - 1
-    fits(low)
 
 
 def _reason(response: httpx.Response) -> str:

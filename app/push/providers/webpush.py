@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from app.config import Settings
 from app.push.providers import (
     ALERT, BADGE_SYNC, DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure,
-    device_label, retry_after_seconds, tls_context,
+    device_label, retry_after_seconds, shorten_to_fit, tls_context,
 )
 from app.push.providers.vapid import VapidSigner
 
@@ -48,7 +48,6 @@ MAX_PLAINTEXT_BYTES = MAX_BODY_BYTES - 86 - 16 - 1
 NOTIFICATION_TTL_SECONDS = 24 * 3600  # the push service keeps an offline browser's push this long
 BADGE_SYNC_TTL_SECONDS = 3600  # a silent update older than this is not worth delivering
 GENERIC_BODY = "New message"
-ELLIPSIS = "\u2026"
 MAX_REASON_CHARS = 300
 _TOPIC = re.compile(r"[A-Za-z0-9_-]{1,32}")  # RFC 8030 section 5.4
 
@@ -173,19 +172,8 @@ class WebPushClient:
         def encode() -> bytes:
             return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
-        def fits(keep: int) -> bool:
-            data["body"] = body[:keep].rstrip() + ELLIPSIS if keep else ""
-            return len(encode()) <= MAX_PLAINTEXT_BYTES
-
         if len(encode()) > MAX_PLAINTEXT_BYTES and body:  # the longest prefix of the body that fits
-            low, high = 0, len(body) - 1
-            while low < high:
-                middle = (low + high + 1) // 2
-                if fits(middle):
-                    low = middle
-                else:
-                    high = middle - 1
-            fits(low)
+            shorten_to_fit(data, "body", encode, MAX_PLAINTEXT_BYTES)
         encoded = encode()
         return encoded if len(encoded) <= MAX_PLAINTEXT_BYTES else None
 
