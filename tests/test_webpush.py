@@ -155,7 +155,7 @@ def test_vapid_settings_are_checked(tmp_path):
         Settings.from_env(production | {"VAPID_SUBJECT": "mailto:ops@example.com"})
 
 
-def test_a_long_message_is_cut_to_fit_the_4096_bytes_a_push_service_takes(tmp_path):
+def test_a_long_message_is_cut_to_fit_the_4096_bytes_a_push_service_takes():
     with FakeWebPushServer() as fake:
         env = fake.env()
         client = WebPushClient(Settings(vapid_private_key_file=env["VAPID_PRIVATE_KEY_FILE"],
