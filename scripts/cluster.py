@@ -189,7 +189,17 @@ def start_rabbit(i: int) -> None:
 
 
 def await_rabbit(i: int) -> None:
-    rabbitmqctl(i, "await_startup", "--timeout", str(int(START_TIMEOUT)), timeout=START_TIMEOUT + 10)
+    """Wait until node i serves (await_startup fails at once while the node is not yet
+    registered with epmd, so ask again until then)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        proc = rabbitmqctl(i, "await_startup", "--timeout", str(int(START_TIMEOUT)), timeout=START_TIMEOUT + 10,
+                           check=False)
+        if proc.returncode == 0:
+            return
+        if not rabbit_running(i) or time.monotonic() > deadline:
+            raise ClusterError(f"RabbitMQ node {rabbit_node(i)} did not start: {proc.stderr.strip()[-300:]}")
+        time.sleep(0.3)
 
 
 def kill_rabbit(i: int) -> None:
@@ -459,12 +469,15 @@ def up() -> Env:
 
 
 def down() -> None:
-    """Stop everything this script started and remove its data (idempotent)."""
+    """Stop everything this script started and remove its data, not its logs (idempotent)."""
     for name in names():
         kill(name, signal.SIGTERM)
     # mariadbd and beam leave nothing behind once their pid is gone; epmd is the machine's, shared.
+    # The logs stay (for a failed test run) until the next `up`.
     if BASE.exists():
-        shutil.rmtree(BASE, ignore_errors=True)
+        for path in BASE.iterdir():
+            if path.name != "log":
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
 
 
 def status() -> int:
