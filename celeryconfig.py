@@ -119,7 +119,16 @@ def from_settings(settings: Settings) -> dict:
         # A push task's queue depends on its priority (tasks/publish.py passes it); the
         # route here is the default for a task published without one.
         routes = {name: push_route(10) if route is _PUSH else route for name, route in task_routes.items()}
+    cluster = dict(
+        worker_consumer="tasks.cluster_consumer:ClusterConsumer",
+        # A worker's remote-control queue is exclusive by default: one that reconnects to
+        # another node within milliseconds of losing its own finds the queue still locked by
+        # its dead connection and exits (RESOURCE_LOCKED). Not exclusive, it is re-declared
+        # and expires 10 s after its last consumer is gone.
+        control_queue_exclusive=False,
+    ) if quorum else {}
     return dict(
+        **cluster,
         broker_url=settings.broker_url,
         result_backend=_result_backend(settings),
         result_backend_transport_options=(

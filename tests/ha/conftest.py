@@ -61,6 +61,12 @@ class HaCluster(FaultCluster):
                 setattr(self, name, Worker(f"h{name}", queues, self.services, self.log_dir,
                                            concurrency=1 if name == "push" else 2))
 
+    def assert_workers_survived(self) -> None:
+        """No worker exited during the fault (each would have been replaced, or still be dead)."""
+        dead = [w.node for w in (self.persist, self.dispatch, self.push) if not w.alive()]
+        assert self.workers_replaced == 0 and not dead, \
+            f"workers exited: {self.workers_replaced} replaced, dead now: {dead}"
+
     def ensure_gateways(self) -> None:
         for i, gateway in enumerate(self.gateways):
             if not gateway.alive():

@@ -19,7 +19,7 @@ def queue_leader(queue: str) -> int:
     """Index of the RabbitMQ node leading a quorum queue."""
     alive = next(i for i in range(len(cluster.RABBIT_NODES)) if cluster.rabbit_running(i))
     out = cluster.rabbitmqctl(alive, "list_queues", "name", "leader", "--no-table-headers", "--quiet").stdout
-    leaders = dict(line.split("\t")[:2] for line in out.strip().splitlines())
+    leaders = dict(line.split("\t")[:2] for line in out.strip().splitlines() if line.count("\t") >= 1)
     return [cluster.rabbit_node(i) for i in range(len(cluster.RABBIT_NODES))].index(leaders[queue])
 
 
@@ -32,7 +32,7 @@ def test_rabbitmq_node_leading_the_queues_killed_under_load(ha, ha_storage):
 
     report = run_with_fault("ha-kill-rabbitmq-leader", ha, ha_storage, kill_leader)
     assert_nothing_lost(report)
-    assert ha.workers_replaced == 0, "a worker exited when one RabbitMQ node of three was lost"
+    ha.assert_workers_survived()
     assert queue_leader("private_messages") != killed[0]
 
 
@@ -42,4 +42,4 @@ def test_redis_primary_killed_sentinel_promotes_a_replica(ha, ha_storage):
                             lambda: cluster.kill_redis(cluster.redis_index(before)))
     assert_nothing_lost(report)
     assert cluster.redis_primary_port() not in (None, before)
-    assert ha.workers_replaced == 0
+    ha.assert_workers_survived()
