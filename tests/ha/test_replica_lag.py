@@ -15,6 +15,7 @@ import websocket
 
 from scripts import cluster
 from tests.faults.load import sync_all
+from tests.faults.test_faults import REPORT
 from tests.harness import register_and_login, wait_until
 
 LAG_SECONDS = 20.0
@@ -102,10 +103,14 @@ def test_a_lagging_replica_never_makes_sync_skip_or_repeat(ha, ha_storage):
     assert sorted(full, key=int) == sorted(expected, key=int)
     # While the replica was stopped, sync returned nothing new rather than anything wrong.
     assert synced_while_lagging == 5
-    print(json.dumps({"fault": "ha-replica-stopped", "lag_seconds": LAG_SECONDS, "acked": len(expected),
-                      "sync_pages": reader.pages, "synced_while_lagging": synced_while_lagging,
-                      "repeated": len(reader.msg_ids) - len(set(reader.msg_ids)),
-                      "skipped": len(set(expected) - set(reader.msg_ids))}))
+    report = {"fault": "ha-replica-stopped", "lag_seconds": LAG_SECONDS, "acked": len(expected),
+              "sync_pages": reader.pages, "synced_while_lagging": synced_while_lagging,
+              "repeated": len(reader.msg_ids) - len(set(reader.msg_ids)),
+              "skipped": len(set(expected) - set(reader.msg_ids))}
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    with REPORT.open("a") as out:
+        out.write(json.dumps(report) + "\n")
+    print(json.dumps(report))
 
 
 def _stored_on_primary(storage, msg_id: str) -> bool:
