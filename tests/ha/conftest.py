@@ -4,14 +4,17 @@ primary with a GTID replica for the session, and brings it down afterwards.
 None of the machine's own services is touched."""
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from celeryconfig import PUSH_CLASSES
 from scripts import cluster
 from tests.faults.test_faults import FaultCluster
-from tests.harness import Gateway, Services, Worker, wait_until
+from tests.harness import ROOT, Gateway, Services, Worker, wait_until
 
 BINARIES = ("redis-server", "redis-cli", "mariadbd", "mariadb-install-db", "mariadb")
 
@@ -60,6 +63,14 @@ class HaCluster(FaultCluster):
                     self.workers_replaced += 1
                 setattr(self, name, Worker(f"h{name}", queues, self.services, self.log_dir,
                                            concurrency=1 if name == "push" else 2))
+
+    def publish_pushes(self, name: str, pushes: list[tuple[int, int]]) -> None:
+        """Queue push tasks (push id, priority) as the cluster's processes do, from a process
+        with the cluster's settings (this one's Celery app may be bound to other services)."""
+        code = ("import json, sys; from tasks.publish import queue_push_task\n"
+                "for push_id, priority in json.loads(sys.argv[2]): queue_push_task(sys.argv[1], [push_id], priority)")
+        subprocess.run([sys.executable, "-c", code, name, json.dumps(pushes)], env=self.services.env(), cwd=ROOT,
+                       check=True, capture_output=True, timeout=60)
 
     def assert_workers_survived(self) -> None:
         """No worker exited during the fault (each would have been replaced, or still be dead)."""
