@@ -64,13 +64,14 @@ class HaCluster(FaultCluster):
                 setattr(self, name, Worker(f"h{name}", queues, self.services, self.log_dir,
                                            concurrency=1 if name == "push" else 2))
 
-    def publish_pushes(self, name: str, pushes: list[tuple[int, int]]) -> None:
+    def publish_pushes(self, name: str, pushes: list[tuple[int, int]], countdown: float | None = None) -> None:
         """Queue push tasks (push id, priority) as the cluster's processes do, from a process
         with the cluster's settings (this one's Celery app may be bound to other services)."""
         code = ("import json, sys; from tasks.publish import queue_push_task\n"
-                "for push_id, priority in json.loads(sys.argv[2]): queue_push_task(sys.argv[1], [push_id], priority)")
-        subprocess.run([sys.executable, "-c", code, name, json.dumps(pushes)], env=self.services.env(), cwd=ROOT,
-                       check=True, capture_output=True, timeout=60)
+                "for push_id, priority in json.loads(sys.argv[2]):\n"
+                "    queue_push_task(sys.argv[1], [push_id], priority, countdown=json.loads(sys.argv[3]))")
+        subprocess.run([sys.executable, "-c", code, name, json.dumps(pushes), json.dumps(countdown)],
+                       env=self.services.env(), cwd=ROOT, check=True, capture_output=True, timeout=60)
 
     def assert_workers_survived(self) -> None:
         """No worker exited during the fault (each would have been replaced, or still be dead)."""
