@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from celeryconfig import PUSH_CLASSES
+from app.config import Settings
+from celeryconfig import worker_queues
 from scripts import cluster
 from tests.faults.test_faults import FaultCluster
 from tests.harness import ROOT, Gateway, Services, Worker, wait_until
@@ -43,8 +44,7 @@ class HaCluster(FaultCluster):
 
     def __init__(self, services: ClusterServices, log_dir):
         self.services, self.log_dir = services, log_dir
-        self.queues = {"persist": "private_messages,group_messages", "dispatch": "offline_messages",
-                       "push": ",".join(name for name, _ in PUSH_CLASSES)}
+        self.queues = worker_queues(Settings.from_env(services.env()))
         self.workers_replaced = 0
         self.gateways = [self._gateway(i) for i in range(2)]
         self.persist = self.dispatch = self.push = None
