@@ -254,7 +254,7 @@ def digest_backlog_then_a_private_push(storage, people, tokens) -> list[tuple[in
     with storage.session() as session:
         for i, (user, token) in enumerate(zip(people, tokens)):
             session.add(Message(id=base_id + i, conversation_id=f"p_1_{user.user_id}", sender_id=1,
-                                receiver_id=int(user.user_id), client_msg_id=f"prio-{i}", content=f"b{i}",
+                                receiver_id=int(user.user_id), client_msg_id=f"prio-{base_id + i}", content=f"b{i}",
                                 timestamp=int(time.time() * 1000)))
             row = PushLog(user_id=int(user.user_id), message_id=base_id + i, push_type="apns", push_status="pending",
                           target=f"device:{device_ids[token]}", device_id=device_ids[token],
