@@ -35,6 +35,13 @@ class Settings:
     database_replica_url: str = field(default="", repr=False)
     broker_url: str = field(default="amqp://guest:guest@127.0.0.1:5672//", repr=False)
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    # Redis through Sentinel (DESIGN §9): "host:port,host:port,…"; when set, the primary
+    # is Sentinel's answer and REDIS_URL gives only the db and the password.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "netherlink"
+    # "classic" (a single RabbitMQ node) or "quorum" (a cluster: the chat and push
+    # queues replicated over its nodes; celeryconfig.py, docs/operations.md).
+    rabbitmq_queue_type: str = "classic"
     jwt_secret: str = field(default=DEV_JWT_SECRET, repr=False)
     jwt_ttl_seconds: int = 86400
     gateway_id: str = "gw1"
@@ -189,6 +196,12 @@ class Settings:
             raise ConfigError("VAPID_SUBJECT must be a mailto: or https: URI (RFC 8292 section 2.1)")
         if not 0 <= self.worker_metrics_port <= 65535:
             raise ConfigError(f"WORKER_METRICS_PORT must be 0 (off) or a TCP port, got {self.worker_metrics_port}")
+        if self.rabbitmq_queue_type not in ("classic", "quorum"):
+            raise ConfigError(f"RABBITMQ_QUEUE_TYPE must be classic or quorum, got {self.rabbitmq_queue_type!r}")
+        if self.rabbitmq_queue_type == "quorum" and not self.broker_is_amqp:
+            raise ConfigError("RABBITMQ_QUEUE_TYPE=quorum needs BROKER_URL to point at RabbitMQ (amqp://)")
+        if self.redis_sentinels and not (self.sentinel_addresses and self.redis_sentinel_master):
+            raise ConfigError("REDIS_SENTINELS must list host:port pairs, with REDIS_SENTINEL_MASTER naming the master")
         if self.env != "production":
             return
         problems = []
@@ -207,6 +220,17 @@ class Settings:
     @property
     def broker_is_amqp(self) -> bool:
         return self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs; empty when Redis is reached directly."""
+        addresses = []
+        for entry in filter(None, (e.strip() for e in self.redis_sentinels.split(","))):
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"REDIS_SENTINELS must be host:port,host:port,…; got {entry!r}")
+            addresses.append((host, int(port)))
+        return addresses
 
 
 def _vapid_problems(settings: Settings) -> list[str]:

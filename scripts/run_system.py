@@ -76,7 +76,11 @@ def main() -> int:
             procs.append((f"gateway:{port}", _spawn(f"gw{i + 1}", gateway_command(port), gw_env)))
             gateway_urls.append(port)
         worker_metrics = _worker_metrics_ports(args.worker_metrics_port)
-        for name, queues in WORKERS.items():
+        # On a RabbitMQ cluster (RABBITMQ_QUEUE_TYPE=quorum) the push family has a queue per priority class.
+        from app.config import Settings
+        from celeryconfig import worker_queues
+
+        for name, queues in worker_queues(Settings.from_env(base_env)).items():
             worker_env = dict(base_env)
             if name in worker_metrics:
                 # One multiprocess directory per worker: the worker wipes it at start (app/metrics.py).

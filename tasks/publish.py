@@ -14,6 +14,7 @@ import time
 from kombu import Producer
 
 from app.errors import Unavailable
+from celeryconfig import push_route
 from tasks import app
 from tasks.runtime import settings
 
@@ -36,8 +37,10 @@ def push_priority(priority: int) -> int:
 
 def queue_push_task(name: str, args: list, priority: int, countdown: float | None = None,
                     kwargs: dict | None = None) -> None:
-    """Publish a push_tasks task by name at our priority."""
-    app.send_task(name, args=args, kwargs=kwargs, priority=push_priority(priority), countdown=countdown)
+    """Publish a push_tasks task by name at our priority: on quorum queues, to the queue
+    of its priority class (celeryconfig.PUSH_CLASSES), as they have no priorities."""
+    route = push_route(priority) if settings().rabbitmq_queue_type == "quorum" else {}
+    app.send_task(name, args=args, kwargs=kwargs, priority=push_priority(priority), countdown=countdown, **route)
 
 
 def queue_push_delivery(push_id: int, priority: int, attempt: int = 0, countdown: float | None = None) -> None:

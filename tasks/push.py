@@ -180,7 +180,7 @@ def _preload_push_providers(sender=None, **_):
     importing them itself (about a second of CPU per process)."""
     consume_from = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
     consume_from = getattr(consume_from, "consume_from", None)
-    if consume_from is None or "push_tasks" in consume_from:
+    if consume_from is None or any(name.startswith("push_tasks") for name in consume_from):
         import app.push.providers.apns  # noqa: F401
         import app.push.providers.email  # noqa: F401
         import app.push.providers.fcm  # noqa: F401

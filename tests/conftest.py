@@ -24,9 +24,11 @@ REQUIRE_SERVICES = os.environ.get("NETHERLINK_REQUIRE_SERVICES") == "1"
 
 def pytest_collection_modifyitems(session, config, items):
     # The fault suite restarts RabbitMQ, Redis and MariaDB: it runs last, after
-    # every test that relies on the shared gateways and workers. The fast domain
-    # tests (tests/unit) run first: a broken rule fails the run in seconds.
-    items.sort(key=lambda item: ("/tests/faults/" in str(item.path), "/tests/unit/" not in str(item.path)))
+    # every test that relies on the shared gateways and workers, followed only by
+    # the cluster suite (tests/ha, its own engines on ports of their own). The fast
+    # domain tests (tests/unit) run first: a broken rule fails the run in seconds.
+    items.sort(key=lambda item: ("/tests/ha/" in str(item.path), "/tests/faults/" in str(item.path),
+                                 "/tests/unit/" not in str(item.path)))
 
 
 def pytest_configure(config):
