@@ -48,6 +48,9 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop_all)
     signal.signal(signal.SIGTERM, stop_all)
 
+    # Beat's schedule and the worker metrics live under var/ whichever services are used:
+    # a fresh clone with all three URLs set has no var/ yet.
+    VAR.mkdir(exist_ok=True)
     env = {}
     embedded = []
     if not os.environ.get("REDIS_URL") or not os.environ.get("BROKER_URL"):
@@ -139,7 +142,6 @@ def _start_push_fakes():
     from tests.fakes.fcm_server import FakeFcmServer
     from tests.fakes.smtp_server import FakeSmtp
 
-    VAR.mkdir(exist_ok=True)
     apns, fcm, smtp = FakeApnsServer().start(), FakeFcmServer().start(), FakeSmtp(echo=True).start()
     credentials = fcm.write_service_account(VAR / "fake-fcm-service-account.json")
     env = {**apns.env(), "FCM_BASE_URL": fcm.url, "FCM_CREDENTIALS_FILE": str(credentials),
