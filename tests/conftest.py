@@ -128,11 +128,10 @@ class Cluster:
         self.services = services
         self.log_dir = log_dir
         self.fakes = fakes
-        # Redis is new for every run, which is what puts a gateway in dedupe recovery
-        # (acks wait for storage); the shared gateways take the normal path, and
-        # test_idempotent_send starts its own gateway to test recovery.
-        self.gw1 = Gateway("gw1", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", **fakes.env)
-        self.gw2 = Gateway("gw2", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", **fakes.env)
+        # Redis is new for every run: the gateways start in the risk window after a Redis
+        # loss (app/chat/recovery.py), which closes once the persist worker reports.
+        self.gw1 = Gateway("gw1", services, log_dir, **fakes.env)
+        self.gw2 = Gateway("gw2", services, log_dir, **fakes.env)
         self.persist = self.start_persist_worker()
         self.dispatch = self.start_dispatch_worker()
         self.push = self.start_push_worker()

@@ -163,7 +163,7 @@ class Gateway:
 
             self.ids = LeasedIds(NodeLease(self.storage.redis))
             publisher = PersistPublisher(self.settings.publish_timeout_seconds)
-            self.intake = MessageIntake(self.storage, self.ids, publisher.publish_all)
+            self.intake = MessageIntake(self.storage, self.ids, publisher.publish_all, probe=publisher.probe)
             self.presence.mark_gateway_alive(self.gateway_id)
             threading.Thread(target=self._delivery_loop, daemon=True, name="delivery").start()
             threading.Thread(target=self._maintenance_loop, daemon=True, name="maintenance").start()
