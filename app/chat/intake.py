@@ -118,7 +118,6 @@ class MessageIntake:
         self.publish_timeout = timeout
         self.grace = grace_ms(timeout)
         self.recovery = RecoveryWatch(storage, self.grace, probe, clock)
-        self.recovery.start_watching()
         self.stored_acks = StoredAcks(storage)
         self._claim = GroupCommit("the dedupe store", self.claim_many, 10, 500)
         self._publish = GroupCommit("the message broker", self._publish_and_record, timeout * 4 + 5,

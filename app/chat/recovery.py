@@ -199,16 +199,22 @@ class RecoveryWatch:
         self.reason: str | None = None
         self.gateway_id = storage.settings.gateway_id
 
-    def start_watching(self) -> None:
-        threading.Thread(target=self._watch, daemon=True, name="dedupe-recovery").start()
+    def start_watching(self, on_loss: Callable[[], None] | None = None) -> None:
+        """Check the window in the background; `on_loss()` when Redis is seen to have lost its
+        memory (the gateway puts its presence back at once)."""
+        threading.Thread(target=self._watch, args=(on_loss,), daemon=True, name="dedupe-recovery").start()
 
-    def _watch(self) -> None:
+    def _watch(self, on_loss) -> None:
+        seen = None
         while True:
             time.sleep(self.WATCH_EVERY)
             try:
                 since = self.redis.get(DEDUPE_SINCE_KEY)
+                if on_loss is not None and seen is not None and since != seen:
+                    on_loss()
             except Exception:
                 continue  # Redis away: sends are refused meanwhile anyway
+            seen = since
             if since is not None and self.clock() * 1000 - int(since) < self.dedupe_ttl_ms:
                 self.open(int(since))
 
