@@ -103,8 +103,14 @@ class BatchTask(Task):
 
         def add(request: Request) -> None:
             buffer.append(request)
-            if len(buffer) >= self.flush_every or (not self.flush_interval and running[0] < processes):
-                flush()  # (flush_interval 0: a message that finds a process free goes at once)
+            if len(buffer) >= self.flush_every:
+                flush()
+            elif not self.flush_interval and running[0] < processes:
+                # flush_interval 0: a message that finds a process free goes on the loop's next turn,
+                # with whatever arrived in the same read: copies of one send delivered together
+                # (after a Redis loss, docs/reliability.md) are stored in order, in one batch.
+                if flush_timer[0] is None:
+                    flush_timer[0] = consumer.timer.call_after(0, flush)
             elif flush_timer[0] is None and self.flush_interval:
                 flush_timer[0] = consumer.timer.call_after(self.flush_interval, flush)
 

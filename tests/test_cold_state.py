@@ -46,6 +46,7 @@ def test_redis_flushed_while_first_copies_are_queued_retries_get_the_same_msg_id
     alice, bob, carol = make_user(), make_user(), make_user()
     group = make_group(api, alice, [bob, carol], name="Cold")
     a = connect(alice, cluster.gw1)
+    connect(bob, cluster.gw2)  # (a gateway starts its intake with its first connection)
     a.send_message(bob.user_id, "before")
     wait_out_of_risk_window(storage.redis, cluster.gw1, cluster.gw2)  # first copies are acked at once
     cluster.persist.signal(signal.SIGSTOP)  # persist stopped: the first copies stay queued

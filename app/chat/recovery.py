@@ -272,13 +272,21 @@ class RecoveryWatch:
                 raise
         return drain_verdict(reports, since, reissued, self.grace, now_ms, int(seconds) * 1000 + int(micros) // 1000)
 
+    CHECK_AT_MOST = 1000
+
     def _mark_nothing_to_rebuild(self, since: int) -> None:
-        """A database with no message from the dedupe window before the loss has nothing to rebuild."""
+        """A database with no message from the dedupe window before the loss has nothing to rebuild.
+        (Those of the first second after S whose records this Redis has were claimed after the loss.)"""
         with self.storage.engine.connect() as conn:
-            older = conn.execute(select(Message.id).where(
+            older = conn.execute(select(Message.sender_id, Message.client_msg_id).where(
                 Message.id >= id_floor(since - self.dedupe_ttl_ms),
-                Message.id < id_floor(since + SKEW_MS)).limit(1)).first()
-        if older is None:
+                Message.id < id_floor(since + SKEW_MS)).limit(self.CHECK_AT_MOST)).all()
+        if len(older) == self.CHECK_AT_MOST:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for row in older:
+            pipe.exists(f"dedupe:{row.sender_id}:{row.client_msg_id}")
+        if all(pipe.execute()):
             self.redis.set(RECOVERED_KEY, since, ex=self.dedupe_ttl_ms // 1000)
             log.info("dedupe: no message stored before the Redis loss at %d; nothing to rebuild", since)
 
