@@ -334,8 +334,9 @@ def window_stats(records, wall0: float, seconds: float) -> list[dict]:
 
 def phase_stats(records, wall0: float, seconds: float, phase: float, flushed_at: float | None) -> dict:
     """new_deployment, warm and after_flush phases, and each one's ratios to warm."""
-    phases = {"new_deployment": _window(records, wall0, 0, min(phase, seconds))}
-    warm = [(phase, flushed_at if flushed_at is not None else seconds)]
+    first = min(phase, seconds, flushed_at if flushed_at is not None else seconds)
+    phases = {"new_deployment": _window(records, wall0, 0, first)}
+    warm = [(first, flushed_at if flushed_at is not None else seconds)]
     if flushed_at is not None:
         phases["after_flush"] = _window(records, wall0, flushed_at, min(flushed_at + phase, seconds))
         warm.append((flushed_at + phase, seconds))
