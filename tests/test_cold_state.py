@@ -186,3 +186,29 @@ def test_a_new_deployments_first_sends_are_idempotent_and_it_leaves_the_risk_win
 def _count(engine, cmid):
     with engine.connect() as conn:
         return conn.scalar(select(func.count()).select_from(Message).where(Message.client_msg_id == cmid))
+
+
+def test_after_the_window_a_retry_of_a_send_from_before_the_loss_is_answered_from_the_rebuilt_records(
+        cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    a = connect(alice, cluster.gw1)
+    connect(bob, cluster.gw2)
+    before = [a.send_message(bob.user_id, f"before the loss {n}", client_msg_id=f"old-{n}") for n in range(3)]
+    wait_until(lambda: all(_rows(storage, alice.user_id, f"old-{n}") for n in range(3)), what="the sends stored")
+    storage.redis.flushdb()
+    connect(make_user(), cluster.gw1).send_message(bob.user_id, "someone else starts the new memory")
+    wait_out_of_risk_window(storage.redis, cluster.gw1, cluster.gw2)
+    # Out of the window the retries do not wait for storage: they find their records again.
+    cluster.persist.signal(signal.SIGSTOP)
+    try:
+        retry = connect(alice, cluster.gw2)
+        for n, first in enumerate(before):
+            again = retry.send_message(bob.user_id, f"before the loss {n}", client_msg_id=f"old-{n}")
+            assert (again["type"], again["msg_id"], again["timestamp"]) == ("ack", first["msg_id"], first["timestamp"])
+        new = retry.send_message(bob.user_id, "a new one", client_msg_id="new-after-window")
+        assert new["type"] == "ack" and new["msg_id"] not in {f["msg_id"] for f in before}
+    finally:
+        cluster.persist.signal(signal.SIGCONT)
+    assert storage.redis.get(f"dedupe:rebuilt:{alice.user_id}") == storage.redis.get("dedupe:since")
+    wait_until(lambda: _rows(storage, alice.user_id, "new-after-window"), what="the new send stored")
+    assert all(len(_rows(storage, alice.user_id, f"old-{n}")) == 1 for n in range(3))

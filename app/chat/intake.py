@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from app.chat.conversations import private_conversation_id
 from app.chat.groups import group_conversation_id, require_sender
-from app.chat.recovery import (DEDUPE_SINCE_KEY, RECOVERED_KEY, REBUILT_KEY, RecoveryWatch, StoredAcks, grace_ms,
+from app.chat.recovery import (DEDUPE_SINCE_KEY, OLD_RECORDS_KEY, RECOVERED_KEY, REBUILT_KEY, RecoveryWatch, StoredAcks, grace_ms,
                                rebuild_sender)
 from app.errors import ChatError, InvalidInput, NotFound, Unavailable
 from app.group_commit import GroupCommit
@@ -35,8 +35,10 @@ RECOVERY_ACK_WAIT_SECONDS = 10.0
 # if it did not know). Within the dedupe window after a loss whose risk window
 # this gateway knows closed (ARGV[4]), a sender whose records were not rebuilt
 # from MySQL yet gets "?" and no record: the gateway rebuilds them and claims
-# again. KEYS: record, since, the sender's rebuilt marker, recovered.
-# ARGV: pending value, TTL, now (ms), the `since` known drained or "".
+# again; a rebuilt sender's send that has no record takes its record from
+# before the loss, if any. KEYS: record, since, the sender's rebuilt marker,
+# recovered, the sender's old records. ARGV: pending value, TTL, now (ms), the
+# `since` known drained or "", client_msg_id.
 _CLAIM_SCRIPT = """
 local value = redis.call('GET', KEYS[1])
 local since = redis.call('GET', KEYS[2])
@@ -45,9 +47,15 @@ if not since then
   since = ARGV[3]
 end
 if not value then
-  if ARGV[4] == since and tonumber(ARGV[3]) - tonumber(since) < tonumber(ARGV[2]) * 1000
-      and redis.call('GET', KEYS[3]) ~= since and redis.call('GET', KEYS[4]) ~= since then
-    return {'?', since}
+  if tonumber(ARGV[3]) - tonumber(since) < tonumber(ARGV[2]) * 1000 then
+    if ARGV[4] == since and redis.call('GET', KEYS[3]) ~= since and redis.call('GET', KEYS[4]) ~= since then
+      return {'?', since}
+    end
+    local old = redis.call('HGET', KEYS[5], ARGV[5])
+    if old then
+      redis.call('SET', KEYS[1], old, 'EX', ARGV[2])
+      return {old, since}
+    end
   end
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   value = ''
@@ -139,10 +147,11 @@ class MessageIntake:
             # retry publishes this same id, and persist collapses copies by id.
             now = self.clock()
             fresh = f"p:{self._next_id()}:{int(now * 1000)}"
-            value, since = self._claim((key, sender_id, fresh, int(now * 1000), self.recovery.drained_since()))
+            value, since = self._claim((key, sender_id, req.client_msg_id, fresh, int(now * 1000),
+                                        self.recovery.drained_since()))
             if value == "?":  # the loss's risk window is over: this sender's records first
                 self._rebuild(sender_id, int(since))
-                value, since = self._claim((key, sender_id, fresh, int(now * 1000), ""))
+                value, since = self._claim((key, sender_id, req.client_msg_id, fresh, int(now * 1000), ""))
             since = int(since)
             fresh_record = value == ""
             value = fresh if fresh_record else value
@@ -184,14 +193,15 @@ class MessageIntake:
             self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
         return ack
 
-    def claim_many(self, items: list[tuple[str, int, str, int, str]]) -> list:
-        """Dedupe claims (record key, sender, pending value, now in ms, the `since` known drained)
+    def claim_many(self, items: list[tuple[str, int, str, str, int, str]]) -> list:
+        """Dedupe claims (record key, sender, client_msg_id, pending value, now in ms, the `since` known drained)
         in one round trip: for each, [the record's value before, "" if this claim made it, or
         "?" if the sender's records must be rebuilt first; ms since Redis remembers]."""
         script, pipe = self.storage.script(_CLAIM_SCRIPT), self.redis.pipeline(transaction=False)
-        for key, sender_id, pending, now_ms, drained in items:
-            script(keys=[key, DEDUPE_SINCE_KEY, REBUILT_KEY.format(sender_id), RECOVERED_KEY],
-                   args=[pending, self.dedupe_ttl, now_ms, drained], client=pipe)
+        for key, sender_id, client_msg_id, pending, now_ms, drained in items:
+            script(keys=[key, DEDUPE_SINCE_KEY, REBUILT_KEY.format(sender_id), RECOVERED_KEY,
+                         OLD_RECORDS_KEY.format(sender_id)],
+                   args=[pending, self.dedupe_ttl, now_ms, drained, client_msg_id], client=pipe)
         return pipe.execute()
 
     def _rebuild(self, sender_id: int, since: int) -> None:

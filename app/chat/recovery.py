@@ -50,6 +50,7 @@ SEQ_KEY = "persist:seq"  # orders the reports
 REISSUED_KEY = "persist:reissued"  # ms of the last time a message from before the loss went back to a queue
 PROBED_KEY = "persist:probed:{}"  # a gateway published the probes for this threshold
 REBUILT_KEY = "dedupe:rebuilt:{}"  # uid -> the `dedupe:since` its records were rebuilt for
+OLD_RECORDS_KEY = "dedupe:old:{}"  # uid -> hash client_msg_id -> ack JSON of its sends from before the loss
 RECOVERED_KEY = "dedupe:recovered"  # the `dedupe:since` for which MySQL held nothing to rebuild
 DRAINED_KEY = "dedupe:drained:{}"  # gateway id -> the `dedupe:since` whose risk window it saw close
 
@@ -292,19 +293,26 @@ class RecoveryWatch:
 
 
 def rebuild_sender(storage: Storage, sender_id: int, since: int) -> int:
-    """The dedupe records of a sender's messages from before the loss, from MySQL into Redis
-    (SET NX: a record made since is kept), then the sender's marker. Returns how many."""
+    """The dedupe records of a sender's messages from before the loss, from MySQL back into Redis,
+    then the sender's marker. Returns how many.
+
+    They go into one hash per sender (`dedupe:old:{uid}`, one HSET for the whole day, expiring
+    when the newest could): the claim script reads it only when the send's own record is
+    missing, so a record made since the loss always wins."""
     ttl = storage.settings.dedupe_ttl_seconds
     with storage.engine.connect() as conn:  # idx_sender (sender_id, timestamp)
         rows = conn.execute(select(Message.client_msg_id, Message.id, Message.conversation_id, Message.timestamp)
                             .where(Message.sender_id == sender_id, Message.timestamp >= since - ttl * 1000,
                                    Message.timestamp < since + SKEW_MS,  # claimed before the loss
                                    Message.client_msg_id.is_not(None))).all()
-    pipe = storage.redis.pipeline(transaction=False)
-    for client_msg_id, msg_id, conversation_id, timestamp in rows:
+    pipe = storage.redis.pipeline(transaction=True)
+    key = OLD_RECORDS_KEY.format(sender_id)
+    pipe.delete(key)
+    if rows:
         # The ack JSON of intake.Ack.to_json, made by hand: this runs for every row of the sender's day.
-        pipe.set(f"dedupe:{sender_id}:{client_msg_id}",
-                 f'{{"m": "{msg_id}", "c": {json.dumps(conversation_id)}, "t": {timestamp}}}', ex=ttl, nx=True)
+        pipe.hset(key, mapping={cmid: f'{{"m": "{msg_id}", "c": {json.dumps(conv)}, "t": {ts}}}'
+                                for cmid, msg_id, conv, ts in rows})
+        pipe.expireat(key, (since + SKEW_MS) // 1000 + ttl)
     pipe.set(REBUILT_KEY.format(sender_id), since, ex=ttl)
     pipe.execute()
     log.info("dedupe: rebuilt %d records of user %d after the Redis loss at %d", len(rows), sender_id, since)
