@@ -12,8 +12,9 @@ different msg_id than its first attempt:
    healthy pipeline is the publish grace plus milliseconds.
 2. The first copy is stored. Once the window is closed every copy from before the
    loss is stored, so a sender's records are rebuilt into Redis from MySQL once
-   per sender per loss (`rebuild_sender`, marker `dedupe:rebuilt:{uid}`), with SET
-   NX so a record made since the loss is never overwritten; and when the
+   per sender per loss (`rebuild_sender`, marker `dedupe:rebuilt:{uid}`), into a
+   hash read only when a send has no record, so a record made since the loss
+   is never overwritten; and when the
    database holds no message from the dedupe window before the loss there is
    nothing to rebuild (`dedupe:recovered`).
 
