@@ -15,7 +15,7 @@ import pytest
 
 from tests.harness import (
     ROOT, ChatClient, Gateway, Services, Worker, provision_embedded, provision_real, real_services_reachable,
-    register_and_login,
+    register_and_login, wait_out_of_risk_window,
 )
 
 RUN_ID = uuid.uuid4().hex[:10]
@@ -185,6 +185,21 @@ def cluster(services, log_dir, push_fakes):
 @pytest.fixture
 def make_user(cluster):
     return lambda username=None: register_and_login(cluster.gw1.http, username)
+
+
+@pytest.fixture
+def out_of_risk_window(cluster, storage):
+    """The shared gateways past the risk window after the last Redis loss (a new Redis at the start
+    of the run, or a test's flush): from then on an ack does not wait for storage, which a test that
+    stops or blocks persist needs."""
+    sender, peer = register_and_login(cluster.gw1.http), register_and_login(cluster.gw1.http)
+    clients = [ChatClient(g.ws, sender.token) for g in (cluster.gw1, cluster.gw2)]  # both intakes started
+    try:
+        assert clients[0].send_message(peer.user_id, "warm-up")["type"] == "ack"
+        wait_out_of_risk_window(storage.redis, cluster.gw1, cluster.gw2)
+    finally:
+        for client in clients:
+            client.close()
 
 
 @pytest.fixture
