@@ -58,7 +58,9 @@ DRAINED_KEY = "dedupe:drained:{}"  # gateway id -> the `dedupe:since` whose risk
 SKEW_MS = 1000  # clocks of gateways and workers may differ by this much
 REPORT_INTERVAL = 0.5
 STALE_MS = 3000  # a report older than this: its worker is dead or hung
-WORKER_TTL_SECONDS = 30  # by then the broker has given a dead worker's messages back to the queue
+# By then the broker has given a dead worker's messages back to the queue: it closes a silent
+# connection after two missed heartbeats (celeryconfig broker_heartbeat 30 s), a killed one at once.
+WORKER_TTL_SECONDS = 90
 PROBE_TTL_SECONDS = 30
 
 # A persist worker's report: ordered by SEQ_KEY, stamped with Redis's clock; returns
