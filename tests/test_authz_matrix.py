@@ -194,6 +194,8 @@ REST = [
      _push_failed_again),
     ("POST", "/api/admin/pushes/retry", "the party's failed pushes", "401 401 403 403 403 403 403 202",
      lambda w, role: {"json": {"user_id": w.users["party"].user_id, "status": "failed"}}),
+    ("GET", "/api/push/vapid-public-key", "the server's Web Push key (public)", "200 200 200 200 200 200 200 200",
+     None),
     ("GET", "/healthz", "liveness", "200 200 200 200 200 200 200 200", None),
     ("GET", "/readyz", "readiness", "200 200 200 200 200 200 200 200", None),
 ]
