@@ -36,6 +36,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from app.http.admin import bp as admin_api_bp
     from app.http.push import bp as push_bp
     from app.http.users import bp as users_bp
+    from app.http.search import bp as search_bp
     from app.http.dashboard import init_dashboard
     from app.http.health import bp as health_bp
     from app.http.metrics import bp as metrics_bp
@@ -48,6 +49,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(groups_bp)
     app.register_blueprint(push_bp)
     app.register_blueprint(users_bp)
+    app.register_blueprint(search_bp)
     app.register_blueprint(admin_api_bp)
     init_dashboard(app)
     app.register_blueprint(health_bp)

@@ -94,6 +94,18 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
+class MessageSearch(Base):
+    """The search index of one message (app.chat.search): hash tokens of its words and CJK
+    bigrams. FULLTEXT-indexed on MySQL; on SQLite mirrored into the FTS5 table
+    message_search_fts by triggers (migration 0008). No row: nothing to find."""
+
+    __tablename__ = "message_search"
+    __table_args__ = (MYSQL_TABLE_ARGS,)  # the FULLTEXT index / FTS5 table: migration 0008 (per dialect)
+
+    message_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    terms: Mapped[str] = mapped_column(Text)
+
+
 class Conversation(Base):
     """One row per (user, conversation): the user's conversation list."""
 

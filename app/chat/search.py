@@ -1,0 +1,176 @@
+"""Message search: an application-written index that finds CJK words in unsegmented text.
+
+MariaDB 10.11 has no ngram parser and a plain InnoDB FULLTEXT index treats
+我们明天去北京开会 as one word, so the application segments text itself:
+runs of CJK characters become overlapping bigrams (a lone CJK character stays
+itself), other scripts become case-folded words. Each term is stored as a
+short hash token (`t` + 16 hex digits) in `message_search.terms`: always
+longer than InnoDB's minimum token size, never a stopword, never an operator,
+and no second plain copy of the message text. MySQL/MariaDB query it through
+a FULLTEXT index, SQLite through an FTS5 table kept in step by triggers
+(migration 0008).
+
+Bigrams and hashes over-approximate (北京 and 京开 may sit apart, two terms may
+share a hash), so every candidate is checked against its content before it is
+returned: each query word must be a word of the message and each CJK run of the
+query must occur in it. Rows are written by persist in the message's own
+transaction and deleted when a message is recalled, so recalled content is
+never found.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from sqlalchemy import delete, insert, select, text
+from sqlalchemy.orm import Session
+
+from app.chat.conversations import visible_messages
+from app.errors import InvalidInput
+from app.storage import Storage
+from models import STATUS_RECALLED, Message, MessageSearch
+
+QUERY_MIN_CHARS, QUERY_MAX_CHARS = 2, 200
+SEARCH_DEFAULT_LIMIT, SEARCH_MAX_LIMIT = 20, 100
+MAX_QUERY_TERMS = 32  # more terms add nothing a person types, only index work
+CANDIDATE_BATCH = 200  # candidates fetched per round while the content check drops some
+
+# Han (with extensions and compatibility ideographs), kana, Hangul, CJK symbols' letters.
+_CJK = (r"\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+        r"\U00020000-\U0002ebef\U00030000-\U0003134f")
+_SEGMENT_RE = re.compile(rf"([{_CJK}]+)|((?:(?![{_CJK}])\w)+)")
+
+
+def normalize(content: str) -> str:
+    """The form both the index and the content check compare: NFKC, case-folded
+    (full-width Ｂｅｉｊｉｎｇ matches beijing)."""
+    return unicodedata.normalize("NFKC", content).casefold()
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a text is made of for search: its words (other scripts) and its CJK runs."""
+
+    words: frozenset[str]
+    cjk_runs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, content: str) -> Terms:
+        words, runs = set(), []
+        for cjk, word in _SEGMENT_RE.findall(normalize(content)):
+            if cjk:
+                runs.append(cjk)
+            else:
+                words.add(word)
+        return cls(frozenset(words), tuple(runs))
+
+    def index_terms(self) -> set[str]:
+        terms = set(self.words)
+        for run in self.cjk_runs:
+            terms.update(run if len(run) == 1 else (run[i:i + 2] for i in range(len(run) - 1)))
+        return terms
+
+    def found_in(self, content: str) -> bool:
+        """Whether a message's text really holds every word and every CJK run of this query."""
+        if not self.words <= Terms.of(content).words:
+            return False
+        text_ = normalize(content)
+        return all(run in text_ for run in self.cjk_runs)
+
+
+def _token(term: str) -> str:
+    return "t" + hashlib.blake2b(term.encode("utf-8"), digest_size=8).hexdigest()
+
+
+def index_row(msg_id: int, content: str) -> dict | None:
+    """The message_search row of a message, or None when its text holds nothing searchable."""
+    terms = Terms.of(content).index_terms()
+    return {"message_id": msg_id, "terms": " ".join(sorted(_token(t) for t in terms))} if terms else None
+
+
+def index_messages(session: Session, messages: list[tuple[int, str]]) -> None:
+    """Add (msg_id, content) pairs to the index, inside the caller's (persist's) transaction."""
+    rows = [row for row in (index_row(msg_id, content) for msg_id, content in messages) if row is not None]
+    if rows:
+        session.execute(insert(MessageSearch), rows)
+
+
+def unindex_message(session: Session, msg_id: int) -> None:
+    """A recalled (or removed) message leaves the index with its content."""
+    session.execute(delete(MessageSearch).where(MessageSearch.message_id == msg_id))
+
+
+def parse_query(q) -> Terms:
+    """The user's query as terms; InvalidInput for one that is too short, too long or has no words."""
+    if not isinstance(q, str) or not q.strip():
+        raise InvalidInput("query parameter 'q' is required")
+    q = q.strip()
+    if len(q) < QUERY_MIN_CHARS:
+        raise InvalidInput(f"'q' must be at least {QUERY_MIN_CHARS} characters")
+    if len(q) > QUERY_MAX_CHARS:
+        raise InvalidInput(f"'q' must be at most {QUERY_MAX_CHARS} characters")
+    terms = Terms.of(q)
+    if not terms.index_terms():
+        raise InvalidInput("'q' must contain at least one letter or digit")
+    if len(terms.index_terms()) > MAX_QUERY_TERMS:
+        raise InvalidInput(f"'q' makes more than {MAX_QUERY_TERMS} search terms; search for fewer words")
+    return terms
+
+
+def _match(is_mysql: bool, tokens: list[str]):
+    # Tokens are `t` + hex digits: nothing of the user's query reaches the match syntax.
+    if is_mysql:
+        return text("MATCH (message_search.terms) AGAINST (:match IN BOOLEAN MODE)").bindparams(
+            match=" ".join(f"+{t}" for t in tokens))
+    return MessageSearch.message_id.in_(
+        select(text("rowid")).select_from(text("message_search_fts"))
+        .where(text("message_search_fts MATCH :match").bindparams(match=" AND ".join(tokens))))
+
+
+def search_messages(storage: Storage, user_id: int, q, conversation_id: str | None, before: int | None,
+                    limit: int, frame_of) -> dict:
+    """Messages the user may see (as history shows them) that contain `q`, newest first,
+    older than `before` (a msg_id); `next_before` pages on."""
+    terms = parse_query(q)
+    if not 1 <= limit <= SEARCH_MAX_LIMIT:
+        raise InvalidInput(f"'limit' must be from 1 to {SEARCH_MAX_LIMIT}")
+    tokens = sorted(_token(t) for t in terms.index_terms())
+    found: list[Message] = []
+    with storage.read_sessions() as session:
+        query = (visible_messages(session, user_id, conversation_id)
+                 .join(MessageSearch, MessageSearch.message_id == Message.id)
+                 .where(_match(storage.is_mysql, tokens), Message.status != STATUS_RECALLED))
+        cursor = before
+        while len(found) <= limit:
+            page = query.where(Message.id < cursor) if cursor is not None else query
+            rows = session.scalars(page.order_by(Message.id.desc()).limit(CANDIDATE_BATCH)).all()
+            found += [m for m in rows if terms.found_in(m.content)]
+            if len(rows) < CANDIDATE_BATCH:
+                break
+            cursor = rows[-1].id
+    has_more = len(found) > limit
+    found = found[:limit]
+    return {"messages": [frame_of(m) for m in found], "has_more": has_more,
+            "next_before": str(found[-1].id) if has_more else None}
+
+
+def reindex_messages(storage: Storage, progress=None, after: int = 0, batch: int = 1000) -> int:
+    """Backfill: (re)write the index rows of every stored message with an id above `after`
+    (messages stored before migration 0008, or an index to rebuild), a batch per transaction,
+    in id order; recalled messages get none. Safe to run while persist writes and to run
+    again. `progress(done, last_msg_id)` after each batch. Returns the messages indexed."""
+    done = 0
+    while True:
+        with storage.session() as session:
+            rows = session.execute(select(Message.id, Message.content, Message.status).where(Message.id > after)
+                                   .order_by(Message.id).limit(batch)).all()
+            if not rows:
+                return done
+            ids = [row.id for row in rows]
+            session.execute(delete(MessageSearch).where(MessageSearch.message_id.in_(ids)))
+            index_messages(session, [(row.id, row.content) for row in rows if row.status != STATUS_RECALLED])
+        done, after = done + len(rows), ids[-1]
+        if progress is not None:
+            progress(done, after)
