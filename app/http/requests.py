@@ -295,7 +295,8 @@ class SearchPage:
 
 @dataclass(frozen=True)
 class UserLookup:
-    """GET /api/users?username= (one exact name) or ?prefix= (names starting with it)."""
+    """GET /api/users?username= (one exact name) or ?prefix= (names starting with it); with both,
+    the exact lookup."""
 
     username: str | None
     prefix: str | None
@@ -303,10 +304,8 @@ class UserLookup:
     @classmethod
     def parse(cls, args) -> UserLookup:
         username, prefix = args.get("username"), args.get("prefix")
-        if prefix is None:
+        if prefix is None or username is not None:
             return cls(username, None)  # the exact lookup checks its own parameter
-        if username is not None:
-            raise InvalidInput("give either 'username' or 'prefix', not both")
         if not USERNAME_PREFIX_RE.fullmatch(prefix):
             raise InvalidInput("'prefix' must be 2-32 characters of letters, digits, '_', '.' or '-'")
         return cls(None, prefix)
