@@ -28,6 +28,7 @@ from app.chat.persist import stored_copy, upsert_conversations
 from app.wire import message_frame
 from app.chat.recall import RECALLED_PREVIEW
 from app.chat.search import index_messages
+from app.media.uploads import link_media
 from app.storage import Storage, insert_ignoring_duplicates
 from app.chat.sync import append_entries, entries_of
 from app.chat.unread import count_unread
@@ -67,6 +68,7 @@ def persist_group_message(storage: Storage, payload: dict) -> GroupPersistOutcom
             ))
             session.flush()
             index_messages(session, [(msg_id, payload["content"])])
+            link_media(session, [(msg_id, payload["message_type"], payload.get("extra"))])
             recipients = recipients_of(session, group_id, group_seq)
         return GroupPersistOutcome(msg_id, True, _chunks(recipients, chunk))
     except IntegrityError:

@@ -1,11 +1,13 @@
-"""message search index (app.chat.search): message_search with a FULLTEXT index on MySQL,
-an FTS5 mirror kept by triggers on SQLite
+"""media and search: media (uploads) and media_ref (messages naming them); the message search
+index (app.chat.search), message_search with a FULLTEXT index on MySQL, an FTS5 mirror kept by
+triggers on SQLite
 
 Revision ID: 0008
 Revises: 0005
 """
 from alembic import op
 import sqlalchemy as sa
+import sqlalchemy.dialects.mysql
 
 
 revision = '0008'
@@ -31,6 +33,34 @@ SQLITE_FTS = [
 
 def upgrade() -> None:
     op.create_table(
+        'media',
+        sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+        sa.Column('uploader_id', sa.BigInteger(), nullable=False),
+        sa.Column('sha256', sa.String(64).with_variant(sa.dialects.mysql.VARCHAR(64, collation='utf8mb4_bin'),
+                                                       'mysql'), nullable=False),
+        sa.Column('content_type', sa.String(100), nullable=False),
+        sa.Column('size', sa.BigInteger(), nullable=False),
+        sa.Column('upload_size', sa.BigInteger(), nullable=False),
+        sa.Column('filename', sa.String(255), nullable=True),
+        sa.Column('width', sa.Integer(), nullable=True),
+        sa.Column('height', sa.Integer(), nullable=True),
+        sa.Column('has_thumbnail', sa.Boolean(), server_default='0', nullable=False),
+        sa.Column('storage_key', sa.String(128), nullable=False),
+        sa.Column('created_at_ms', sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint('id', name=op.f('pk_media')),
+        sa.UniqueConstraint('uploader_id', 'sha256', name=op.f('uq_media_uploader_id_sha256')),
+        mysql_engine='InnoDB', mysql_charset='utf8mb4', mysql_collate='utf8mb4_unicode_ci',
+    )
+    op.create_index('idx_media_created', 'media', ['created_at_ms'])
+    op.create_table(
+        'media_ref',
+        sa.Column('media_id', sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column('message_id', sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.PrimaryKeyConstraint('media_id', 'message_id', name=op.f('pk_media_ref')),
+        mysql_engine='InnoDB', mysql_charset='utf8mb4', mysql_collate='utf8mb4_unicode_ci',
+    )
+    op.create_index('idx_media_ref_message', 'media_ref', ['message_id'])
+    op.create_table(
         'message_search',
         sa.Column('message_id', sa.BigInteger(), autoincrement=False, nullable=False),
         sa.Column('terms', sa.Text(), nullable=False),
@@ -50,3 +80,5 @@ def downgrade() -> None:
             op.execute(f"DROP TRIGGER IF EXISTS {name}")
         op.execute("DROP TABLE IF EXISTS message_search_fts")
     op.drop_table('message_search')
+    op.drop_table('media_ref')
+    op.drop_table('media')
