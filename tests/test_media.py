@@ -132,7 +132,8 @@ def test_the_declared_type_must_be_the_content(cluster, make_user):
              "image/png")  # an image must be declared as one, so it is cleaned
     _refused(_upload(cluster.gw1, alice, b"%PDF-1.7 pretending", "text/plain"), 415, "unsupported_media_type",
              "application/pdf")
-    _refused(_upload(cluster.gw1, alice, b"", "text/plain"), 400, "invalid_request", "empty")
+    _refused(_upload(cluster.gw1, alice, b"", "image/png"), 415, "unsupported_media_type", "not image/png")
+    assert _uploaded(cluster.gw1, alice, b"", "text/plain")["size"] == 0  # an empty text file is a file
 
 
 def test_a_polyglot_keeps_only_its_pixels_and_a_script_file_is_never_run(cluster, make_user):

@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, g, jsonify, request, send_file
 from app.errors import NotFound
 from app.http import settings, storage
 from app.http.chat import require_user
+from app.http.requests import MediaUpload
 from app.media.content import IMAGE_TYPES
 from app.media.uploads import accept_upload, media_answer, media_for_reader
 
@@ -21,8 +22,9 @@ def media_store():
 @bp.post("/media")
 @require_user
 def upload():
-    media = accept_upload(storage(), media_store(), g.user_id, request.mimetype or "", request.stream,
-                          request.content_length, request.args.get("filename"))
+    req = MediaUpload.parse(request.args, request.mimetype, request.content_length)
+    media = accept_upload(storage(), media_store(), g.user_id, req.content_type, request.stream,
+                          req.declared_length, req.filename)
     return jsonify(media_answer(media)), 201
 
 

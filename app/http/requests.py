@@ -309,3 +309,22 @@ class UserLookup:
         if not USERNAME_PREFIX_RE.fullmatch(prefix):
             raise InvalidInput("'prefix' must be 2-32 characters of letters, digits, '_', '.' or '-'")
         return cls(None, prefix)
+
+
+@dataclass(frozen=True)
+class MediaUpload:
+    """POST /api/media?filename=: the declared type and length of the raw body, and its name
+    (cleaned by app.media.uploads; the body itself is streamed, never parsed here)."""
+
+    content_type: str
+    declared_length: int | None
+    filename: str | None
+
+    MAX_FILENAME_PARAM = 1000
+
+    @classmethod
+    def parse(cls, args, mimetype: str | None, content_length: int | None) -> MediaUpload:
+        filename = args.get("filename")
+        if filename is not None and len(filename) > cls.MAX_FILENAME_PARAM:
+            raise InvalidInput(f"'filename' must be at most {cls.MAX_FILENAME_PARAM} characters")
+        return cls(mimetype or "", content_length, filename or None)

@@ -78,8 +78,6 @@ def accept_upload(storage: Storage, store: MediaStore, user_id: int, declared_ty
     upload = store.temporary()
     try:
         digest, size, head = _receive(body, upload, limit, declared_length)
-        if size == 0:
-            raise InvalidInput("the upload is empty")
         if used + size > settings.media_quota_bytes:
             raise TooLarge(f"this upload does not fit in your quota of {settings.media_quota_bytes} bytes "
                            f"(MEDIA_QUOTA_BYTES; {used} used)")
