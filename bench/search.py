@@ -57,7 +57,7 @@ def seed_corpus(storage, searcher: int, count: int, seed_seconds: float) -> tupl
     """Bulk-insert up to `count` messages with their index rows (stopping after seed_seconds);
     returns (messages stored, the searcher's conversation ids)."""
     from app.chat.conversations import private_conversation_id
-    from app.chat.search import index_row
+    from app.chat.search import IndexedMessage, index_row
     from models import Conversation, Message, MessageSearch
 
     rng = random.Random(20261203)
@@ -81,7 +81,7 @@ def seed_corpus(storage, searcher: int, count: int, seed_seconds: float) -> tupl
             messages.append({"id": msg_id, "conversation_id": private_conversation_id(a, b), "sender_id": a,
                              "receiver_id": b, "client_msg_id": f"bench-{done + i}", "message_type": "text",
                              "content": content, "extra": None, "is_group": False, "timestamp": now, "status": 0})
-            row = index_row(msg_id, content)
+            row = index_row(IndexedMessage(msg_id, content, a, b, None))
             if row is not None:
                 index.append(row)
         with storage.session() as session:

@@ -263,3 +263,25 @@ def test_an_old_message_behind_a_full_page_of_newer_ones_is_found_through_the_in
     page = _search(cluster.gw1, bob, q="filler message", limit=100).json()
     assert len(page["messages"]) == 100 and page["has_more"] is True
     assert page["messages"][0]["msg_id"] == str(base + SCAN_FIRST + 59)
+
+
+def test_an_old_group_message_is_found_through_the_index_by_members_only(make_user, cluster, storage):
+    from app.chat.group_messages import persist_group_message
+    from app.chat.search import SCAN_FIRST
+
+    owner, member, outsider = make_user(), make_user(), make_user()
+    group = make_group(lambda user: _api(cluster.gw1, user), owner, [member])
+    base, now = (int(time.time() * 1000) << 22) + 5000, int(time.time() * 1000)
+
+    def persist(i, content):
+        persist_group_message(storage, {
+            "msg_id": str(base + i), "conversation_id": group["conversation_id"], "sender_id": int(owner.user_id),
+            "to": None, "group_id": int(group["group_id"]), "client_msg_id": f"g-bulk-{i}", "message_type": "text",
+            "content": content, "extra": {}, "timestamp": now})
+    persist(0, "团建地点定在杭州")
+    for i in range(1, SCAN_FIRST + 20):
+        persist(i, f"group filler {i}")
+    assert _found(cluster.gw1, member, q="团建") == [str(base)]
+    assert _found(cluster.gw1, member, q="团建", conversation_id=group["conversation_id"]) == [str(base)]
+    assert _found(cluster.gw1, owner, q="杭州") == [str(base)]
+    assert _found(cluster.gw1, outsider, q="团建") == []

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.chat.conversations import invalidate_conversation_lists, message_preview
-from app.chat.search import index_messages
+from app.chat.search import IndexedMessage, index_messages
 from app.media.uploads import link_media
 from app.chat.sync import append_entries
 from app.storage import Storage
@@ -84,7 +84,8 @@ def _store(storage: Storage, payloads: list[dict]) -> None:
     IntegrityError (nothing written) if any message is stored already."""
     with storage.session() as session:
         session.execute(insert(Message), [_message_row(payload) for payload in payloads])
-        index_messages(session, [(int(p["msg_id"]), p["content"]) for p in payloads])
+        index_messages(session, [IndexedMessage(int(p["msg_id"]), p["content"], int(p["sender_id"]), int(p["to"]),
+                                                None) for p in payloads])
         link_media(session, [(int(p["msg_id"]), p["message_type"], p.get("extra")) for p in payloads])
         newest: dict[tuple[int, str], dict] = {}  # one row per (user, conversation): its newest message
         for payload in payloads:

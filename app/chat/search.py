@@ -6,7 +6,10 @@ runs of CJK characters become overlapping bigrams (a lone CJK character stays
 itself), other scripts become case-folded words. Each term is stored as a
 short hash token (`t` + 16 hex digits) in `message_search.terms`: always
 longer than InnoDB's minimum token size, never a stopword, never an operator,
-and no second plain copy of the message text. MySQL/MariaDB query it through
+and no second plain copy of the message text. The row also holds scope tokens
+(the private chat's two parties, or the group), and a query requires one of
+the asker's scopes, so the index returns the asker's candidates only: a word
+that is in a fifth of a million messages costs no more than the asker's own. MySQL/MariaDB query it through
 a FULLTEXT index, SQLite through an FTS5 table kept in step by triggers
 (migration 0008).
 
@@ -30,7 +33,7 @@ from sqlalchemy.orm import Session
 from app.chat.conversations import visible_messages
 from app.errors import InvalidInput
 from app.storage import Storage
-from models import STATUS_RECALLED, Message, MessageSearch
+from models import STATUS_RECALLED, GroupMember, Message, MessageSearch
 
 QUERY_MIN_CHARS, QUERY_MAX_CHARS = 2, 200
 SEARCH_DEFAULT_LIMIT, SEARCH_MAX_LIMIT = 20, 100
@@ -84,15 +87,39 @@ def _token(term: str) -> str:
     return "t" + hashlib.blake2b(term.encode("utf-8"), digest_size=8).hexdigest()
 
 
-def index_row(msg_id: int, content: str) -> dict | None:
+@dataclass(frozen=True)
+class IndexedMessage:
+    """What the index needs of a message: its text, and who it belongs to."""
+
+    msg_id: int
+    content: str
+    sender_id: int
+    receiver_id: int | None  # None for a group message
+    group_id: int | None
+
+
+def _scope_tokens(sender_id: int, receiver_id: int | None, group_id: int | None) -> list[str]:
+    # Who a message belongs to, as index terms (a NUL cannot occur in a word): a query ANDs
+    # the asker's scopes with its words, so the index itself returns only the asker's
+    # candidates instead of every message in the corpus that holds a common word.
+    if group_id is not None:
+        return [_token(f"\0g{group_id}")]
+    return [_token(f"\0p{sender_id}"), _token(f"\0p{receiver_id}")]
+
+
+def index_row(message: IndexedMessage) -> dict | None:
     """The message_search row of a message, or None when its text holds nothing searchable."""
-    terms = Terms.of(content).index_terms()
-    return {"message_id": msg_id, "terms": " ".join(sorted(_token(t) for t in terms))} if terms else None
+    terms = Terms.of(message.content).index_terms()
+    if not terms:
+        return None
+    tokens = {_token(t) for t in terms} | set(_scope_tokens(message.sender_id, message.receiver_id,
+                                                             message.group_id))
+    return {"message_id": message.msg_id, "terms": " ".join(sorted(tokens))}
 
 
-def index_messages(session: Session, messages: list[tuple[int, str]]) -> None:
-    """Add (msg_id, content) pairs to the index, inside the caller's (persist's) transaction."""
-    rows = [row for row in (index_row(msg_id, content) for msg_id, content in messages) if row is not None]
+def index_messages(session: Session, messages: list[IndexedMessage]) -> None:
+    """Add messages to the index, inside the caller's (persist's) transaction."""
+    rows = [row for row in map(index_row, messages) if row is not None]
     if rows:
         session.execute(insert(MessageSearch), rows)
 
@@ -114,14 +141,28 @@ def parse_query(q) -> Terms:
     return Terms.of(q)
 
 
-def _match(is_mysql: bool, tokens: list[str]):
-    # Tokens are `t` + hex digits: nothing of the user's query reaches the match syntax.
+def _match(is_mysql: bool, tokens: list[str], scopes: list[str]):
+    """Every term, and at least one of the asker's scopes. Tokens are `t` + hex digits:
+    nothing of the user's query reaches the match syntax."""
     if is_mysql:
         return text("MATCH (message_search.terms) AGAINST (:match IN BOOLEAN MODE)").bindparams(
-            match=" ".join(f"+{t}" for t in tokens))
+            match=" ".join(f"+{t}" for t in tokens) + " +(" + " ".join(scopes) + ")")
     return MessageSearch.message_id.in_(
         select(text("rowid")).select_from(text("message_search_fts"))
-        .where(text("message_search_fts MATCH :match").bindparams(match=" AND ".join(tokens))))
+        .where(text("message_search_fts MATCH :match").bindparams(
+            match=" AND ".join(tokens) + " AND (" + " OR ".join(scopes) + ")")))
+
+
+def _scopes_of(session: Session, user_id: int, conversation_id: str | None) -> list[str]:
+    """The scope tokens of what this user may see: their private chats, and every group they
+    were ever a member of (the membership windows are applied in SQL)."""
+    if conversation_id is not None and conversation_id.startswith("g_") and conversation_id[2:].isdigit():
+        return [_token(f"\0g{int(conversation_id[2:])}")]
+    scopes = [_token(f"\0p{user_id}")]
+    if conversation_id is None:
+        scopes += [_token(f"\0g{gid}") for gid in session.scalars(
+            select(GroupMember.group_id).where(GroupMember.user_id == user_id))]
+    return scopes
 
 
 def _matching(session, query, terms: Terms, before: int | None, limit: int, batch: int,
@@ -157,7 +198,7 @@ def search_messages(storage: Storage, user_id: int, q, conversation_id: str | No
         found, cursor, exhausted = _matching(session, visible, terms, before, limit, SCAN_FIRST, rounds=1)
         if len(found) <= limit and not exhausted:
             indexed = visible.join(MessageSearch, MessageSearch.message_id == Message.id).where(
-                _match(storage.is_mysql, tokens))
+                _match(storage.is_mysql, tokens, _scopes_of(session, user_id, conversation_id)))
             found += _matching(session, indexed, terms, cursor, limit - len(found), CANDIDATE_BATCH)[0]
     has_more = len(found) > limit
     found = found[:limit]
@@ -173,13 +214,16 @@ def reindex_messages(storage: Storage, progress=None, after: int = 0, batch: int
     done = 0
     while True:
         with storage.session() as session:
-            rows = session.execute(select(Message.id, Message.content, Message.status).where(Message.id > after)
-                                   .order_by(Message.id).limit(batch)).all()
+            rows = session.execute(select(Message.id, Message.content, Message.status, Message.sender_id,
+                                          Message.receiver_id, Message.group_id, Message.is_group)
+                                   .where(Message.id > after).order_by(Message.id).limit(batch)).all()
             if not rows:
                 return done
             ids = [row.id for row in rows]
             session.execute(delete(MessageSearch).where(MessageSearch.message_id.in_(ids)))
-            index_messages(session, [(row.id, row.content) for row in rows if row.status != STATUS_RECALLED])
+            index_messages(session, [IndexedMessage(row.id, row.content, row.sender_id, row.receiver_id,
+                                                    row.group_id if row.is_group else None)
+                                     for row in rows if row.status != STATUS_RECALLED])
         done, after = done + len(rows), ids[-1]
         if progress is not None:
             progress(done, after)
