@@ -13,18 +13,15 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import psutil
 import requests
 
-from bench import close_run
-from tests.harness import Gateway, provision_embedded, provision_real, real_services_reachable, register_and_login
+from bench import close_run, open_run
+from tests.harness import Gateway, register_and_login
 
 MIB = 1024 * 1024
 
@@ -45,9 +42,7 @@ def main() -> int:
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
 
-    kind = args.services if args.services != "auto" else ("real" if real_services_reachable() else "embedded")
-    tmp = Path(tempfile.mkdtemp(prefix="nl-bench-"))
-    services = provision_real(uuid.uuid4().hex[:10]) if kind == "real" else provision_embedded("bench", tmp)
+    kind, tmp, services = open_run(args.services, "media")
     gateway, ok = None, False
     try:
         from app.storage import upgrade_schema

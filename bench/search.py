@@ -16,16 +16,13 @@ import argparse
 import json
 import random
 import sys
-import tempfile
 import time
-import uuid
-from pathlib import Path
 
 import requests
 from sqlalchemy import insert
 
-from bench import close_run
-from tests.harness import Gateway, provision_embedded, provision_real, real_services_reachable, register_and_login
+from bench import close_run, open_run
+from tests.harness import Gateway, register_and_login
 
 CHINESE = ("我们 明天 北京 开会 项目 计划 报告 客户 合同 会议 时间 地点 问题 方案 测试 上线 发布 版本 数据 服务器 "
            "数据库 网络 用户 手机 电脑 周末 吃饭 电影 天气 下雨 火车 飞机 酒店 上海 广州 深圳 杭州 成都 朋友 家人 "
@@ -138,9 +135,7 @@ def main() -> int:
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
 
-    kind = args.services if args.services != "auto" else ("real" if real_services_reachable() else "embedded")
-    tmp = Path(tempfile.mkdtemp(prefix="nl-bench-"))
-    services = provision_real(uuid.uuid4().hex[:10]) if kind == "real" else provision_embedded("bench", tmp)
+    kind, tmp, services = open_run(args.services, "search")
     gateway, ok = None, False
     try:
         import os

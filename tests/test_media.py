@@ -12,9 +12,8 @@ import pytest
 import requests
 from PIL import Image
 
-from app.chat.conversations import private_conversation_id
 from tests.harness import wait_until
-from tests.test_groups import group_send, make_group
+from tests.test_groups import make_group
 from tests.test_push import add_device, apns_for, statuses
 
 MIB = 1024 * 1024
