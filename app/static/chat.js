@@ -596,8 +596,7 @@ function mediaBody(msg) {
     mediaUrl(mediaId, true).then((url) => { img.src = url; }, () => { img.alt = "Photo (not available)"; });
     img.addEventListener("click", async () => {
       try {
-        $("image-full").src = await mediaUrl(mediaId, false);
-        $("image-full").alt = msg.content || "Photo";
+        $("image-full").replaceChildren(el("img", { src: await mediaUrl(mediaId, false), alt: msg.content || "Photo" }));
         $("image-dialog").showModal();
       } catch (err) {
         showError($("sidebar-error"), `Could not open the picture: ${errorText(err)}`);

@@ -41,7 +41,7 @@ def test_a_picture_goes_through_the_page_and_a_chinese_word_is_found(cluster, ma
     shot(bob_page, "media-1-thumbnail")
     theirs.click()
     expect(bob_page.locator("#image-dialog")).to_be_visible()
-    bob_page.wait_for_function("() => document.getElementById('image-full').naturalWidth === 640")
+    bob_page.wait_for_function("() => (document.querySelector('#image-full img') || {}).naturalWidth === 640")
     bob_page.locator("#image-dialog button").click()
 
     bob_page.locator("#search input[name=q]").fill(word)
