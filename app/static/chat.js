@@ -674,7 +674,7 @@ async function onSearch(event) {
     : "Nothing found";
   for (const msg of answer.messages) {
     const conv = ensureConv(msg.conversation_id);
-    const item = el("li", { class: "conv search-hit", dataset: { conversationId: msg.conversation_id, msgId: msg.msg_id } },
+    const item = el("li", { class: "search-hit", dataset: { conversationId: msg.conversation_id, msgId: msg.msg_id } },
       el("div", { class: "conv-text" },
         el("div", { class: "conv-name" }, convTitle(conv)),
         el("div", { class: "conv-preview" }, preview(msg)),
