@@ -63,8 +63,8 @@ def seed_corpus(storage, searcher: int, count: int, seed_seconds: float) -> tupl
     own = [(searcher, peer) for peer in rng.sample(others, 20)]
     with storage.session() as session:  # the searcher's conversation rows: a conversation_id filter needs them
         session.execute(insert(Conversation), [
-            {"conversation_id": private_conversation_id(a, b), "user_id": a, "target_id": b, "is_group": False,
-             "unread_count": 0} for a, b in own])
+            {"conversation_id": private_conversation_id(a, b), "user_id": a, "target_id": b, "is_group": False}
+            for a, b in own])
     base_id, now = int(time.time() * 1000) << 22, int(time.time() * 1000)
     started, done = time.monotonic(), 0
     while done < count and time.monotonic() - started < seed_seconds:
