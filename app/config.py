@@ -35,6 +35,13 @@ class Settings:
     database_replica_url: str = field(default="", repr=False)
     broker_url: str = field(default="amqp://guest:guest@127.0.0.1:5672//", repr=False)
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    # Redis through Sentinel (DESIGN §9): "host:port,host:port,…"; when set, the primary
+    # is Sentinel's answer and REDIS_URL gives only the db and the password.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "netherlink"
+    # "classic" (a single RabbitMQ node) or "quorum" (a cluster: the chat and push
+    # queues replicated over its nodes; celeryconfig.py, docs/operations.md).
+    rabbitmq_queue_type: str = "classic"
     jwt_secret: str = field(default=DEV_JWT_SECRET, repr=False)
     jwt_ttl_seconds: int = 86400
     gateway_id: str = "gw1"
@@ -82,6 +89,11 @@ class Settings:
     apns_ca_file: str = ""
     fcm_base_url: str = "https://fcm.googleapis.com"
     fcm_credentials_file: str = ""
+    # Web Push (RFC 8030/8291/8292): the VAPID signing key (EC P-256 PEM) and the contact the push
+    # services see in every JWT (mailto: or https:); WEBPUSH_CA_FILE adds a CA to trust (the local fake's).
+    vapid_private_key_file: str = ""
+    vapid_subject: str = ""
+    webpush_ca_file: str = ""
     smtp_host: str = "localhost"
     smtp_port: int = 25
     smtp_user: str = ""
@@ -91,6 +103,8 @@ class Settings:
     push_max_retries: int = 5
     push_retry_base_seconds: float = 2.0
     push_coalesce_seconds: float = 2.0
+    # Badge sync / withdrawal after a read or recall: at most one silent push per user per this window.
+    push_badge_coalesce_seconds: float = 3.0
     email_digest_delay_seconds: float = 300.0
     offline_index_retention_days: int = 7
     push_log_retention_days: int = 30
@@ -200,8 +214,18 @@ class Settings:
                               "with MEDIA_UPLOAD_BURST at least 1")
         if self.media_accel_redirect_prefix and not self.media_accel_redirect_prefix.startswith("/"):
             raise ConfigError("MEDIA_ACCEL_REDIRECT_PREFIX must be empty or an internal location such as /_media/")
+        if not 0.1 <= self.push_badge_coalesce_seconds <= 300:
+            raise ConfigError("PUSH_BADGE_COALESCE_SECONDS must be from 0.1 to 300")
+        if self.vapid_subject and not self.vapid_subject.startswith(("mailto:", "https://")):
+            raise ConfigError("VAPID_SUBJECT must be a mailto: or https: URI (RFC 8292 section 2.1)")
         if not 0 <= self.worker_metrics_port <= 65535:
             raise ConfigError(f"WORKER_METRICS_PORT must be 0 (off) or a TCP port, got {self.worker_metrics_port}")
+        if self.rabbitmq_queue_type not in ("classic", "quorum"):
+            raise ConfigError(f"RABBITMQ_QUEUE_TYPE must be classic or quorum, got {self.rabbitmq_queue_type!r}")
+        if self.rabbitmq_queue_type == "quorum" and not self.broker_is_amqp:
+            raise ConfigError("RABBITMQ_QUEUE_TYPE=quorum needs BROKER_URL to point at RabbitMQ (amqp://)")
+        if self.redis_sentinels and not (self.sentinel_addresses and self.redis_sentinel_master):
+            raise ConfigError("REDIS_SENTINELS must list host:port pairs, with REDIS_SENTINEL_MASTER naming the master")
         if self.env != "production":
             return
         problems = []
@@ -213,12 +237,44 @@ class Settings:
             problems.append("FLOWER_BASIC_AUTH must be set as user:password")
         if self.password_hash_profile != "default":
             problems.append("PASSWORD_HASH_PROFILE must be 'default' (the fast profile is for tests)")
+        problems.extend(_vapid_problems(self))
         if problems:
             raise ConfigError("refusing to start in production: " + "; ".join(problems))
 
     @property
     def broker_is_amqp(self) -> bool:
         return self.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """REDIS_SENTINELS as (host, port) pairs; empty when Redis is reached directly."""
+        addresses = []
+        for entry in filter(None, (e.strip() for e in self.redis_sentinels.split(","))):
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"REDIS_SENTINELS must be host:port,host:port,…; got {entry!r}")
+            addresses.append((host, int(port)))
+        return addresses
+
+
+def _vapid_problems(settings: Settings) -> list[str]:
+    """Production: a VAPID key that others can read, or a placeholder contact, is refused.
+
+    Web Push is optional (no key file: webpush devices are not pushed), as APNs is; but a key
+    that is set must be private, since whoever holds it can push to every subscribed browser.
+    """
+    if not settings.vapid_private_key_file:
+        return []
+    problems = []
+    try:
+        mode = os.stat(settings.vapid_private_key_file).st_mode
+    except OSError as exc:
+        return [f"VAPID_PRIVATE_KEY_FILE {settings.vapid_private_key_file!r} cannot be read: {exc.strerror}"]
+    if mode & 0o077:
+        problems.append("VAPID_PRIVATE_KEY_FILE must not be readable by group or others (chmod 600)")
+    if not settings.vapid_subject or "example." in settings.vapid_subject or "localhost" in settings.vapid_subject:
+        problems.append("VAPID_SUBJECT must name a real contact (mailto:ops@your-domain or https://your-domain)")
+    return problems
 
 
 def _parse(type_name, raw: str):

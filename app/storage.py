@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import redis
+from redis.sentinel import Sentinel, SentinelConnectionPool
 from sqlalchemy import create_engine, delete, event, select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -43,6 +44,43 @@ def make_engine(url: str) -> Engine:
                          hide_parameters=True)
 
 
+# What every Redis connection of a process gets, direct or through Sentinel.
+_REDIS_OPTIONS = dict(timeout=5, decode_responses=True, socket_timeout=5, socket_connect_timeout=3,
+                      health_check_interval=30)
+
+
+class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Connections to whichever node Sentinel names as primary, handed out like
+    BlockingConnectionPool's (a caller waits for a free one past max_connections).
+
+    MRO: SentinelConnectionPool's address and ownership checks, then
+    BlockingConnectionPool's queue of connections, then ConnectionPool.
+    """
+
+
+def make_redis(settings: Settings) -> redis.Redis:
+    """The process's Redis client: REDIS_URL directly, or the Sentinel master named
+    REDIS_SENTINEL_MASTER when REDIS_SENTINELS is set (db and password from REDIS_URL).
+
+    A blocking pool: past max_connections a caller waits (up to 5 s) for a free
+    connection instead of failing; a gateway's bursts (a presence rewrite, then
+    every greenlet that queued behind it) stay errors-free.
+    """
+    if not settings.redis_sentinels:
+        return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=settings.redis_max_connections, **_REDIS_OPTIONS))
+    url = redis.connection.parse_url(settings.redis_url)
+    auth = {key: url[key] for key in ("db", "username", "password") if url.get(key) is not None}
+    sentinel = Sentinel(settings.sentinel_addresses, socket_timeout=1, socket_connect_timeout=1)
+    # After a failover the pool asks Sentinel again on its next connection, drops the
+    # idle connections to the old primary, and a connection that finds it talks to a
+    # replica (READONLY) reconnects: callers see errors only for the seconds until
+    # Sentinel has promoted a replica.
+    pool = BlockingSentinelPool(settings.redis_sentinel_master, sentinel, max_connections=settings.redis_max_connections,
+                                **auth, **_REDIS_OPTIONS)
+    return redis.Redis(connection_pool=pool)
+
+
 class Storage:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -54,13 +92,7 @@ class Storage:
         self.read_engine = make_engine(settings.database_replica_url) if settings.database_replica_url \
             else self.engine
         self.read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
-        # A blocking pool: past max_connections a caller waits (up to 5 s) for a free
-        # connection instead of failing; a gateway's bursts (a presence rewrite, then
-        # every greenlet that queued behind it) stay errors-free.
-        self.redis = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, timeout=5, decode_responses=True,
-            socket_timeout=5, socket_connect_timeout=3, health_check_interval=30,
-        ))
+        self.redis = make_redis(settings)
         self._scripts: dict = {}
 
     @contextmanager

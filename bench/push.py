@@ -24,6 +24,16 @@ accepted exactly one notification per device, and nothing else. It also
 reports the worker's CPU time per push (all its processes, from the first
 request to the last row), which other load on the machine disturbs less.
 
+--badge-sync mixes badge-sync traffic in (docs/push.md §4.4): every user has three devices (iOS,
+Android, a Web Push subscription at the local push service fake) and gets the notification on
+all three; as soon as a user's three are out, the bench reads that user's message on a fourth
+device, at the domain level the gateway's `read` handler calls (status read, unread recount,
+tasks.publish.queue_badge_syncs; no gateway), while other users' notifications are still being
+sent, so one worker drains both. --burst-users K of them read 100 times in a burst. It reports
+pushes/s over all providers (alerts and silent pushes), and checks that each device got exactly
+one notification and at most one silent push per coalescing window
+(PUSH_BADGE_COALESCE_SECONDS, default 3 s).
+
 --stage client measures the raw part instead: ApnsClient.send_many alone, in
 a process of its own, against the fake in this one (no database, broker or
 Celery): the ceiling of the APNs client and fake on this machine.
@@ -190,6 +200,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600, help="give up after this many seconds of draining")
     parser.add_argument("--py-spy", dest="py_spy", metavar="FILE",
                         help="record the worker's processes with py-spy while they drain (collapsed stacks)")
+    parser.add_argument("--badge-sync", dest="badge_sync", action="store_true",
+                        help="three devices per user (iOS, Android, Web Push) and a read on a fourth after the "
+                             "push: notifications and badge syncs mixed in one worker (implies --stage send)")
+    parser.add_argument("--burst-users", dest="burst_users", type=int, default=10,
+                        help="--badge-sync: users who read 100 times in a burst instead of once")
     parser.add_argument("--services", choices=["auto", "real", "embedded"], default="auto")
     parser.add_argument("--keep-logs", action="store_true")
     args = parser.parse_args()
@@ -198,6 +213,8 @@ def main() -> int:
 
     if args.stage == "client":
         return client_ceiling(args)
+    if args.badge_sync:
+        return badge_sync_run(args)
 
     from tests.fakes.apns_server import FakeApnsServer
     from tests.harness import Worker, provision_embedded, provision_real, real_services_reachable
@@ -358,6 +375,184 @@ def main() -> int:
         if worker is not None:
             worker.stop()
         fake.stop()
+        close_run(services, tmp, ok, args.keep_logs)
+
+
+def seed_three_devices(storage, prefix: str, count: int, webpush) -> tuple[list[int], dict]:
+    """N users, each with an iOS, an Android and a Web Push device (a subscription at the fake) and
+    one unread private message; the users and their devices ({platform: token})."""
+    from sqlalchemy import insert
+
+    from models import Device
+    from tests.fakes.fcm_server import make_device_token
+
+    users, ios = seed(storage, prefix, count)
+    devices, rows = {}, []
+    for uid in users:
+        sub = webpush.new_subscription()
+        devices[uid] = {"ios": ios[uid], "android": make_device_token(), "webpush": f"webpush:{sub.id}"}
+        rows += [{"user_id": uid, "platform": "android", "token": devices[uid]["android"]},
+                 {"user_id": uid, "platform": "webpush", "token": devices[uid]["webpush"],
+                  "subscription": {"endpoint": sub.endpoint, "p256dh": sub.p256dh, "auth": sub.auth}}]
+    with storage.session() as session:
+        for start in range(0, len(rows), 5000):
+            session.execute(insert(Device), rows[start:start + 5000])
+    return users, devices
+
+
+def badge_sync_run(args) -> int:
+    """--badge-sync: notifications to three devices per user, and a read on a fourth mixed in."""
+    from tests.fakes.apns_server import FakeApnsServer
+    from tests.fakes.fcm_server import FakeFcmServer
+    from tests.fakes.webpush_server import FakeWebPushServer
+    from tests.harness import Worker, provision_embedded, provision_real, real_services_reachable
+
+    from bench.baseline import interrupted
+
+    signal.signal(signal.SIGTERM, interrupted)
+    kind = args.services if args.services != "auto" else ("real" if real_services_reachable() else "embedded")
+    tmp = Path(tempfile.mkdtemp(prefix="nl-bench-push-"))
+    run_id = uuid.uuid4().hex[:10]
+    services = provision_real(run_id) if kind == "real" else provision_embedded("bench-push", tmp)
+    apns, fcm, webpush = FakeApnsServer().start(), FakeFcmServer().start(), FakeWebPushServer().start()
+    worker, ok, t_start = None, False, time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"[{time.monotonic() - t_start:6.1f}s] {text}", flush=True)
+
+    try:
+        credentials = fcm.write_service_account(tmp / "fcm.json")
+        push_env = {**apns.env(), **webpush.env(), "FCM_BASE_URL": fcm.url, "FCM_CREDENTIALS_FILE": str(credentials),
+                    "PUSH_RETRY_BASE_SECONDS": "0.5", "PUSH_MAX_RETRIES": "5"}
+        os.environ.update({k: v for k, v in services.env(**push_env).items()
+                           if k in ("DATABASE_URL", "BROKER_URL", "REDIS_URL", "NETHERLINK_ENV", "JWT_SECRET")
+                           or k.startswith(("APNS_", "PUSH_", "FCM_", "VAPID_", "WEBPUSH_"))})
+        from sqlalchemy import func, select, update
+
+        from app.chat.unread import rebuild_unread
+        from app.config import Settings
+        from app.push.badges import SHOWN_KEY
+        from app.push.planning import PRIORITY_PRIVATE
+        from app.storage import Storage, upgrade_schema
+        from models import STATUS_READ, Message, PushLog
+        from tasks.publish import SEND_PUSH, queue_badge_syncs, queue_push_task
+
+        upgrade_schema(services.database_url)
+        storage = Storage(Settings.from_env())
+        window = storage.settings.push_badge_coalesce_seconds
+        say(f"seeding {args.users} offline users with iOS, Android and Web Push devices ({kind} services)...")
+        users, devices = seed_three_devices(storage, f"push{run_id}-", args.users, webpush)
+        with storage.sessions() as session:
+            message_of = dict(session.execute(select(Message.receiver_id, Message.id)
+                                              .where(Message.receiver_id.in_(users))).all())
+        bursty = set(users[:max(0, min(args.burst_users, len(users)))])
+        for uid in users:
+            queue_push_task(SEND_PUSH, ["0", str(uid), PRIORITY_PRIVATE], PRIORITY_PRIVATE)
+        times: list[float] = []
+        stop = threading.Event()
+
+        def watch() -> None:  # the first and last request any push service got
+            seen = 0
+            while not stop.is_set():
+                count = len(apns.requests) + len(fcm.messages) + len(webpush.requests)
+                if count != seen:
+                    times.append(time.monotonic())
+                    seen = count
+                stop.wait(0.01)
+
+        reads = {"users": 0, "calls": 0, "queued": 0}
+
+        def read_when_pushed() -> None:
+            """Each user reads on a fourth device once all three devices show the notification."""
+            waiting = list(users)
+            while waiting and not stop.is_set():
+                pipe = storage.redis.pipeline(transaction=False)
+                for uid in waiting:
+                    pipe.hlen(SHOWN_KEY.format(uid))
+                shown = [uid for uid, n in zip(waiting, pipe.execute()) if n >= 6]  # 3 devices x (conv + badge)
+                for uid in shown:
+                    with storage.session() as session:  # what mark_read changes, for this message
+                        session.execute(update(Message).where(Message.id == message_of[uid]).values(status=STATUS_READ))
+                    rebuild_unread(storage, [uid])
+                    for _ in range(100 if uid in bursty else 1):
+                        reads["queued"] += len(queue_badge_syncs(storage, [uid], message_of[uid]))
+                        reads["calls"] += 1
+                    reads["users"] += 1
+                waiting = [uid for uid in waiting if uid not in set(shown)]
+                stop.wait(0.05)
+
+        watcher, reader = threading.Thread(target=watch, daemon=True), threading.Thread(target=read_when_pushed,
+                                                                                         daemon=True)
+        watcher.start()
+        say(f"starting one push worker (--concurrency {args.concurrency}, logs in {tmp})...")
+        worker = Worker("push", "push_tasks", services, tmp, concurrency=args.concurrency, **push_env)
+        worker_ready = time.monotonic()
+        reader.start()
+        expected = 3 * len(users) * 2  # a notification and a badge sync per device
+
+        def rows_done() -> int:
+            with storage.sessions() as session:
+                return session.scalar(select(func.count()).select_from(PushLog)
+                                      .where(PushLog.push_status == "success")) or 0
+
+        deadline, next_progress, done = time.monotonic() + args.timeout, time.monotonic() + PROGRESS_EVERY, 0
+        while time.monotonic() < deadline:
+            done = rows_done()
+            if done >= expected:
+                break
+            if not worker.alive():
+                raise SystemExit(f"the push worker exited:\n{worker.log_text()[-3000:]}")
+            time.sleep(0.2)
+            if time.monotonic() >= next_progress:
+                next_progress += PROGRESS_EVERY
+                say(f"draining: {done}/{expected} push_log rows success, {reads['users']} users read")
+        finished = time.monotonic()
+        time.sleep(window + 1.0)  # a second window, had any read opened one, would have sent by now
+        stop.set()
+        watcher.join(2)
+        reader.join(2)
+
+        silent = collections.Counter()
+        alerts = collections.Counter()
+        for r in apns.requests:
+            if r.status == 200:
+                (silent if r.headers.get("apns-push-type") == "background" else alerts)[r.token] += 1
+        for m in fcm.messages:
+            (silent if m.get("data", {}).get("kind") == "badge_sync" else alerts)[m["token"]] += 1
+        for d in webpush.deliveries:
+            (silent if d.payload.get("kind") == "badge_sync" else alerts)[f"webpush:{d.subscription_id}"] += 1
+        all_devices = [t for per_user in devices.values() for t in per_user.values()]
+        burst_devices = [t for uid in bursty for t in devices[uid].values()]
+        with storage.sessions() as session:
+            statuses = dict(session.execute(select(PushLog.push_status, func.count()).group_by(PushLog.push_status))
+                            .all())
+        span = times[-1] - times[0] if len(times) > 1 else None
+        total = sum(alerts.values()) + sum(silent.values())
+        summary = {
+            "bench": "push", "mode": "badge-sync", "services": kind, "users": args.users, "devices": len(all_devices),
+            "concurrency": args.concurrency, "coalesce_window_s": window, "burst_users": len(bursty),
+            "reads": reads["calls"], "badge_syncs_queued": reads["queued"],
+            "notifications": sum(alerts.values()), "silent_pushes": sum(silent.values()),
+            "pushes_per_second": round(total / span, 1) if span else None,
+            "end_to_end_per_second": round(total / (finished - worker_ready), 1),
+            "max_silent_per_device": max((silent[t] for t in all_devices), default=0),
+            "max_silent_per_burst_device": max((silent[t] for t in burst_devices), default=0),
+            "push_log": statuses, **worker_times(worker.log_text()),
+        }
+        ok = (all(alerts[t] == 1 for t in all_devices) and all(silent[t] == 1 for t in all_devices)
+              and reads["queued"] == len(users) and statuses.get("success", 0) == expected and len(statuses) == 1)
+        summary["ok"] = ok
+        print(json.dumps(summary), flush=True)
+        storage.dispose()
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        print("interrupted: stopping everything", flush=True)
+        return 130
+    finally:
+        if worker is not None:
+            worker.stop()
+        for fake in (apns, fcm, webpush):
+            fake.stop()
         close_run(services, tmp, ok, args.keep_logs)
 
 

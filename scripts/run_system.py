@@ -76,7 +76,11 @@ def main() -> int:
             procs.append((f"gateway:{port}", _spawn(f"gw{i + 1}", gateway_command(port), gw_env)))
             gateway_urls.append(port)
         worker_metrics = _worker_metrics_ports(args.worker_metrics_port)
-        for name, queues in WORKERS.items():
+        # On a RabbitMQ cluster (RABBITMQ_QUEUE_TYPE=quorum) the push family has a queue per priority class.
+        from app.config import Settings
+        from celeryconfig import worker_queues
+
+        for name, queues in worker_queues(Settings.from_env(base_env)).items():
             worker_env = dict(base_env)
             if name in worker_metrics:
                 # One multiprocess directory per worker: the worker wipes it at start (app/metrics.py).
@@ -138,20 +142,24 @@ def _start_push_fakes():
     from tests.fakes.apns_server import FakeApnsServer
     from tests.fakes.fcm_server import FakeFcmServer
     from tests.fakes.smtp_server import FakeSmtp
+    from tests.fakes.webpush_server import FakeWebPushServer
 
     VAR.mkdir(exist_ok=True)
     apns, fcm, smtp = FakeApnsServer().start(), FakeFcmServer().start(), FakeSmtp(echo=True).start()
+    webpush = FakeWebPushServer().start()
     credentials = fcm.write_service_account(VAR / "fake-fcm-service-account.json")
+    # The Web Push fake's VAPID key also serves a real browser's subscription (its vendor's push service).
     env = {**apns.env(), "FCM_BASE_URL": fcm.url, "FCM_CREDENTIALS_FILE": str(credentials),
-           "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port)}
-    return [apns, fcm, smtp], env
+           "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(smtp.port), **webpush.env()}
+    return [apns, fcm, smtp, webpush], env
 
 
 def _describe_fakes(fakes) -> list[str]:
     if not fakes:
         return []
-    apns, fcm, smtp = fakes
-    return [f"  Fake APNs  {apns.url}   Fake FCM {fcm.url}   Fake SMTP 127.0.0.1:{smtp.port} (mails print here)"]
+    apns, fcm, smtp, webpush = fakes
+    return [f"  Fake APNs  {apns.url}   Fake FCM {fcm.url}   Fake SMTP 127.0.0.1:{smtp.port} (mails print here)",
+            f"  Fake Web Push {webpush.url} (its VAPID key signs pushes to browsers' real push services too)"]
 
 
 def _broker_api(broker_url: str) -> str:

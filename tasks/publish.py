@@ -14,6 +14,7 @@ import time
 from kombu import Producer
 
 from app.errors import Unavailable
+from celeryconfig import push_route
 from tasks import app
 from tasks.runtime import settings
 
@@ -36,13 +37,34 @@ def push_priority(priority: int) -> int:
 
 def queue_push_task(name: str, args: list, priority: int, countdown: float | None = None,
                     kwargs: dict | None = None) -> None:
-    """Publish a push_tasks task by name at our priority."""
-    app.send_task(name, args=args, kwargs=kwargs, priority=push_priority(priority), countdown=countdown)
+    """Publish a push_tasks task by name at our priority: on quorum queues, to the queue
+    of its priority class (celeryconfig.PUSH_CLASSES), as they have no priorities."""
+    route = push_route(priority) if settings().rabbitmq_queue_type == "quorum" else {}
+    app.send_task(name, args=args, kwargs=kwargs, priority=push_priority(priority), countdown=countdown, **route)
 
 
 def queue_push_delivery(push_id: int, priority: int, attempt: int = 0, countdown: float | None = None) -> None:
     """deliver_push(push_id, attempt): the attempt of a push_log row made when it has `attempt` attempts."""
     queue_push_task(DELIVER_PUSH, [push_id], priority, countdown=countdown, kwargs={"attempt": attempt})
+
+
+def queue_badge_syncs(storage, user_ids, msg_id: int) -> list[int]:
+    """After a read or a recall (msg_id): a badge sync for each of these users whose devices show a
+    notification of ours, unless one is already queued for their window; the users it was queued for.
+
+    It is send_push with kind "badge_sync", so it rides the push worker's batches with the
+    notifications; the planner runs when the window closes (app.push.badges).
+    """
+    from app.push.badges import BADGE_SYNC_KEY, PRIORITY_BADGE_SYNC, claim_badge_syncs
+    from app.push.planning import mark_queued
+
+    users = claim_badge_syncs(storage, user_ids)
+    window = storage.settings.push_badge_coalesce_seconds
+    for user_id in users:
+        queue_push_task(SEND_PUSH, [str(msg_id), str(user_id), PRIORITY_BADGE_SYNC], PRIORITY_BADGE_SYNC,
+                        countdown=window, kwargs={"kind": "badge_sync"})
+        mark_queued(storage, BADGE_SYNC_KEY.format(user_id))
+    return users
 
 
 class PersistPublisher:

@@ -8,6 +8,8 @@ from celery.signals import worker_init
 
 from app import metrics
 from app.push.attempts import MISSING, attempt_pushes
+from app.push.badges import plan_badge_syncs
+from app.push.providers import BADGE_SYNC
 from app.push.planning import (
     COALESCE_KEY, DIGEST_KEY, PRIORITY_DIGEST, mark_queued, plan_digest, plan_pushes, schedule_once,
 )
@@ -46,24 +48,35 @@ def send_push(items: list[BatchItem]) -> dict:
     all of them attempted at once, as one `attempt_pushes` (no deliver_push
     task for a first attempt; retries are deliver_push tasks). Returns how each
     task message is settled.
+
+    Called as send_push(msg_id, user_id, priority, kind="badge_sync") after a read or a recall
+    (tasks.publish.queue_badge_syncs), it plans that user's badge sync instead (silent pushes
+    with the new badge and the notifications to withdraw, app.push.badges), in the same batch.
     """
     return _push_batch(send_push, items, _planner_args, _plan_and_send)
 
 
-def _planner_args(item: BatchItem) -> tuple[str, int]:
+def _planner_args(item: BatchItem) -> tuple[str, int, str]:
     args, kwargs = list(item.args), dict(item.kwargs)
     msg_id = args[0] if args else kwargs["msg_id"]
     user_id = int(args[1] if len(args) > 1 else kwargs["user_id"])
-    return str(msg_id), user_id
+    kind = kwargs.get("kind") or "message"
+    if kind not in ("message", BADGE_SYNC):
+        raise ValueError(f"unknown send_push kind {kind!r}")
+    return str(msg_id), user_id, kind
 
 
 def _plan_and_send(wanted: dict) -> dict:
     s = storage()
-    users = {}  # one plan per user, however many of their tasks the batch holds
-    for msg_id, user_id in wanted.values():
-        users.setdefault(user_id, msg_id)
+    users, syncs = {}, {}  # one plan per user, however many of their tasks the batch holds
+    for msg_id, user_id, kind in wanted.values():
+        if kind == BADGE_SYNC:
+            syncs.setdefault(user_id, int(msg_id))
+        else:
+            users.setdefault(user_id, msg_id)
     plans = plan_pushes(s, list(users))
-    todo = [(push_id, 0) for plan in plans for push_id in plan.push_ids]
+    sync_plans = plan_badge_syncs(s, syncs)
+    todo = [(push_id, 0) for plan in plans + sync_plans for push_id in plan.push_ids]
     if todo:
         attempt_pushes(s, todo, providers(), s.settings.push_max_retries, s.settings.push_retry_base_seconds,
                        before_commit=_queue_retries)
@@ -74,7 +87,11 @@ def _plan_and_send(wanted: dict) -> dict:
             mark_queued(s, DIGEST_KEY.format(user_id))
         if plan.skipped:
             log.info("user %s: no push for msg %s (%s)", user_id, users[plan.user_id], plan.skipped)
-    log.info("planned pushes of %d user(s) from %d task(s): %d push(es) sent", len(users), len(wanted), len(todo))
+    for plan in sync_plans:
+        if plan.skipped:
+            log.info("user %s: no badge sync for msg %s (%s)", plan.user_id, syncs[plan.user_id], plan.skipped)
+    log.info("planned pushes of %d user(s) and badge syncs of %d from %d task(s): %d push(es) sent",
+             len(users), len(syncs), len(wanted), len(todo))
     return {item_id: ACK for item_id in wanted}
 
 
@@ -163,7 +180,8 @@ def _preload_push_providers(sender=None, **_):
     importing them itself (about a second of CPU per process)."""
     consume_from = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
     consume_from = getattr(consume_from, "consume_from", None)
-    if consume_from is None or "push_tasks" in consume_from:
+    if consume_from is None or any(name.startswith("push_tasks") for name in consume_from):
         import app.push.providers.apns  # noqa: F401
         import app.push.providers.email  # noqa: F401
         import app.push.providers.fcm  # noqa: F401
+        import app.push.providers.webpush  # noqa: F401

@@ -41,9 +41,10 @@ def providers() -> dict:
         from app.push.providers.apns import ApnsClient
         from app.push.providers.email import EmailClient
         from app.push.providers.fcm import FcmClient
+        from app.push.providers.webpush import WebPushClient
 
         _providers = {"email": EmailClient(settings())}
-        for name, client_class in (("apns", ApnsClient), ("fcm", FcmClient)):
+        for name, client_class in (("apns", ApnsClient), ("fcm", FcmClient), ("webpush", WebPushClient)):
             try:
                 _providers[name] = client_class(settings())
             except ValueError as exc:

@@ -24,9 +24,11 @@ REQUIRE_SERVICES = os.environ.get("NETHERLINK_REQUIRE_SERVICES") == "1"
 
 def pytest_collection_modifyitems(session, config, items):
     # The fault suite restarts RabbitMQ, Redis and MariaDB: it runs last, after
-    # every test that relies on the shared gateways and workers. The fast domain
-    # tests (tests/unit) run first: a broken rule fails the run in seconds.
-    items.sort(key=lambda item: ("/tests/faults/" in str(item.path), "/tests/unit/" not in str(item.path)))
+    # every test that relies on the shared gateways and workers, followed only by
+    # the cluster suite (tests/ha, its own engines on ports of their own). The fast
+    # domain tests (tests/unit) run first: a broken rule fails the run in seconds.
+    items.sort(key=lambda item: ("/tests/ha/" in str(item.path), "/tests/faults/" in str(item.path),
+                                 "/tests/unit/" not in str(item.path)))
 
 
 def pytest_configure(config):
@@ -105,27 +107,32 @@ def storage(services):
 
 
 class PushFakes:
-    """Local APNs (HTTP/2, TLS), FCM v1 (+OAuth) and SMTP servers the push worker talks to."""
+    """Local APNs (HTTP/2, TLS), FCM v1 (+OAuth), Web Push (TLS, VAPID) and SMTP servers the push
+    worker talks to."""
 
     def __init__(self, tmp):
         from tests.fakes.apns_server import FakeApnsServer
         from tests.fakes.fcm_server import FakeFcmServer
         from tests.fakes.smtp_server import FakeSmtp
+        from tests.fakes.webpush_server import FakeWebPushServer
 
         self.apns = FakeApnsServer().start()
         self.fcm = FakeFcmServer().start()
         self.smtp = FakeSmtp().start()
+        self.webpush = FakeWebPushServer().start()
         credentials = self.fcm.write_service_account(tmp / "fcm-service-account.json")
         self.env = {**self.apns.env(), "FCM_BASE_URL": self.fcm.url, "FCM_CREDENTIALS_FILE": str(credentials),
+                    **self.webpush.env(),
                     "SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(self.smtp.port), "SMTP_FROM": "NetherLink <nl@test>",
                     # Short windows so push tests take seconds, not minutes.
                     "PUSH_COALESCE_SECONDS": "1.0", "PUSH_RETRY_BASE_SECONDS": "0.2", "PUSH_MAX_RETRIES": "3",
-                    "EMAIL_DIGEST_DELAY_SECONDS": "1.5"}
+                    "EMAIL_DIGEST_DELAY_SECONDS": "1.5", "PUSH_BADGE_COALESCE_SECONDS": "1.0"}
 
     def stop(self):
         self.apns.stop()
         self.fcm.stop()
         self.smtp.stop()
+        self.webpush.stop()
 
 
 class Cluster:

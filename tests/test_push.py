@@ -233,32 +233,38 @@ def test_a_private_push_overtakes_a_backlog_of_digest_priority_pushes(cluster, m
 
     people = [make_user() for _ in range(13)]
     tokens = [add_device(storage, u, "ios") for u in people]
-    with storage.session() as session:
-        device_ids = {d.token: d.id for d in session.scalars(select(Device).where(Device.token.in_(tokens)))}
-    base_id = int(time.time() * 1000) << 22
     cluster.push.kill()  # nothing consumes push_tasks while the backlog builds
     try:
-        rows = []
-        with storage.session() as session:
-            for i, (user, token) in enumerate(zip(people, tokens)):
-                session.add(Message(id=base_id + i, conversation_id=f"p_1_{user.user_id}", sender_id=1,
-                                    receiver_id=int(user.user_id), client_msg_id=f"prio-{i}", content=f"b{i}",
-                                    timestamp=int(time.time() * 1000)))
-                row = PushLog(user_id=int(user.user_id), message_id=base_id + i, push_type="apns", push_status="pending",
-                              target=f"device:{device_ids[token]}", device_id=device_ids[token],
-                              priority=PRIORITY_PRIVATE if i == 12 else PRIORITY_DIGEST,
-                              payload={"title": "t", "body": f"b{i}", "badge": 1, "conversation_id": f"p_1_{i}",
-                                       "msg_id": str(base_id + i), "preview": True})
-                session.add(row)
-                session.flush()
-                rows.append(row)
-        for row in rows:  # twelve low-priority pushes first, the private one last
-            queue_push_task(DELIVER_PUSH, [row.id], row.priority)
+        for push_id, priority in digest_backlog_then_a_private_push(storage, people, tokens):
+            queue_push_task(DELIVER_PUSH, [push_id], priority)
     finally:
         cluster.ensure_push_worker()
     wait_until(lambda: all(apns_for(cluster.fakes, t) for t in tokens), timeout=30, what="all 13 pushes")
     order = [r.token for r in cluster.fakes.apns.notifications if r.token in tokens]
     assert order.index(tokens[12]) <= 1  # the private push went first (or second, behind one already taken)
+
+
+def digest_backlog_then_a_private_push(storage, people, tokens) -> list[tuple[int, int]]:
+    """Pending push_log rows, one per person's device: digest priority for all but the
+    last, which is a private push. Returns (push id, priority) in that order."""
+    with storage.session() as session:
+        device_ids = {d.token: d.id for d in session.scalars(select(Device).where(Device.token.in_(tokens)))}
+    base_id = int(time.time() * 1000) << 22
+    rows = []
+    with storage.session() as session:
+        for i, (user, token) in enumerate(zip(people, tokens)):
+            session.add(Message(id=base_id + i, conversation_id=f"p_1_{user.user_id}", sender_id=1,
+                                receiver_id=int(user.user_id), client_msg_id=f"prio-{base_id + i}", content=f"b{i}",
+                                timestamp=int(time.time() * 1000)))
+            row = PushLog(user_id=int(user.user_id), message_id=base_id + i, push_type="apns", push_status="pending",
+                          target=f"device:{device_ids[token]}", device_id=device_ids[token],
+                          priority=PRIORITY_PRIVATE if i == len(people) - 1 else PRIORITY_DIGEST,
+                          payload={"title": "t", "body": f"b{i}", "badge": 1, "conversation_id": f"p_1_{i}",
+                                   "msg_id": str(base_id + i), "preview": True})
+            session.add(row)
+            session.flush()
+            rows.append((row.id, row.priority))
+    return rows
 
 
 def test_a_push_of_a_message_recalled_meanwhile_is_skipped_even_on_an_admin_retry(cluster, make_user, connect,

@@ -40,7 +40,7 @@ def test_bad_device_registrations_are_400(cluster, make_user, body):
 def test_push_settings_start_with_defaults_and_keep_what_is_not_changed(cluster, make_user):
     user = make_user()
     assert _api(cluster, user, "GET", "/push-settings").json() == {
-        "channels": ["apns", "fcm", "email"], "email": None, "muted_conversations": [],
+        "channels": ["apns", "fcm", "email", "webpush"], "email": None, "muted_conversations": [],
         "do_not_disturb": None, "time_zone": "UTC", "preview": True}
     r = _api(cluster, user, "PUT", "/push-settings", json={
         "email": "me@example.org", "do_not_disturb": {"start": "22:00", "end": "07:00"},

@@ -51,3 +51,38 @@ def test_snowflake_ids_are_unique_and_increasing_even_when_the_clock_steps_back(
 def test_two_nodes_never_collide_in_the_same_millisecond():
     a, b = SnowflakeIds(1, clock=lambda: 1_800_000_000.0), SnowflakeIds(2, clock=lambda: 1_800_000_000.0)
     assert not {a.next_id() for _ in range(1000)} & {b.next_id() for _ in range(1000)}
+
+
+@pytest.mark.parametrize("environ, variable", [
+    ({"RABBITMQ_QUEUE_TYPE": "mirrored"}, "RABBITMQ_QUEUE_TYPE"),
+    ({"RABBITMQ_QUEUE_TYPE": "quorum", "BROKER_URL": "redis://127.0.0.1:6380/1"}, "RABBITMQ_QUEUE_TYPE"),
+    ({"REDIS_SENTINELS": "127.0.0.1"}, "REDIS_SENTINELS"),
+    ({"REDIS_SENTINELS": "127.0.0.1:26379,host:port"}, "REDIS_SENTINELS"),
+])
+def test_cluster_settings_that_cannot_work_are_refused_by_name(environ, variable):
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(environ)
+
+
+def test_a_single_node_keeps_the_classic_queues_and_a_cluster_gets_quorum_ones():
+    import celeryconfig
+
+    classic = celeryconfig.from_settings(Settings.from_env({}))
+    assert classic["result_backend"] == "redis://127.0.0.1:6379/0" and "worker_consumer" not in classic
+    push = next(q for q in classic["task_queues"] if q.name == "push_tasks")
+    assert push.queue_arguments["x-max-priority"] == 10 and push.exchange.type == "direct"
+
+    quorum = celeryconfig.from_settings(Settings.from_env({
+        "RABBITMQ_QUEUE_TYPE": "quorum", "REDIS_SENTINELS": "10.0.0.1:26379, 10.0.0.2:26379",
+        "REDIS_URL": "redis://:pw@ignored:6379/3",
+        "BROKER_URL": "amqp://u:p@10.0.0.1:5672/v;amqp://u:p@10.0.0.2:5672/v"}))
+    assert quorum["result_backend"] == "sentinel://:pw@10.0.0.1:26379/3;sentinel://:pw@10.0.0.2:26379/3"
+    queues = {q.name: q for q in quorum["task_queues"]}
+    assert set(queues) == {"private_messages", "group_messages", "offline_messages",
+                           "push_tasks.high", "push_tasks.normal", "push_tasks.low"}
+    for queue in queues.values():  # quorum, no priorities, and topic exchanges so countdowns can be delayed natively
+        assert queue.queue_arguments["x-queue-type"] == "quorum" and "x-max-priority" not in queue.queue_arguments
+        assert queue.exchange.type == "topic"
+    assert [celeryconfig.push_route(p)["queue"] for p in (10, 8, 7, 5, 4, 1)] == [
+        "push_tasks.high", "push_tasks.high", "push_tasks.normal", "push_tasks.normal", "push_tasks.low",
+        "push_tasks.low"]

@@ -399,6 +399,7 @@ class Gateway:
         deliver_to_users(self.storage, read_ok, [conn.user_id], skip_conn=conn.conn_id)  # the reader's other devices
         if outcome.peer is not None:
             deliver_to_users(self.storage, receipt_frame(conversation_id, conn.user_id, msg_id), [outcome.peer])
+        self._sync_badges([conn.user_id], msg_id, conn)
         log.info("conn %s: read %s up to msg %s", conn.conn_id, conversation_id, msg_id)
 
     def _on_recall(self, conn: Connection, frame: dict) -> None:
@@ -406,5 +407,20 @@ class Gateway:
         recalled = recalled_frame(outcome.msg_id, outcome.conversation_id)
         conn.send(recalled)
         deliver_to_users(self.storage, recalled, outcome.parties, skip_conn=conn.conn_id)
+        self._sync_badges([uid for uid in outcome.parties if uid != conn.user_id], outcome.msg_id, conn)
         log.info("conn %s: msg %s recalled", conn.conn_id, outcome.msg_id)
+
+    def _sync_badges(self, user_ids: list[int], msg_id: int, conn: Connection) -> None:
+        """Badge sync and withdrawal on the users' devices that show a notification (docs/push.md §4.4).
+        The read or recall stands whatever happens here: a failure only costs a stale badge."""
+        from tasks.publish import queue_badge_syncs  # as PersistPublisher: loaded by socket-serving processes
+
+        try:
+            queued = queue_badge_syncs(self.storage, user_ids, msg_id)
+        except Exception as exc:  # Redis or the broker: the frame was answered already
+            log.warning("conn %s: badge sync after msg %s not queued: %s", conn.conn_id, msg_id,
+                        type(exc).__name__)
+            return
+        if queued:
+            log.info("conn %s: badge sync of %d user(s) queued after msg %s", conn.conn_id, len(queued), msg_id)
 

@@ -238,7 +238,7 @@ def _ensure_conversation_rows(session: Session, is_mysql: bool, group_id: int, u
         return
     cid = group_conversation_id(group_id)
     session.execute(insert_ignoring_duplicates(Conversation, is_mysql), [
-        {"conversation_id": cid, "user_id": uid, "target_id": group_id, "is_group": True, "unread_count": 0}
+        {"conversation_id": cid, "user_id": uid, "target_id": group_id, "is_group": True}
         for uid in user_ids])
 
 

@@ -145,9 +145,9 @@ _UPSERT_SQL = {
     # rows as one multi-row INSERT. MySQL assigns left to right: last_msg_id last.
     "mysql": """
         INSERT INTO conversation (conversation_id, user_id, target_id, is_group, last_message,
-                                  last_message_time, last_msg_id, unread_count)
+                                  last_message_time, last_msg_id)
         VALUES (:conversation_id, :user_id, :target_id, :is_group, :last_message, :last_message_time,
-                :last_msg_id, :unread_count)
+                :last_msg_id)
         ON DUPLICATE KEY UPDATE
           last_message = IF(VALUES(last_msg_id) > COALESCE(last_msg_id, 0), VALUES(last_message), last_message),
           last_message_time = IF(VALUES(last_msg_id) > COALESCE(last_msg_id, 0), VALUES(last_message_time),
@@ -156,9 +156,9 @@ _UPSERT_SQL = {
           last_msg_id = GREATEST(COALESCE(last_msg_id, 0), VALUES(last_msg_id))""",
     "sqlite": """
         INSERT INTO conversation (conversation_id, user_id, target_id, is_group, last_message,
-                                  last_message_time, last_msg_id, unread_count, created_at, updated_at)
+                                  last_message_time, last_msg_id, created_at, updated_at)
         VALUES (:conversation_id, :user_id, :target_id, :is_group, :last_message, :last_message_time,
-                :last_msg_id, :unread_count, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)
+                :last_msg_id, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)
         ON CONFLICT (user_id, conversation_id) DO UPDATE SET
           last_message = excluded.last_message, last_message_time = excluded.last_message_time,
           last_msg_id = excluded.last_msg_id, updated_at = CURRENT_TIMESTAMP
@@ -174,6 +174,5 @@ def upsert_conversations(session: Session, is_mysql: bool, rows: list[dict]) -> 
     older message never overwrites a newer one.
     """
     if rows:
-        session.execute(text(_UPSERT_SQL["mysql" if is_mysql else "sqlite"]),
-                        [dict(row, unread_count=0) for row in rows])
+        session.execute(text(_UPSERT_SQL["mysql" if is_mysql else "sqlite"]), rows)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 from flask import Blueprint, g, jsonify
 
 from app.http import json_body, storage
+from app.errors import NotFound
 from app.http.chat import require_user
+from app.push.providers.vapid import vapid_public_key_of
 from app.http.requests import DeviceRegistration, PushSettingsUpdate
 from app.push.settings import (
     device_view, list_devices, load_preferences, register_device, remove_device, save_preferences,
@@ -18,9 +20,20 @@ bp = Blueprint("push", __name__, url_prefix="/api")
 def add_device():
     registration = DeviceRegistration.parse(json_body())
     with storage().session() as session:
-        device = register_device(session, g.user_id, registration.platform, registration.token)
+        device = register_device(session, g.user_id, registration.platform, registration.token,
+                                 registration.subscription)
         view = device_view(device)
     return jsonify(view), 201
+
+
+@bp.get("/push/vapid-public-key")
+def vapid_public_key():
+    """The application server key a browser subscribes with (PushManager.subscribe's
+    applicationServerKey): no login needed, it is public."""
+    key = vapid_public_key_of(storage().settings)
+    if key is None:
+        raise NotFound("web push is not configured on this server")
+    return jsonify(public_key=key)
 
 
 @bp.get("/devices")

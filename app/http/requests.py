@@ -6,8 +6,12 @@ be; views hand the parsed object's values to the domain, never a raw body.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import re
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from app.accounts.auth import validate_credentials
@@ -153,12 +157,18 @@ class DeviceRegistration:
 
     platform: str
     token: str
+    subscription: dict | None = None  # webpush: {"endpoint", "p256dh", "auth"} (WebPushSubscription)
 
     @classmethod
     def parse(cls, body: dict) -> DeviceRegistration:
         platform, token = body.get("platform"), body.get("token")
         if platform not in PLATFORMS:
             raise InvalidInput(f"'platform' must be one of {', '.join(PLATFORMS)}")
+        if platform == "webpush":
+            if token is not None:
+                raise InvalidInput("a webpush device has no 'token': send the browser's 'subscription'")
+            subscription = WebPushSubscription.parse(body.get("subscription"))
+            return cls(platform, subscription.token, subscription.stored())
         if not _is_text(token, DEVICE_TOKEN_RE):
             raise InvalidInput("'token' must be 1-255 printable ASCII characters without spaces")
         return cls(platform, token)
@@ -328,3 +338,78 @@ class MediaUpload:
         if filename is not None and len(filename) > cls.MAX_FILENAME_PARAM:
             raise InvalidInput(f"'filename' must be at most {cls.MAX_FILENAME_PARAM} characters")
         return cls(mimetype or "", content_length, filename or None)
+
+
+WEBPUSH_ENDPOINT_MAX = 2048
+WEBPUSH_SUBSCRIPTION_FIELDS = {"endpoint", "keys", "expirationTime"}
+
+
+def _base64url_bytes(value) -> bytes | None:
+    """Base64url (RFC 4648 section 5) with or without padding, as browsers encode subscription keys."""
+    if not isinstance(value, str) or not value or not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", value):
+        return None
+    try:
+        return base64.urlsafe_b64decode(value.rstrip("=") + "=" * (-len(value.rstrip("=")) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class WebPushSubscription:
+    """POST /api/devices with "platform": "webpush": the browser's PushSubscription.toJSON().
+
+    {"endpoint": "https://…", "expirationTime": null, "keys": {"p256dh": "…", "auth": "…"}}:
+    an https endpoint of at most 2048 characters, p256dh an uncompressed P-256 point (65 bytes,
+    the first 0x04) and auth 16 bytes, both base64url (RFC 8291 section 2). A p256dh that is not
+    on the curve is found at the first push, which removes the device.
+    """
+
+    endpoint: str
+    p256dh: str
+    auth: str
+
+    @classmethod
+    def parse(cls, raw) -> WebPushSubscription:
+        if not isinstance(raw, dict):
+            raise InvalidInput("'subscription' must be the browser's PushSubscription JSON "
+                               "({\"endpoint\", \"keys\": {\"p256dh\", \"auth\"}})")
+        unknown = sorted(set(raw) - WEBPUSH_SUBSCRIPTION_FIELDS)
+        if unknown:
+            raise InvalidInput(f"unknown subscription field(s) {', '.join(unknown)}; "
+                               f"allowed: {', '.join(sorted(WEBPUSH_SUBSCRIPTION_FIELDS))}")
+        endpoint = raw.get("endpoint")
+        if not isinstance(endpoint, str) or not 1 <= len(endpoint) <= WEBPUSH_ENDPOINT_MAX \
+                or not endpoint.isascii() or any(c.isspace() for c in endpoint):
+            raise InvalidInput(f"'subscription.endpoint' must be an https URL of at most {WEBPUSH_ENDPOINT_MAX} "
+                               "characters")
+        try:
+            parts = urlsplit(endpoint)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme != "https" or not parts.hostname or parts.username or parts.password:
+            raise InvalidInput("'subscription.endpoint' must be an https URL (the push service's, without "
+                               "credentials)")
+        expires = raw.get("expirationTime")
+        if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float)) or expires < 0):
+            raise InvalidInput("'subscription.expirationTime' must be null or a time in milliseconds")
+        keys = raw.get("keys")
+        if not isinstance(keys, dict) or set(keys) != {"p256dh", "auth"}:
+            raise InvalidInput("'subscription.keys' must be {\"p256dh\", \"auth\"}")
+        p256dh, auth = _base64url_bytes(keys["p256dh"]), _base64url_bytes(keys["auth"])
+        if p256dh is None or len(p256dh) != 65 or p256dh[0] != 4:
+            raise InvalidInput("'subscription.keys.p256dh' must be base64url of an uncompressed P-256 public "
+                               "key (65 bytes)")
+        if auth is None or len(auth) != 16:
+            raise InvalidInput("'subscription.keys.auth' must be base64url of 16 bytes")
+        return cls(endpoint, keys["p256dh"].rstrip("="), keys["auth"].rstrip("="))
+
+    @property
+    def token(self) -> str:
+        """The device token of a subscription: one per endpoint, short enough for the token column
+        and for DELETE /api/devices/{token}."""
+        return "webpush:" + hashlib.sha256(self.endpoint.encode()).hexdigest()
+
+    def stored(self) -> dict:
+        return {"endpoint": self.endpoint, "p256dh": self.p256dh, "auth": self.auth}
+

@@ -8,7 +8,7 @@ behind a proxy on another port.
 """
 from __future__ import annotations
 
-from flask import Blueprint, make_response, render_template
+from flask import Blueprint, current_app, make_response, render_template, send_from_directory
 
 bp = Blueprint("web", __name__)
 
@@ -26,4 +26,14 @@ def chat_page():
     resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Referrer-Policy"] = "no-referrer"
     resp.headers["Cache-Control"] = "no-cache"
+    return resp
+
+
+@bp.get("/sw.js")
+def service_worker():
+    """The chat page's service worker (Web Push), from the site's root so that its scope is the whole
+    site; not cached, so a new version reaches browsers at their next visit."""
+    resp = send_from_directory(current_app.static_folder, "sw.js", mimetype="text/javascript", max_age=0)
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Content-Type-Options"] = "nosniff"
     return resp

@@ -13,7 +13,7 @@ from app.storage import Storage, purge_in_batches
 from models import PushLog, User
 
 STATUSES = (PENDING, SUCCESS, FAILED, SKIPPED)
-PROVIDERS = ("apns", "fcm", "email")
+PROVIDERS = ("apns", "fcm", "email", "webpush")
 RETRYABLE = (FAILED, SKIPPED)
 MAX_PER_PAGE = 200
 

@@ -18,7 +18,10 @@ from app.chat.unread import latest_unread, unread_states
 from app.push.planning import (
     DIGEST_MAX_MESSAGES, FAILED, PENDING, PREVIEW_CHARS, PRIORITY_PRIVATE, SKIPPED, SUCCESS,
 )
-from app.push.providers import DeadToken, Delivered, PushOutcome, PushProvider, PushRequest, TemporaryFailure
+from app.push.badges import record_delivered
+from app.push.providers import (
+    BADGE_SYNC, DeadToken, Delivered, PushOutcome, PushProvider, PushRequest, TemporaryFailure,
+)
 from app.push.settings import load_preferences
 from app.storage import Storage
 from models import ChatGroup, Device, PushLog, User
@@ -58,6 +61,7 @@ class _Attempt:
     payload: dict
     device_id: int | None
     token: str | None = None
+    subscription: dict | None = None  # webpush: the device's endpoint and keys
     status: str | None = None  # None until settled
     error: str | None = None
     provider_id: str | None = None
@@ -136,6 +140,9 @@ def attempt_pushes(storage: Storage, pushes: Iterable[tuple[int, int | None]], p
     for a in written:  # committed
         results[a.push_id] = AttemptResult(a.push_id, a.status, a.retry_in, a.priority, a.attempts)
         metrics.push_outcome(a.push_type, a.status)
+    # What the devices show now: the badge syncs of app.push.badges go only where something is shown.
+    record_delivered(storage, [(a.user_id, a.device_id, a.payload) for a in written
+                               if a.status == SUCCESS and a.device_id is not None and a.push_type != "email"])
     return results
 
 
@@ -181,15 +188,17 @@ def _commit_outcomes(session, todo: list[_Attempt], before_commit) -> list[_Atte
 def _settle_unsendable(session, todo: list[_Attempt], providers: dict[str, PushProvider]) -> None:
     """Settle what needs no provider call: read or recalled meanwhile, device gone, provider not configured."""
     device_ids = {a.device_id for a in todo if a.device_id is not None}
-    devices = {d.id: d for d in session.execute(select(Device.id, Device.user_id, Device.token)
+    devices = {d.id: d for d in session.execute(select(Device.id, Device.user_id, Device.token, Device.subscription)
                                                 .where(Device.id.in_(device_ids))).all()} if device_ids else {}
-    states = unread_states(session, {(a.user_id, a.message_id) for a in todo if a.push_type != "email"})
+    # A badge sync is about messages read or recalled: it goes out whatever their state.
+    states = unread_states(session, {(a.user_id, a.message_id) for a in todo
+                                     if a.push_type != "email" and a.payload.get("kind") != BADGE_SYNC})
     for a in todo:
         if a.push_type == "email":
             if providers.get("email") is None:
                 a.settle(FAILED, "email is not configured on this server")
             continue
-        why = states[a.user_id, a.message_id]
+        why = states.get((a.user_id, a.message_id))
         device = devices.get(a.device_id)
         if why is not None:  # no attempt: the count stays
             a.attempts -= 1
@@ -199,7 +208,7 @@ def _settle_unsendable(session, todo: list[_Attempt], providers: dict[str, PushP
         elif providers.get(a.push_type) is None:
             a.settle(FAILED, f"{a.push_type} is not configured on this server")
         else:
-            a.token = device.token
+            a.token, a.subscription = device.token, device.subscription
 
 
 def _send(storage: Storage, todo: list[_Attempt], providers: dict[str, PushProvider]
@@ -233,9 +242,14 @@ def _request(storage: Storage, a: _Attempt) -> PushRequest | None:
             a.settle(SKIPPED, digest)
             return None
         return digest
+    if a.payload.get("kind") == BADGE_SYNC:
+        return PushRequest(token=a.token, title="", body="", badge=a.payload["badge"], conversation_id="",
+                           msg_id=a.payload["msg_id"], priority=a.priority, sound="", kind=BADGE_SYNC,
+                           withdraw=tuple((str(c), str(m)) for c, m in a.payload.get("withdraw") or []),
+                           subscription=a.subscription)
     return PushRequest(token=a.token, title=a.payload["title"], body=a.payload["body"], badge=a.payload["badge"],
                        conversation_id=a.payload["conversation_id"], msg_id=a.payload["msg_id"],
-                       priority=a.priority, preview=a.payload.get("preview", True))
+                       priority=a.priority, preview=a.payload.get("preview", True), subscription=a.subscription)
 
 
 def _apply(a: _Attempt, outcome, max_retries: int, base_delay: float, jitter: Callable[[], float]) -> None:

@@ -24,7 +24,7 @@ from app.storage import Storage, insert_ignoring_duplicates
 from models import ChatGroup, Device, Message, PushLog, User
 
 PRIORITY_PRIVATE, PRIORITY_GROUP, PRIORITY_DIGEST = 8, 5, 1
-PROVIDER_BY_PLATFORM = {"ios": "apns", "android": "fcm", "web": "fcm"}
+PROVIDER_BY_PLATFORM = {"ios": "apns", "android": "fcm", "web": "fcm", "webpush": "webpush"}
 COALESCE_KEY = "push:coalesce:{}"
 DIGEST_KEY = "push:digest:{}"
 GENERIC_BODY = "New message"
@@ -119,7 +119,7 @@ def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list
                 rows.append((plan, dict(user_id=plan.user_id, message_id=latest.id, push_type=provider,
                                         push_status=PENDING, target=f"device:{device.id}", device_id=device.id,
                                         priority=plan.priority, payload=payload)))
-    ids = _pending_rows(storage, [row for _, row in rows])
+    ids = pending_rows(storage, [row for _, row in rows])
     for plan, row in rows:
         push_id = ids.get((row["message_id"], row["user_id"], row["target"]))
         if push_id is not None:
@@ -127,7 +127,7 @@ def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list
     return [plans[user_id] for user_id in user_ids]
 
 
-def _pending_rows(storage: Storage, rows: list[dict]) -> dict[tuple[int, int, str], int]:
+def pending_rows(storage: Storage, rows: list[dict]) -> dict[tuple[int, int, str], int]:
     """Create these pending push_log rows (a row that exists is kept as it is); the ids of those
     to deliver now: new, or left pending untried by a planner run that died (a redelivered send_push).
     A row that was already tried, or failed, has its own course and is left out."""
@@ -164,4 +164,4 @@ def plan_digest(storage: Storage, user_id: int, now: datetime | None = None) -> 
         return DigestPlan()
     row = dict(user_id=user_id, message_id=latest.id, push_type="email", push_status=PENDING, target="email",
                device_id=None, priority=PRIORITY_DIGEST, payload={"msg_id": str(latest.id)})
-    return DigestPlan(_pending_rows(storage, [row]).get((latest.id, user_id, "email")))
+    return DigestPlan(pending_rows(storage, [row]).get((latest.id, user_id, "email")))

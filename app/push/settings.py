@@ -12,21 +12,23 @@ from sqlalchemy.orm import Session
 from app.errors import NotFound
 from models import Device, PushSetting
 
-PLATFORMS = ("ios", "android", "web")
-CHANNELS = ("apns", "fcm", "email")
+PLATFORMS = ("ios", "android", "web", "webpush")
+CHANNELS = ("apns", "fcm", "email", "webpush")
 
 
 # --- devices -------------------------------------------------------------------
 
-def register_device(session: Session, user_id: int, platform: str, token: str) -> Device:
+def register_device(session: Session, user_id: int, platform: str, token: str,
+                    subscription: dict | None = None) -> Device:
     """Add a push token; a token already registered (another account on the same
-    phone) moves to this user."""
+    phone) moves to this user. A webpush device also stores its subscription
+    (endpoint and keys; its token is derived from the endpoint)."""
     device = session.scalar(select(Device).where(Device.token == token).with_for_update())
     if device is None:
-        device = Device(user_id=user_id, platform=platform, token=token)
+        device = Device(user_id=user_id, platform=platform, token=token, subscription=subscription)
         session.add(device)
-    else:
-        device.user_id, device.platform = user_id, platform
+    else:  # a browser that subscribes again may have new keys for the same endpoint
+        device.user_id, device.platform, device.subscription = user_id, platform, subscription
     session.flush()
     return device
 

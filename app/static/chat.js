@@ -165,6 +165,7 @@ async function onAuthSubmit(event) {
 }
 
 function logout(message) {
+  if (session) forgetSubscription(session.token);
   if (client) client.close();
   client = null;
   clearInterval(recallTimer);
@@ -204,6 +205,82 @@ function startApp() {
 
   refreshList({ withGroups: true }); // re-arms itself every LIST_EVERY_MS; refreshes presence too
   recallTimer = setInterval(hideExpiredRecalls, 5000);
+  registerServiceWorker();
+}
+
+// ---------------------------------------------------------------- web push (docs/push.md §2, §8.2)
+
+let pushRegistration = null; // the service worker's registration (/sw.js), once registered
+
+function pushSupported() {
+  return "serviceWorker" in navigator && "PushManager" in window && "Notification" in window;
+}
+
+/** Register the service worker; offer "Enable notifications" unless the user refused them, and keep a
+ *  subscription this browser already has registered with the server (it may have been pruned). */
+async function registerServiceWorker() {
+  if (!pushSupported()) return;
+  try {
+    pushRegistration = await navigator.serviceWorker.register("/sw.js");
+  } catch (err) {
+    console.warn("NetherLink: no service worker, so no notifications with the tab closed", err);
+    return;
+  }
+  const existing = await pushRegistration.pushManager.getSubscription().catch(() => null);
+  const granted = Notification.permission === "granted";
+  $("enable-push").hidden = Notification.permission === "denied" || Boolean(existing && granted);
+  if (existing && granted) sendSubscription(existing).catch(() => { $("enable-push").hidden = false; });
+}
+
+/** On a click (browsers ask for permission only on a user action): permission, subscribe with the
+ *  server's VAPID key, and send the subscription to the server. */
+async function enablePush() {
+  const button = $("enable-push");
+  button.disabled = true;
+  showError($("sidebar-error"), "");
+  try {
+    if (await Notification.requestPermission() !== "granted") {
+      button.hidden = true;
+      showError($("sidebar-error"), "Notifications are blocked for this site in the browser's settings.");
+      return;
+    }
+    const { public_key: key } = await api("GET", "/api/push/vapid-public-key");
+    const registration = pushRegistration || await navigator.serviceWorker.ready;
+    const subscription = await registration.pushManager.subscribe({
+      userVisibleOnly: true, applicationServerKey: base64UrlBytes(key),
+    });
+    await sendSubscription(subscription);
+    button.hidden = true;
+  } catch (err) {
+    showError($("sidebar-error"), `Notifications could not be enabled: ${errorText(err)}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+/** At logout: this browser is no longer pushed for the user (the device removed, the subscription
+ *  dropped: a push service answers 410 for it from now on, which prunes it if the removal failed). */
+function forgetSubscription(token) {
+  if (!pushRegistration) return;
+  pushRegistration.pushManager.getSubscription().then(async (subscription) => {
+    if (!subscription) return;
+    try {
+      const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(subscription.endpoint));
+      const hex = [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
+      await apiRequest(BASE, "DELETE", `/api/devices/webpush:${hex}`, { token });
+    } finally {
+      await subscription.unsubscribe();
+    }
+  }).catch(() => {});
+}
+
+function sendSubscription(subscription) {
+  return api("POST", "/api/devices", { body: { platform: "webpush", subscription: subscription.toJSON() } });
+}
+
+function base64UrlBytes(text) {
+  const b64 = text.replace(/-/g, "+").replace(/_/g, "/") + "=".repeat((4 - (text.length % 4)) % 4);
+  return Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
 }
 
 function api(method, path, options = {}) {
@@ -1094,6 +1171,7 @@ function init() {
   $("logout").addEventListener("click", () => logout());
   $("new-chat").addEventListener("submit", onNewChat);
   $("new-group").addEventListener("click", openGroupDialog);
+  $("enable-push").addEventListener("click", enablePush);
   $("group-form").addEventListener("submit", onCreateGroup);
   $("members").addEventListener("click", openMembers);
   $("add-member").addEventListener("submit", onAddMember);

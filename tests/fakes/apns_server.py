@@ -468,6 +468,16 @@ class FakeApnsServer:
             payload = None
         if not isinstance(payload, dict) or not isinstance(payload.get("aps"), dict):
             return 400, "BadPayload"  # Apple documents no reason for malformed JSON; this one is the fake's
+        aps = payload["aps"]
+        if fields.get("apns-push-type") == "background":
+            # Apple: a background push has priority 5 (10 is an error) and content-available 1, and
+            # shows nothing: no alert, no sound (the fake's reasons; Apple only drops such pushes).
+            if fields.get("apns-priority") != "5":
+                return 400, "BadPriority"
+            if aps.get("content-available") != 1 or "alert" in aps or "sound" in aps:
+                return 400, "BadBackgroundPayload"
+        elif fields.get("apns-push-type") == "alert" and not aps.get("alert"):
+            return 400, "MissingAlert"
         with self._lock:
             scripted = self._token_failures.get(device_token.lower())
         if scripted is not None:

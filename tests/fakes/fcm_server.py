@@ -430,6 +430,16 @@ def _validate_send_body(body, size: int) -> tuple[int, dict, dict] | None:  # no
     if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
         return _invalid("Invalid value at 'message.android.notification.notification_count' (TYPE_INT32)",
                         "message.android.notification.notification_count")
+    if "ttl" in android and not (isinstance(android["ttl"], str) and re.fullmatch(r"\d{1,10}(\.\d{1,9})?s", android["ttl"])):
+        return _invalid("Invalid value at 'message.android.ttl' (type.googleapis.com/google.protobuf.Duration)",
+                        "message.android.ttl")
+    if isinstance(data, dict) and data.get("kind") == "badge_sync":
+        # NetherLink's silent badge sync must be a pure data message (the fake's own rule): a
+        # notification block would make Android show something, and it must not wake the device.
+        if message.get("notification") or android_notification:
+            return _invalid("a badge_sync data message carries no notification", "message.notification")
+        if str(android.get("priority", "normal")).lower() != "normal" or "badge" not in data:
+            return _invalid("a badge_sync data message goes at normal priority with a badge", "message.android")
     if size > MAX_MESSAGE_BYTES:
         return _invalid("Message is too big", "message")
     return None

@@ -11,9 +11,13 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import math
+import ssl
 from dataclasses import dataclass
 from datetime import timezone
 from typing import Protocol
+
+
+ALERT, BADGE_SYNC = "alert", "badge_sync"
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,11 @@ class PushRequest:
     priority: int = 8  # push_tasks priority: private 8, group 5, digest 1
     sound: str = "default"
     preview: bool = True  # False: the device shows "New message", not the sender and text
+    kind: str = ALERT  # ALERT: a notification to show; BADGE_SYNC: silent, set the badge and withdraw
+    # BADGE_SYNC: the shown notifications to remove, as (conversation_id, msg_id) pairs; the
+    # conversation id is their collapse id / tag / Topic
+    withdraw: tuple[tuple[str, str], ...] = ()
+    subscription: dict | None = None  # webpush: {"endpoint", "p256dh", "auth"} of the device
 
 
 @dataclass(frozen=True)
@@ -91,3 +100,58 @@ def retry_after_seconds(value: str | None, now: float) -> float | None:
     if not math.isfinite(seconds):
         return None
     return max(0.0, seconds)
+
+
+def load_p256_key(path: str, setting: str, pem_hint: str = "", curve_hint: str = ""):
+    """An unencrypted EC P-256 private key in PEM (an APNs .p8 key, a VAPID key), or ValueError
+    naming the setting and what is wrong with the file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as exc:
+        raise ValueError(f"{setting} {path!r} cannot be read: {exc.strerror or exc}") from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{setting} {path!r} is not an unencrypted PEM private key{pem_hint}: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError(f"{setting} {path!r} is not an EC P-256 key{curve_hint}")
+    return key
+
+
+def tls_context(ca_file: str, setting: str) -> ssl.SSLContext:
+    """The public CAs (certifi), plus the extra CA bundle `ca_file` names (a local fake's), if any."""
+    import certifi
+
+    context = ssl.create_default_context(cafile=certifi.where())
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{setting} {ca_file!r} is not a readable PEM CA bundle: {exc}") from None
+    return context
+
+
+ELLIPSIS = "\u2026"
+
+
+def shorten_to_fit(container: dict, field: str, encode, limit: int) -> None:
+    """Cut container[field] to the longest prefix (plus an ellipsis) with which `encode()` stays
+    within `limit` bytes, or to "" if none does."""
+    text = container[field]
+
+    def fits(keep: int) -> bool:
+        container[field] = text[:keep].rstrip() + ELLIPSIS if keep else ""
+        return len(encode()) <= limit
+
+    low, high = 0, len(text) - 1  # keep-count search; escaping makes bytes per character vary
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    fits(low)

@@ -27,37 +27,29 @@ import logging
 import os
 import re
 import ssl
-import sys
 import threading
 import time
 from typing import Callable
 
-import certifi
 import httpx
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from app.config import Settings
 from app.push.providers import (
-    DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
-    retry_after_seconds,
+    BADGE_SYNC, DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
+    load_p256_key, retry_after_seconds, shorten_to_fit, tls_context,
 )
 
 logger = logging.getLogger(__name__)
-
-try:  # httpcore imports sniffio inside every async request; anyio >= 4.12 no longer installs it.
-    import sniffio  # noqa: F401
-except ImportError:  # then each request's failed import scanned sys.path (18 % of a send's CPU);
-    sys.modules.setdefault("sniffio", None)  # this makes it fail at once, and httpcore assumes asyncio
 
 MAX_PAYLOAD_BYTES = 4096
 MAX_COLLAPSE_ID_BYTES = 64
 TOKEN_RENEW_AFTER_SECONDS = 50 * 60  # Apple refuses provider tokens older than 60 minutes
 FORCED_RENEWAL_MIN_INTERVAL_SECONDS = 20 * 60  # faster renewals earn TooManyProviderTokenUpdates
 NOTIFICATION_TTL_SECONDS = 24 * 3600  # apns-expiration: Apple keeps retrying an offline device this long
+BADGE_SYNC_TTL_SECONDS = 3600  # a silent badge update older than this is not worth delivering
 GENERIC_BODY = "New message"
-ELLIPSIS = "\u2026"
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 # Apple closes idle connections itself; keep ours well past httpx's 5 s default so
 # sparse pushes do not pay a TLS handshake each (Apple treats connection churn as abuse).
@@ -282,6 +274,10 @@ class ApnsClient:
     # -- request --------------------------------------------------------------------
 
     def _headers(self, request: PushRequest, provider_token: str) -> dict[str, str]:
+        if request.kind == BADGE_SYNC:  # Apple: a background push goes at priority 5, and shows nothing
+            return {"authorization": f"bearer {provider_token}", "apns-topic": self._topic,
+                    "apns-push-type": "background", "apns-priority": "5",
+                    "apns-expiration": str(int(self._clock()) + BADGE_SYNC_TTL_SECONDS)}
         headers = {
             "authorization": f"bearer {provider_token}",
             "apns-topic": self._topic,
@@ -295,6 +291,8 @@ class ApnsClient:
 
     def _payload(self, request: PushRequest) -> bytes | None:
         """The JSON payload, its text shortened to fit 4096 bytes; None if nothing fits."""
+        if request.kind == BADGE_SYNC:
+            return self._badge_sync_payload(request)
         alert = {"title": request.title, "body": request.body} if request.preview else {"body": GENERIC_BODY}
         if not alert.get("title", True):
             del alert["title"]
@@ -312,9 +310,21 @@ class ApnsClient:
             if len(encode()) <= MAX_PAYLOAD_BYTES:
                 break
             if field in alert:
-                _shorten_to_fit(alert, field, encode)
+                shorten_to_fit(alert, field, encode, MAX_PAYLOAD_BYTES)
         data = encode()
         return data if len(data) <= MAX_PAYLOAD_BYTES else None
+
+    @staticmethod
+    def _badge_sync_payload(request: PushRequest) -> bytes | None:
+        """A background push: the new badge, and the notifications for the app to remove (their
+        apns-collapse-id, thread-id and msg id), newest conversations first if they do not all fit."""
+        withdraw = [{"collapse_id": _collapse_id(c), "thread_id": c, "msg_id": m} for c, m in request.withdraw]
+        while True:
+            data = json.dumps({"aps": {"content-available": 1, "badge": request.badge}, "kind": BADGE_SYNC,
+                               "withdraw": withdraw}, separators=(",", ":")).encode()
+            if len(data) <= MAX_PAYLOAD_BYTES or not withdraw:
+                return data if len(data) <= MAX_PAYLOAD_BYTES else None
+            withdraw = withdraw[:-1]
 
     # -- response -------------------------------------------------------------------
 
@@ -338,29 +348,11 @@ def _load_signing_key(settings: Settings) -> ec.EllipticCurvePrivateKey:
     for attr, env_name in REQUIRED_SETTINGS:
         if not getattr(settings, attr):
             raise ValueError(f"APNs is not configured: {env_name} is not set")
-    path = settings.apns_key_file
-    try:
-        with open(path, "rb") as f:
-            pem = f.read()
-    except OSError as exc:
-        raise ValueError(f"APNS_KEY_FILE {path!r} cannot be read: {exc.strerror or exc}") from None
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"APNS_KEY_FILE {path!r} is not an unencrypted PEM private key (.p8): {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
-        raise ValueError(f"APNS_KEY_FILE {path!r} is not an EC P-256 key, as Apple's .p8 keys are")
-    return key
+    return load_p256_key(settings.apns_key_file, "APNS_KEY_FILE", " (.p8)", ", as Apple's .p8 keys are")
 
 
 def _tls_context(settings: Settings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=certifi.where())
-    if settings.apns_ca_file:
-        try:
-            context.load_verify_locations(cafile=settings.apns_ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ValueError(f"APNS_CA_FILE {settings.apns_ca_file!r} is not a readable PEM CA bundle: {exc}") from None
-    return context
+    return tls_context(settings.apns_ca_file, "APNS_CA_FILE")
 
 
 def _collapse_id(conversation_id: str) -> str:
@@ -368,24 +360,6 @@ def _collapse_id(conversation_id: str) -> str:
         return conversation_id
     # Still one stable id per conversation, and a sha256 hex digest is exactly 64 bytes.
     return hashlib.sha256(conversation_id.encode()).hexdigest()
-
-
-def _shorten_to_fit(alert: dict, field: str, encode: Callable[[], bytes]) -> None:
-    """Cut alert[field] to the longest prefix (plus an ellipsis) whose payload fits, or to ""."""
-    text = alert[field]
-
-    def fits(keep: int) -> bool:
-        alert[field] = text[:keep].rstrip() + ELLIPSIS if keep else ""
-        return len(encode()) <= MAX_PAYLOAD_BYTES
-
-    low, high = 0, len(text) - 1  # keep-count search; escaping makes bytes per character vary
-    while low < high:
-        middle = (low + high + 1) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle - 1
-    fits(low)
 
 
 def _reason(response: httpx.Response) -> str:

@@ -27,7 +27,7 @@ from requests.adapters import HTTPAdapter
 
 from app.config import Settings
 from app.push.providers import (
-    DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
+    BADGE_SYNC, DeadToken, Delivered, PermanentFailure, PushOutcome, PushRequest, TemporaryFailure, device_label,
     retry_after_seconds,
 )
 
@@ -161,6 +161,14 @@ class FcmClient:
         self.close()
 
     def _build_payload(self, request: PushRequest) -> bytes:
+        if request.kind == BADGE_SYNC:  # a data message: the app sets the badge and cancels the tags itself
+            return self._pyfcm.parse_payload(
+                fcm_token=request.token,
+                data_payload={"kind": BADGE_SYNC, "badge": str(max(0, request.badge)),
+                              "withdraw": json.dumps([{"tag": c, "msg_id": m} for c, m in request.withdraw],
+                                                     separators=(",", ":"))},
+                android_config={"priority": "normal", "collapse_key": BADGE_SYNC, "ttl": "3600s"},
+            )
         title, body = (request.title, request.body) if request.preview else (None, GENERIC_BODY)
         android_notification = {
             "tag": request.conversation_id,  # replaces the conversation's previous notification in the tray

@@ -3,7 +3,7 @@ index (app.chat.search), message_search with a FULLTEXT index on MySQL, an FTS5 
 triggers on SQLite
 
 Revision ID: 0008
-Revises: 0005
+Revises: 0007
 """
 from alembic import op
 import sqlalchemy as sa
@@ -11,7 +11,7 @@ import sqlalchemy.dialects.mysql
 
 
 revision = '0008'
-down_revision = '0005'
+down_revision = '0007'
 branch_labels = None
 depends_on = None
 
