@@ -55,7 +55,6 @@ class Settings:
     heartbeat_interval_seconds: int = 30
     presence_ttl_seconds: int = 300
     dedupe_ttl_seconds: int = 86400
-    dedupe_recovery_seconds: int = 600
     publish_timeout_seconds: float = 5.0
     # Redis connections per process; more callers wait for a free one.
     redis_max_connections: int = 100

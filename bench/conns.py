@@ -630,7 +630,7 @@ def main() -> int:
         say(f"making {args.connections} users ({kind} services, logs in {tmp})...")
         tokens = make_users(storage, settings, f"idle{run_id}-", args.connections)
         storage.dispose()
-        env = {"DEDUPE_RECOVERY_SECONDS": "0", "GATEWAY_MAX_CONNECTIONS": str(args.connections + 100)}
+        env = {"GATEWAY_MAX_CONNECTIONS": str(args.connections + 100)}
         if args.heartbeat_interval:
             env["HEARTBEAT_INTERVAL_SECONDS"] = str(args.heartbeat_interval)
         env.update(item.split("=", 1) for item in args.gateway_env)

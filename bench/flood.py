@@ -110,7 +110,7 @@ def main() -> int:
 
         upgrade_schema(services.database_url)
         print(f"starting a gateway with the default limits and two workers ({kind} services)...", flush=True)
-        gateway = Gateway("gw1", services, tmp, DEDUPE_RECOVERY_SECONDS="0", **LIMITS)
+        gateway = Gateway("gw1", services, tmp, **LIMITS)
         procs += [gateway, Worker("persist", "private_messages,group_messages", services, tmp),
                   Worker("dispatch", "offline_messages", services, tmp)]
         victim, flooder, peer = (register_and_login(gateway.http) for _ in range(3))

@@ -143,7 +143,7 @@ def main() -> int:
         storage = Storage(settings)
         print(f"starting {args.gateways} gateway(s), a persist and a dispatch worker ({kind} services, "
               f"logs in {tmp})...", flush=True)
-        gateways = [Gateway(f"gw{i + 1}", services, tmp, DEDUPE_RECOVERY_SECONDS="0") for i in range(args.gateways)]
+        gateways = [Gateway(f"gw{i + 1}", services, tmp) for i in range(args.gateways)]
         procs += gateways
         procs.append(Worker("persist", "private_messages,group_messages", services, tmp, concurrency=1,
                             GROUP_FANOUT_CHUNK=str(args.chunk)))

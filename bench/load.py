@@ -18,6 +18,16 @@ message was delivered live, then syncs recipients' streams from null over
 fresh connections (all users, or with --verify-sync missing only those that
 missed live frames) and counts the storage in the database.
 
+Redis starts empty, as on a new deployment (the run's own db; nothing is
+backdated or pre-seeded), so the first seconds are the risk window after a
+Redis loss (app/chat/recovery.py). `--flush-redis-at SECONDS` flushes the
+run's Redis db that long after the send phase began, as a Redis restart or
+failover would. Throughput (messages delivered live per second, by delivery
+time) and ack p99 (by send time) are shown per 5-second window while it runs
+and in the summary, with phases compared to the warm one: `new_deployment`
+(the first --phase-seconds), `warm` (from then to the flush, or to the end),
+`after_flush` (the --phase-seconds after it).
+
 Prints a progress line every 5 s and ends with a one-line JSON summary. Exit
 status 1 when a message was lost (acked, but neither delivered live nor in
 the recipient's sync stream), duplicated (twice in a sync stream, or stored
@@ -295,6 +305,61 @@ def queue_depths(services) -> dict | None:
     return depths
 
 
+WINDOW = 5.0
+
+
+def _window(records, wall0: float, start: float, end: float) -> dict:
+    """Messages delivered live in [start, end) s after wall0, per second; ack latency of those sent then."""
+    delivered = sum(1 for r in records if r.delivered_at is not None and start <= r.delivered_at - wall0 < end)
+    acks = [r.ack_at - r.sent_at for r in records if r.ack_at is not None and start <= r.sent_at - wall0 < end]
+    return {"start": round(start, 1), "seconds": round(end - start, 1),
+            "delivered_per_second": round(delivered / max(end - start, 1e-9), 1),
+            "acked": len(acks), "ack_ms_p50": ms(percentile(acks, 50)), "ack_ms_p99": ms(percentile(acks, 99))}
+
+
+def window_line(run: Run, wall0: float, index: int) -> None:
+    """The 5 s window that just ended, while the run goes on."""
+    if index < 0:
+        return
+    with run.lock:
+        records = list(run.records.values())
+    w = _window(records, wall0, index * WINDOW, (index + 1) * WINDOW)
+    print(f"         window {w['start']:.0f}-{w['start'] + WINDOW:.0f} s: {w['delivered_per_second']} msg/s "
+          f"delivered, ack p99 {w['ack_ms_p99']} ms (acks still coming in count later)", flush=True)
+
+
+def window_stats(records, wall0: float, seconds: float) -> list[dict]:
+    return [_window(records, wall0, i * WINDOW, (i + 1) * WINDOW) for i in range(int(math.ceil(seconds / WINDOW)))]
+
+
+def phase_stats(records, wall0: float, seconds: float, phase: float, flushed_at: float | None) -> dict:
+    """new_deployment, warm and after_flush phases, and each one's ratios to warm."""
+    first = min(phase, seconds, flushed_at if flushed_at is not None else seconds)
+    phases = {"new_deployment": _window(records, wall0, 0, first)}
+    warm = [(first, flushed_at if flushed_at is not None else seconds)]
+    if flushed_at is not None:
+        phases["after_flush"] = _window(records, wall0, flushed_at, min(flushed_at + phase, seconds))
+        warm.append((flushed_at + phase, seconds))
+    warm = [(a, b) for a, b in warm if b - a >= WINDOW]
+    if warm:  # the rest of the run: after the first phase, and after the flush's phase
+        parts = [_window(records, wall0, a, b) for a, b in warm]
+        acks = [r.ack_at - r.sent_at for r in records if r.ack_at is not None
+                and any(a <= r.sent_at - wall0 < b for a, b in warm)]
+        delivered = sum(p["delivered_per_second"] * p["seconds"] for p in parts)
+        span = sum(b - a for a, b in warm)
+        phases["warm"] = {"spans": [[round(a, 1), round(b, 1)] for a, b in warm], "seconds": round(span, 1),
+                          "delivered_per_second": round(delivered / span, 1), "acked": len(acks),
+                          "ack_ms_p50": ms(percentile(acks, 50)), "ack_ms_p99": ms(percentile(acks, 99))}
+    warm = phases.get("warm")
+    if warm and warm["delivered_per_second"] and warm["ack_ms_p99"]:
+        for name in ("new_deployment", "after_flush"):
+            if name in phases and phases[name]["ack_ms_p99"] is not None:
+                phases[name]["throughput_vs_warm"] = round(
+                    phases[name]["delivered_per_second"] / warm["delivered_per_second"], 3)
+                phases[name]["ack_p99_vs_warm"] = round(phases[name]["ack_ms_p99"] / warm["ack_ms_p99"], 3)
+    return phases
+
+
 def progress(run: Run, t0: float, phase: str) -> None:
     with run.lock:
         sent, acked, delivered, errors = run.sent, run.acked, run.delivered, sum(run.errors.values())
@@ -381,6 +446,10 @@ def main() -> int:
     parser.add_argument("--verify-sync", choices=["all", "missing"], default="all",
                         help="sync every user's stream from null, or only recipients that missed live frames")
     parser.add_argument("--keep-logs", action="store_true", help="keep the process logs even when the run passes")
+    parser.add_argument("--flush-redis-at", type=float, default=None, metavar="SECONDS",
+                        help="flush the run's Redis db this many seconds into the send phase (a Redis restart)")
+    parser.add_argument("--phase-seconds", type=float, default=30,
+                        help="length of the new_deployment and after_flush phases compared to warm (default 30)")
     args = parser.parse_args()
     if args.users < 2 or args.gateways < 1 or args.seconds <= 0 or args.rate < 0 or args.max_inflight < 1:
         parser.error("need --users >= 2, --gateways >= 1, --seconds > 0, --rate >= 0, --max-inflight >= 1")
@@ -405,17 +474,13 @@ def main() -> int:
         from app.storage import upgrade_schema
 
         upgrade_schema(services.database_url)
-        # Steady state: this Redis has remembered sends for longer than DEDUPE_TTL. A Redis
-        # that is new (the run's own db) or lost its data makes every send also look itself
-        # up in MySQL for a day (app/messaging.py, MessageIntake): not what is measured here.
         import redis as redis_client
 
-        redis_client.Redis.from_url(services.redis_url).set("dedupe:since", int((time.time() - 3 * 86400) * 1000))
+        redis_db = redis_client.Redis.from_url(services.redis_url)
         print(f"starting {args.gateways} gateway(s) and 3 workers ({kind} services, logs in {tmp})...", flush=True)
         gateways = []
         for i in range(args.gateways):
-            # Redis is new for the run: without this every ack would wait for storage (recovery mode).
-            gateways.append(Gateway(f"gw{i + 1}", services, tmp, DEDUPE_RECOVERY_SECONDS="0"))
+            gateways.append(Gateway(f"gw{i + 1}", services, tmp))
             procs.append(gateways[-1])
         procs.append(Worker("persist", "private_messages,group_messages", services, tmp,
                             concurrency=args.persist_concurrency))
@@ -449,12 +514,26 @@ def main() -> int:
                                            name=f"sender-{conn.index}", daemon=True)
             conn.sender.start()
         next_progress, next_ping = t0 + PROGRESS_EVERY, t0 + PING_EVERY
+        flushed_at = None
+        if args.flush_redis_at is not None:
+            def flush_redis() -> None:
+                nonlocal flushed_at
+                if not run.stop_sending.wait(args.flush_redis_at):
+                    claim = redis_db.get("nl:test:claimed-by")  # (tests.harness.claim_redis_db)
+                    # The run's own db (the machine's Redis serves others too), keeping its claim on it.
+                    redis_db.pipeline(transaction=True).flushdb().set("nl:test:claimed-by", claim or "bench",
+                                                                      ex=6 * 3600).execute()
+                    flushed_at = time.time() - wall0
+                    print(f"[{time.monotonic() - t0:6.1f}s] Redis flushed (FLUSHDB of the run's db)", flush=True)
+
+            threading.Thread(target=flush_redis, name="flush-redis", daemon=True).start()
 
         def tick(phase: str) -> None:
             nonlocal next_progress, next_ping
             now = time.monotonic()
             if now >= next_progress:
                 progress(run, t0, phase)
+                window_line(run, wall0, int((now - t0) // WINDOW) - 1)
                 next_progress += PROGRESS_EVERY
             if now >= next_ping:
                 keepalive(conns)
@@ -568,8 +647,14 @@ def main() -> int:
         del_lat = [r.delivery_latency for r in live]
         ack_span = max(run.last_ack_at - wall0, 1e-9)
         del_span = max(run.last_delivery_at - wall0, 1e-9)
+        windows = window_stats(records, wall0, send_seconds)
+        phases = phase_stats(records, wall0, send_seconds, args.phase_seconds, flushed_at)
+        print("per 5 s window (start s: delivered msg/s, ack p99 ms):", flush=True)
+        for w in windows:
+            print(f"  {w['start']:5.0f}: {w['delivered_per_second']:7.1f}  {w['ack_ms_p99']}", flush=True)
         summary = {
-            "bench": "load", "services": kind, "users": n, "gateways": args.gateways, "rate_target": args.rate,
+            "bench": "load", "flushed_redis_at": None if flushed_at is None else round(flushed_at, 2),
+            "phases": phases, "windows": windows, "services": kind, "users": n, "gateways": args.gateways, "rate_target": args.rate,
             "seconds": args.seconds, "max_inflight": args.max_inflight,
             "persist_concurrency": args.persist_concurrency, "dispatch_concurrency": args.dispatch_concurrency,
             "sent": len(records), "acked": len(acked), "errors": dict(run.errors), "unanswered": len(unanswered),

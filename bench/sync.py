@@ -89,7 +89,7 @@ def main() -> int:
 
         upgrade_schema(services.database_url)
         storage = Storage(Settings.from_env())
-        gateway = Gateway("bench", services, tmp, DEDUPE_RECOVERY_SECONDS="0")
+        gateway = Gateway("bench", services, tmp)
         sender, recipient = register_and_login(gateway.http), register_and_login(gateway.http)
         print(f"seeding {args.messages} messages ({kind} services)...", flush=True)
         seed_backlog(storage, int(sender.user_id), int(recipient.user_id), args.messages)

@@ -48,6 +48,9 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop_all)
     signal.signal(signal.SIGTERM, stop_all)
 
+    # Beat's schedule and the worker metrics live under var/ whichever services are used:
+    # a fresh clone with all three URLs set has no var/ yet.
+    VAR.mkdir(exist_ok=True)
     env = {}
     embedded = []
     if not os.environ.get("REDIS_URL") or not os.environ.get("BROKER_URL"):
@@ -144,7 +147,6 @@ def _start_push_fakes():
     from tests.fakes.smtp_server import FakeSmtp
     from tests.fakes.webpush_server import FakeWebPushServer
 
-    VAR.mkdir(exist_ok=True)
     apns, fcm, smtp = FakeApnsServer().start(), FakeFcmServer().start(), FakeSmtp(echo=True).start()
     webpush = FakeWebPushServer().start()
     credentials = fcm.write_service_account(VAR / "fake-fcm-service-account.json")

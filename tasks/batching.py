@@ -69,8 +69,12 @@ class BatchTask(Task):
     # attempt=0), deliver_push(push_id, attempt=None)), not run(items)'s: Celery
     # must not check the arguments of apply_async against run().
     typing = False
+    # persist_message: the worker reports what it holds (tasks/persist_progress.py) for the
+    # gateways' risk window after a Redis loss.
+    track_progress = False
 
     def Strategy(self, task, app, consumer):
+        tracker = _progress_tracker(self, app, consumer) if self.track_progress else None
         buffer: list[Request] = []
         flush_timer = [None]
         Req = create_request_cls(Request, task, consumer.pool, consumer.hostname, consumer.event_dispatcher, app=app)
@@ -90,7 +94,7 @@ class BatchTask(Task):
                 batch = buffer[:self.flush_every]
                 del buffer[:self.flush_every]
                 running[0] += 1
-                self._run_in_pool(consumer.pool, batch, eventer if send_events else None, done)
+                self._run_in_pool(consumer.pool, batch, eventer if send_events else None, done, tracker)
 
         def done() -> None:  # in the main process, after a batch was settled (or lost)
             running[0] -= 1
@@ -99,8 +103,14 @@ class BatchTask(Task):
 
         def add(request: Request) -> None:
             buffer.append(request)
-            if len(buffer) >= self.flush_every or (not self.flush_interval and running[0] < processes):
-                flush()  # (flush_interval 0: a message that finds a process free goes at once)
+            if len(buffer) >= self.flush_every:
+                flush()
+            elif not self.flush_interval and running[0] < processes:
+                # flush_interval 0: a message that finds a process free goes on the loop's next turn,
+                # with whatever arrived in the same read: copies of one send delivered together
+                # (after a Redis loss, docs/reliability.md) are stored in order, in one batch.
+                if flush_timer[0] is None:
+                    flush_timer[0] = consumer.timer.call_after(0, flush)
             elif flush_timer[0] is None and self.flush_interval:
                 flush_timer[0] = consumer.timer.call_after(self.flush_interval, flush)
 
@@ -119,6 +129,9 @@ class BatchTask(Task):
                           eventer=eventer, task=task, connection_errors=consumer.connection_errors,
                           body=message.body, headers=message.headers, decoded=False, utc=app.uses_utc_timezone())
             signals.task_received.send(sender=consumer, request=request)
+            if tracker is not None:
+                tracker.received(request.id, (message.delivery_info or {}).get("routing_key"), request.args,
+                                 request.kwargs)
             if request.eta:  # held, not buffered, until due; it must not hold the prefetch window
                 # The worker's timer runs on the monotonic clock: to_timestamp converts (as Celery's own
                 # strategy does); a wall-clock timestamp here would hold the task for decades.
@@ -131,7 +144,7 @@ class BatchTask(Task):
 
         return on_message
 
-    def _run_in_pool(self, pool, requests: list[Request], eventer=None, done=lambda: None) -> None:
+    def _run_in_pool(self, pool, requests: list[Request], eventer=None, done=lambda: None, tracker=None) -> None:
         started = time.monotonic()
         items = [BatchItem(r.id, list(r.args), dict(r.kwargs), (r.delivery_info or {}).get("routing_key"),
                            (r.delivery_info or {}).get("priority")) for r in requests]
@@ -157,7 +170,11 @@ class BatchTask(Task):
                     if verdict == ACK:
                         request.acknowledge()
                     else:
+                        if tracker is not None and verdict == REQUEUE:
+                            tracker.given_back(request.id)
                         request.reject(requeue=verdict == REQUEUE)
+                    if tracker is not None:
+                        tracker.settled(request.id)
                         if eventer is not None:  # a message given back or dead-lettered: Flower shows it by id
                             eventer.send("task-failed", uuid=request.id, name=self.name, args=request.argsrepr,
                                          exception=f"{verdict} (in {batch_id})", traceback="")
@@ -173,6 +190,8 @@ class BatchTask(Task):
                 log.error("%s: batch of %d lost with its process (%s); giving the messages back", self.name,
                           len(requests), getattr(exc_info, "exception", exc_info))
                 for request in requests:
+                    if tracker is not None:
+                        tracker.given_back(request.id)
                     request.reject(requeue=True)
                 if eventer is not None:
                     eventer.send("task-failed", uuid=batch_id, exception="its pool process was lost; "
@@ -181,6 +200,28 @@ class BatchTask(Task):
                 done()
 
         pool.apply_async(run_batch, (self.name, items), callback=settle, error_callback=lost)
+
+
+_trackers: dict = {}  # task name -> PersistProgress, one per worker main process
+
+
+def _progress_tracker(task, app, consumer):
+    """The task's tracker, reporting on the consumer's timer. Strategies are made at every
+    consumer start: a restart (a lost broker connection) means the broker took back what the
+    old consumer held."""
+    from app.chat.recovery import REPORT_INTERVAL, grace_ms
+    from tasks.persist_progress import PersistProgress
+    from tasks.runtime import settings
+
+    tracker = _trackers.get(task.name)
+    if tracker is None:
+        queues = list(app.amqp.queues.consume_from or app.amqp.queues)
+        tracker = _trackers[task.name] = PersistProgress(settings().redis_url,
+                                                         grace_ms(settings().publish_timeout_seconds), queues)
+    else:
+        tracker.restart()
+    consumer.timer.call_repeatedly(REPORT_INTERVAL, tracker.report)
+    return tracker
 
 
 def run_batch(task_name: str, items: list[BatchItem]):

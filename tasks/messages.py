@@ -13,6 +13,7 @@ from app import metrics
 from app.chat.dispatch import dispatch_private_messages
 from app.chat.group_messages import fan_out_group_message, persist_group_message
 from app.chat.persist import persist_private_message, persist_private_messages
+from app.chat.recovery import record_reissue
 from app.push.planning import PRIORITY_GROUP, PRIORITY_PRIVATE
 from tasks import app
 from tasks.batching import ACK, REJECT, REQUEUE, RETRY, BatchItem, BatchTask, is_transient, retry_later, settle_batch
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # typing=False: the worker calls run(items) with the buffered task messages, while
 # callers publish persist_message(messages, attempt=0, quarantined=False).
-@app.task(name="tasks.pipeline.persist_message", base=BatchTask, acks_late=True, typing=False,
+@app.task(name="tasks.pipeline.persist_message", base=BatchTask, acks_late=True, typing=False, track_progress=True,
           flush_every=settings().persist_batch_max, flush_interval=settings().persist_batch_wait_ms / 1000)
 def persist_message(items: list[BatchItem]) -> dict:
     """Store accepted messages, then hand them to dispatch.
@@ -37,8 +38,9 @@ def persist_message(items: list[BatchItem]) -> dict:
     message that fails for good is quarantined as a task of its own, which is
     dead-lettered when it fails again; the others are kept.
     """
-    verdicts = {item.id: _persist_quarantined(item) for item in items if _is_quarantined(item)}
-    batch = [item for item in items if not _is_quarantined(item)]
+    verdicts = {item.id: ACK for item in items if "probe" in item.kwargs}  # its receipt was the point
+    verdicts.update({item.id: _persist_quarantined(item) for item in items if _is_quarantined(item)})
+    batch = [item for item in items if not _is_quarantined(item) and "probe" not in item.kwargs]
     if batch:
         verdicts.update(settle_batch("persist_message", batch, _persist_items, _retry_later, _quarantine_failing))
     return verdicts
@@ -86,6 +88,15 @@ def _persist_quarantined(item: BatchItem) -> str:
 def _quarantine(payload: dict, routing_key: str | None) -> None:
     persist_message.apply_async(args=[payload], kwargs={"quarantined": True},
                                 argsrepr=f"[msg {payload.get('msg_id')}]", **_route(routing_key))
+    _record_reissue([payload])  # (raises when Redis does not answer: the task is then retried)
+
+
+def _record_reissue(payloads: list[dict]) -> None:
+    """A message went back to a queue as a new task: before its old task is acked, so the
+    gateways' risk window after a Redis loss (app/chat/recovery.py) waits for it too."""
+    times = [int(p["timestamp"]) for p in payloads if p.get("timestamp") is not None]
+    if times:
+        record_reissue(storage(), min(times))
 
 
 def _route(routing_key: str | None) -> dict:
@@ -117,8 +128,14 @@ def _persist_items(items: list[BatchItem], strict: bool = False) -> dict:
 
 
 def _retry_later(item: BatchItem, exc: Exception) -> str:
-    return retry_later(persist_message, item, exc, "attempt", args=[_payloads(item)],
-                       argsrepr="[message payload not shown]", **_route(item.routing_key))
+    verdict = retry_later(persist_message, item, exc, "attempt", args=[_payloads(item)],
+                          argsrepr="[message payload not shown]", **_route(item.routing_key))
+    if verdict == ACK:
+        try:
+            _record_reissue(_payloads(item))
+        except Exception:  # unrecorded: give the old task back too (the main process records that)
+            return REQUEUE
+    return verdict
 
 
 def _persist_group(message: dict) -> dict:

@@ -79,45 +79,60 @@ class PersistPublisher:
         self.timeout = timeout
         self._local = threading.local()
 
-    def publish_all(self, payloads: list[dict]) -> None:
+    def publish_all(self, payloads: list[dict], deadline: float | None = None) -> None:
         """Publish accepted messages: one task for the private ones, one for the group ones;
-        returns once RabbitMQ confirmed them, raises Unavailable otherwise."""
+        returns once RabbitMQ confirmed them, raises Unavailable otherwise. No attempt starts
+        after `deadline` (time.time()), nor connects past it: the gateways' risk window after
+        a Redis loss counts on it (app/chat/recovery.py, grace_ms)."""
         private = [p for p in payloads if p.get("group_id") is None]
         for batch in (private, [p for p in payloads if p.get("group_id") is not None]):
             if batch:
-                self.publish(batch)
+                self.publish(batch, deadline)
 
-    def publish(self, payloads: list[dict]) -> None:
+    def publish(self, payloads: list[dict], deadline: float | None = None) -> None:
         """Publish accepted messages, all private or all group, as one persist_message task to
         private_messages or group_messages; returns once RabbitMQ confirmed it."""
         first = payloads[0]["msg_id"]
-        queue = app.amqp.queues["group_messages" if payloads[0].get("group_id") is not None else "private_messages"]
-        message = app.amqp.as_task_v2(
-            f"persist-{first}" + (f"-{len(payloads)}" if len(payloads) > 1 else ""), PERSIST_MESSAGE,
-            args=[payloads[0] if len(payloads) == 1 else payloads], kwargs={},
-            argsrepr=f"[msg {first}]" if len(payloads) == 1 else f"[{len(payloads)} msgs: {first} …]",
-            kwargsrepr="{}")
+        queue = "group_messages" if payloads[0].get("group_id") is not None else "private_messages"
+        self._send(queue, f"persist-{first}" + (f"-{len(payloads)}" if len(payloads) > 1 else ""),
+                   [payloads[0] if len(payloads) == 1 else payloads], {},
+                   f"[msg {first}]" if len(payloads) == 1 else f"[{len(payloads)} msgs: {first} …]",
+                   ", ".join(p["msg_id"] for p in payloads), deadline)
+
+    def probe(self, queue: str, timestamp: int) -> None:
+        """An empty persist_message task on `queue`, claimed at `timestamp`: once a persist worker
+        received it, everything queued before it was delivered (app/chat/recovery.py)."""
+        self._send(queue, f"probe-{queue}-{timestamp}", [[]], {"probe": timestamp}, "[probe]", "probe",
+                   time.time() + self.timeout)
+
+    def _send(self, queue_name: str, task_id: str, args: list, kwargs: dict, argsrepr: str, what: str,
+              deadline: float | None) -> None:
+        queue = app.amqp.queues[queue_name]
+        message = app.amqp.as_task_v2(task_id, PERSIST_MESSAGE, args=args, kwargs=kwargs, argsrepr=argsrepr,
+                                      kwargsrepr="{}" if not kwargs else repr(kwargs))
         for delay in (*self.RETRY_DELAYS, None):
             try:
-                self._producer().publish(
+                if deadline is not None and time.time() >= deadline:
+                    raise TimeoutError("publish deadline passed")
+                self._producer(deadline).publish(
                     message.body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
                     headers=message.headers, serializer="json", delivery_mode=2, retry=False,
                     timeout=self.timeout, confirm_timeout=self.timeout, **message.properties)
                 return
             except Exception as exc:
                 self._forget_connection()
-                if delay is None:
-                    log.warning("msgs %s not accepted: broker publish failed (%s)",
-                                ", ".join(p["msg_id"] for p in payloads), exc.__class__.__name__)
+                if delay is None or (deadline is not None and time.time() + delay >= deadline):
+                    log.warning("msgs %s not accepted: broker publish failed (%s)", what, exc.__class__.__name__)
                     raise Unavailable("message not accepted: the message broker is unavailable; "
                                       "retry with the same client_msg_id") from None
                 time.sleep(delay)
 
-    def _producer(self) -> Producer:
+    def _producer(self, deadline: float | None = None) -> Producer:
         producer = getattr(self._local, "producer", None)
         if producer is None:
+            timeout = self.timeout if deadline is None else max(0.05, min(self.timeout, deadline - time.time()))
             connection = app.connection_for_write()
-            connection.ensure_connection(max_retries=1, timeout=self.timeout)
+            connection.ensure_connection(max_retries=1, timeout=timeout)
             producer = Producer(connection.channel())
             self._local.connection, self._local.producer = connection, producer
         return producer

@@ -15,7 +15,7 @@ import pytest
 
 from tests.harness import (
     ROOT, ChatClient, Gateway, Services, Worker, provision_embedded, provision_real, real_services_reachable,
-    register_and_login,
+    register_and_login, wait_out_of_risk_window,
 )
 
 RUN_ID = uuid.uuid4().hex[:10]
@@ -142,11 +142,10 @@ class Cluster:
         self.services = services
         self.log_dir = log_dir
         self.fakes = fakes
-        # Redis is new for every run, which is what puts a gateway in dedupe recovery
-        # (acks wait for storage); the shared gateways take the normal path, and
-        # test_idempotent_send starts its own gateway to test recovery.
-        self.gw1 = Gateway("gw1", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", **fakes.env)
-        self.gw2 = Gateway("gw2", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", **fakes.env)
+        # Redis is new for every run: the gateways start in the risk window after a Redis
+        # loss (app/chat/recovery.py), which closes once the persist worker reports.
+        self.gw1 = Gateway("gw1", services, log_dir, **fakes.env)
+        self.gw2 = Gateway("gw2", services, log_dir, **fakes.env)
         self.persist = self.start_persist_worker()
         self.dispatch = self.start_dispatch_worker()
         self.push = self.start_push_worker()
@@ -200,6 +199,22 @@ def cluster(services, log_dir, push_fakes):
 @pytest.fixture
 def make_user(cluster):
     return lambda username=None: register_and_login(cluster.gw1.http, username)
+
+
+@pytest.fixture
+def out_of_risk_window(cluster, storage):
+    """The shared gateways past the risk window after the last Redis loss (a new Redis at the start
+    of the run, or a test's flush): from then on an ack does not wait for storage, which a test that
+    stops or blocks persist needs."""
+    sender, peer = register_and_login(cluster.gw1.http), register_and_login(cluster.gw1.http)
+    clients = [ChatClient(g.ws, sender.token) for g in (cluster.gw1, cluster.gw2)]  # both intakes started
+    try:
+        assert clients[0].send_message(peer.user_id, "warm-up")["type"] == "ack"
+        # (up to 90 s more when a persist worker was killed inside the window: its report must expire)
+        wait_out_of_risk_window(storage.redis, cluster.gw1, cluster.gw2, timeout=120)
+    finally:
+        for client in clients:
+            client.close()
 
 
 @pytest.fixture

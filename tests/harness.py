@@ -257,6 +257,16 @@ class Gateway(Process):
             return False
 
 
+def wait_out_of_risk_window(redis_client, *gateways: "Gateway", timeout: float = 30.0) -> None:
+    """Until every gateway saw the risk window after the last Redis loss close (app/chat/recovery.py):
+    from then on an ack no longer waits for storage. Needs a send since the loss (`dedupe:since`)."""
+    def closed():
+        since = redis_client.get("dedupe:since")
+        return since is not None and all(redis_client.get(f"dedupe:drained:{g.gateway_id}") == since
+                                         for g in gateways)
+    wait_until(closed, timeout=timeout, what="the gateways to leave the risk window after the Redis loss")
+
+
 class Worker(Process):
     def __init__(self, name: str, queues: str, services: Services, log_dir: Path, concurrency: int = 2, **env):
         self.node = f"{name}-{uuid.uuid4().hex[:6]}"

@@ -285,7 +285,7 @@ def test_an_id_collision_in_a_worker_batch_is_dead_lettered_alone(real_services,
 
 
 def test_many_pipelined_senders_every_message_stored_delivered_and_synced_once(
-        real_services, cluster, make_user, connect, storage):
+        real_services, out_of_risk_window, cluster, make_user, connect, storage):
     senders = [make_user() for _ in range(10)]
     recipients = [make_user() for _ in range(4)]  # the last one is offline until it syncs
     for r in recipients:
@@ -360,7 +360,7 @@ def test_many_pipelined_senders_every_message_stored_delivered_and_synced_once(
 
 
 def test_a_pool_process_killed_with_a_batch_in_hand_gives_it_back(
-        real_services, cluster, make_user, connect, storage):
+        real_services, out_of_risk_window, cluster, make_user, connect, storage):
     senders = [make_user() for _ in range(3)]
     bob, carol = make_user(), make_user()
     b, c = connect(bob, cluster.gw2), connect(carol, cluster.gw1)

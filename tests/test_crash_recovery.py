@@ -25,7 +25,7 @@ def _blocked_persist_queries(conn):
 
 
 def test_persist_worker_killed_mid_transaction_loses_and_duplicates_nothing(
-        real_services, cluster, make_user, connect, storage):
+        real_services, out_of_risk_window, cluster, make_user, connect, storage):
     alice, bob = make_user(), make_user()
     a, b = connect(alice, cluster.gw1), connect(bob, cluster.gw2)
     locker = _admin_connection(real_services.database_url)

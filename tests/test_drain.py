@@ -18,7 +18,7 @@ def _stored(storage, user):
 def test_sigterm_sends_clients_elsewhere_and_every_message_arrives_once(services, cluster, make_user, connect,
                                                                          storage, log_dir):
     alice, bob = make_user(), make_user()
-    draining = Gateway("gw-drain", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", **cluster.fakes.env)
+    draining = Gateway("gw-drain", services, log_dir, **cluster.fakes.env)
     try:
         a = ChatClient(draining.ws, alice.token)
         conn_id = a.hello["conn_id"]

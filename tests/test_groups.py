@@ -309,7 +309,7 @@ def _stored_in(storage, cid):
 
 
 def test_a_persist_worker_killed_mid_transaction_loses_no_group_message(
-        real_services, cluster, make_user, connect, storage, api):
+        real_services, out_of_risk_window, cluster, make_user, connect, storage, api):
     from tests.test_crash_recovery import _admin_connection
 
     alice, bob, carol = make_user(), make_user(), make_user()

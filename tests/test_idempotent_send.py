@@ -4,7 +4,7 @@ import signal
 from sqlalchemy import func, select
 
 from models import Message
-from tests.harness import ChatClient, Gateway, wait_until
+from tests.harness import ChatClient, Gateway, wait_out_of_risk_window, wait_until
 
 
 def _rows(storage, sender_id, client_msg_id):
@@ -41,6 +41,8 @@ def test_client_msg_ids_are_per_sender_and_case_sensitive(cluster, make_user, co
 def test_a_retry_while_the_first_copy_is_still_queued_stores_one_row(cluster, make_user, connect, storage):
     alice, bob = make_user(), make_user()
     a = connect(alice, cluster.gw1)
+    a.send_message(bob.user_id, "before")  # (Redis is new: a send starts its memory)
+    wait_out_of_risk_window(storage.redis, cluster.gw1, cluster.gw2)  # acks no longer wait for storage
     cluster.persist.signal(signal.SIGSTOP)  # nothing leaves the queue
     try:
         first = a.send_message(bob.user_id, "queued", client_msg_id="queued-1")
@@ -86,8 +88,10 @@ def test_concurrent_duplicates_get_one_msg_id(cluster, make_user, connect, stora
 def test_redis_flushed_while_the_first_copy_is_queued_the_retry_gets_the_stored_msg_id(
         services, cluster, make_user, connect, storage, log_dir):
     """The hardest case: the dedupe key is gone and MySQL does not have the row yet."""
-    recovering = Gateway("gw-recovery", services, log_dir, DEDUPE_RECOVERY_SECONDS="600")
+    recovering = Gateway("gw-recovery", services, log_dir)
     alice, bob = make_user(), make_user()
+    connect(alice, cluster.gw1).send_message(bob.user_id, "before")
+    wait_out_of_risk_window(storage.redis, cluster.gw1)  # the first copy's ack does not wait
     try:
         cluster.persist.signal(signal.SIGSTOP)
         try:

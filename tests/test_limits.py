@@ -14,7 +14,7 @@ from tests.harness import ChatClient, Gateway, register_and_login, wait_until
 
 @pytest.fixture(scope="module")
 def limited(services, log_dir, cluster):
-    gw = Gateway("gwlimits", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", SEND_RATE_PER_SECOND="2",
+    gw = Gateway("gwlimits", services, log_dir, SEND_RATE_PER_SECOND="2",
                  SEND_BURST="3", FRAME_RATE_PER_SECOND="20", FRAME_BURST="20", FLOOD_CLOSE_AFTER="25",
                  MAX_CONNECTIONS_PER_USER="2")
     yield gw

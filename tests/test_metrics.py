@@ -55,7 +55,7 @@ def stack(services, log_dir, tmp_path_factory):
     own = dataclasses.replace(services, broker_url=broker_url, cleanup=[])
     procs = []
     try:
-        gateway = Gateway("gw-metrics", own, log_dir, DEDUPE_RECOVERY_SECONDS="0", **fakes.env)
+        gateway = Gateway("gw-metrics", own, log_dir, **fakes.env)
         procs.append(gateway)
         persist = worker_with_metrics("persist", "private_messages,group_messages", own, log_dir, tmp, **fakes.env)
         procs.append(persist)

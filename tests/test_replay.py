@@ -14,7 +14,7 @@ from ws.frames import signing_payload
 
 @pytest.fixture(scope="module")
 def signing(services, log_dir, cluster):
-    gw = Gateway("gwsign", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", FRAME_SIGNING="true",
+    gw = Gateway("gwsign", services, log_dir, FRAME_SIGNING="true",
                  FRAME_MAX_CLOCK_SKEW_SECONDS="60")
     yield gw
     gw.stop()

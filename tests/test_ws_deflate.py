@@ -52,8 +52,8 @@ def first_frame(sock: socket.socket, buffered: bytes) -> tuple[bool, bytes]:
 
 @pytest.fixture(scope="module")
 def gateways(services, log_dir):
-    on = Gateway("deflate-on", services, log_dir, DEDUPE_RECOVERY_SECONDS="0")
-    off = Gateway("deflate-off", services, log_dir, DEDUPE_RECOVERY_SECONDS="0", WS_PERMESSAGE_DEFLATE="false")
+    on = Gateway("deflate-on", services, log_dir)
+    off = Gateway("deflate-off", services, log_dir, WS_PERMESSAGE_DEFLATE="false")
     yield on, off
     on.stop()
     off.stop()

@@ -164,7 +164,9 @@ class Gateway:
 
             self.ids = LeasedIds(NodeLease(self.storage.redis))
             publisher = PersistPublisher(self.settings.publish_timeout_seconds)
-            self.intake = MessageIntake(self.storage, self.ids, publisher.publish_all)
+            self.intake = MessageIntake(self.storage, self.ids, publisher.publish_all, probe=publisher.probe)
+            # Redis lost its memory: presence back at once (dispatch would take recipients for offline).
+            self.intake.recovery.start_watching(on_loss=self._refresh_presence)
             self.presence.mark_gateway_alive(self.gateway_id)
             threading.Thread(target=self._delivery_loop, daemon=True, name="delivery").start()
             threading.Thread(target=self._maintenance_loop, daemon=True, name="maintenance").start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,6 +18,8 @@ from sqlalchemy import select
 
 from app.chat.conversations import private_conversation_id
 from app.chat.groups import group_conversation_id, require_sender
+from app.chat.recovery import (DEDUPE_SINCE_KEY, OLD_RECORDS_KEY, RECOVERED_KEY, REBUILT_KEY, RecoveryWatch, StoredAcks, grace_ms,
+                               rebuild_sender)
 from app.errors import ChatError, InvalidInput, NotFound, Unavailable
 from app.group_commit import GroupCommit
 from app.ids import LeasedIds
@@ -26,21 +29,36 @@ from models import Message, User
 log = logging.getLogger(__name__)
 
 DEDUPE_KEY = "dedupe:{}:{}"  # sender, client_msg_id -> "p:<msg_id>:<ms>" until published, then the ack JSON
-DEDUPE_SINCE_KEY = "dedupe:since"  # when this Redis started remembering sends
 RECOVERY_ACK_WAIT_SECONDS = 10.0
 # One round trip per send: the send's dedupe record, made pending with a new id
 # unless it exists ("" then), and since when this Redis remembers sends (set now
-# if it did not know). KEYS: record, since. ARGV: pending value, TTL, now (ms).
+# if it did not know). Within the dedupe window after a loss whose risk window
+# this gateway knows closed (ARGV[4]), a sender whose records were not rebuilt
+# from MySQL yet gets "?" and no record: the gateway rebuilds them and claims
+# again; a rebuilt sender's send that has no record takes its record from
+# before the loss, if any. KEYS: record, since, the sender's rebuilt marker,
+# recovered, the sender's old records. ARGV: pending value, TTL, now (ms), the
+# `since` known drained or "", client_msg_id.
 _CLAIM_SCRIPT = """
 local value = redis.call('GET', KEYS[1])
-if not value then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  value = ''
-end
 local since = redis.call('GET', KEYS[2])
 if not since then
   redis.call('SET', KEYS[2], ARGV[3])
   since = ARGV[3]
+end
+if not value then
+  if tonumber(ARGV[3]) - tonumber(since) < tonumber(ARGV[2]) * 1000 then
+    if ARGV[4] == since and redis.call('GET', KEYS[3]) ~= since and redis.call('GET', KEYS[4]) ~= since then
+      return {'?', since}
+    end
+    local old = redis.call('HGET', KEYS[5], ARGV[5])
+    if old then
+      redis.call('SET', KEYS[1], old, 'EX', ARGV[2])
+      return {old, since}
+    end
+  end
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  value = ''
 end
 return {value, since}
 """
@@ -78,34 +96,42 @@ class Ack:
 class MessageIntake:
     """Gateway side of a send: validate, dedupe, id, durable publish, ack.
 
-    `publish(payloads)` must return only once the broker confirmed every one of
-    them and raise Unavailable otherwise (tasks.publish.PersistPublisher.publish_all).
-    Concurrent sends share round trips (app.group_commit): their dedupe claims go
-    to Redis as one pipeline, their payloads to the broker as one publish, and
-    their dedupe records become final acks in one pipeline after the confirm.
+    `publish(payloads, deadline)` must return only once the broker confirmed every
+    one of them, raise Unavailable otherwise, and start no attempt after `deadline`
+    (tasks.publish.PersistPublisher.publish_all). Concurrent sends share round trips
+    (app.group_commit): their dedupe claims go to Redis as one pipeline, their
+    payloads to the broker as one publish, and their dedupe records become final
+    acks in one pipeline after the confirm.
 
-    Dedupe lives in Redis (fast path). Redis may forget (flush, restart), so
-    for DEDUPE_TTL after it last did, a miss is checked against MySQL's
-    UNIQUE(sender_id, client_msg_id); and for DEDUPE_RECOVERY after it, when a
-    first copy may still be queued, the ack waits until the message is stored
-    and carries the id that was stored, whichever copy won.
+    Dedupe lives in Redis (fast path). Redis may forget (flush, restart, a new
+    deployment): until the persist pipeline drained past the loss (app.chat.recovery,
+    the risk window, seconds on a healthy pipeline) an ack waits until the message is
+    stored and names the copy that was kept, whichever copy won; after it, a sender's
+    records are rebuilt from MySQL's UNIQUE(sender_id, client_msg_id) once, before its
+    first send claims a record, and sends run at full speed again.
     """
 
-    def __init__(self, storage: Storage, ids: LeasedIds, publish: Callable[[list[dict]], None],
-                 clock: Callable[[], float] = time.time):
+    def __init__(self, storage: Storage, ids: LeasedIds, publish: Callable[..., None],
+                 clock: Callable[[], float] = time.time, probe: Callable[[str, int], None] | None = None):
         self.storage = storage
         self.redis = storage.redis
         self.ids = ids
         self.clock = clock
         settings = storage.settings
         self.dedupe_ttl = settings.dedupe_ttl_seconds
-        self.recovery_seconds = settings.dedupe_recovery_seconds
         self._publish_many = publish
         timeout = settings.publish_timeout_seconds
+        # A claim older than this is not published any more (its sender gets an error and
+        # retries): nothing claimed before a Redis loss enters a queue after loss + grace.
+        self.publish_timeout = timeout
+        self.grace = grace_ms(timeout)
+        self.recovery = RecoveryWatch(storage, self.grace, probe, clock)
+        self.stored_acks = StoredAcks(storage)
         self._claim = GroupCommit("the dedupe store", self.claim_many, 10, 500)
         self._publish = GroupCommit("the message broker", self._publish_and_record, timeout * 4 + 5,
                                     settings.publish_batch_max, settings.publish_in_flight)
         self._known_users: set[int] = set()
+        self._rebuild_locks = [threading.Lock() for _ in range(64)]
 
     def accept(self, sender_id: int, origin_conn: str, req: SendRequest) -> Ack:
         if req.group_id is not None:
@@ -121,17 +147,19 @@ class MessageIntake:
             # retry publishes this same id, and persist collapses copies by id.
             now = self.clock()
             fresh = f"p:{self._next_id()}:{int(now * 1000)}"
-            value, since = self._claim((key, fresh, int(now * 1000)))
+            value, since = self._claim((key, sender_id, req.client_msg_id, fresh, int(now * 1000),
+                                        self.recovery.drained_since()))
+            if value == "?":  # the loss's risk window is over: this sender's records first
+                self._rebuild(sender_id, int(since))
+                value, since = self._claim((key, sender_id, req.client_msg_id, fresh, int(now * 1000), ""))
+            since = int(since)
             fresh_record = value == ""
             value = fresh if fresh_record else value
-            memory_age = max(0.0, now - int(since) / 1000)
-            if fresh_record and memory_age < self.dedupe_ttl:
-                # Redis lost its memory within the dedupe window: MySQL's
-                # UNIQUE(sender_id, client_msg_id) answers for stored sends.
-                stored = self._lookup_stored(sender_id, req.client_msg_id)
-                if stored is not None:
-                    self.redis.set(key, stored.to_json(), ex=self.dedupe_ttl)
-                    return stored
+            recovering = now - since / 1000 < self.dedupe_ttl
+            # In the risk window a first copy from before the loss may still be queued; and a
+            # pending record made since the loss may name a copy persist did not keep.
+            wait_for_storage = value.startswith("p:") and recovering and (
+                not fresh_record or self.recovery.open(since))
             ack = self._ack_of(req.client_msg_id, conversation_id, value)
             if not value.startswith("p:"):
                 return ack  # published and acked before
@@ -139,6 +167,11 @@ class MessageIntake:
                 try:
                     require_sender(self.storage, sender_id, req.group_id)
                 except ChatError:
+                    # A retry of a send acked before the loss, by a sender who left since.
+                    stored = self._lookup_stored(sender_id, req.client_msg_id) if wait_for_storage else None
+                    if stored is not None:
+                        self.redis.set(key, stored.to_json(), ex=self.dedupe_ttl)
+                        return stored
                     if fresh_record:  # no record of a send that was refused
                         self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[fresh])
                     raise
@@ -147,30 +180,48 @@ class MessageIntake:
         except Exception as exc:  # Redis down: refuse rather than risk a second copy
             log.warning("send refused, Redis unavailable: %s", exc.__class__.__name__)
             raise Unavailable("message not accepted (dedupe store unavailable); retry with the same client_msg_id") from None
-        self._publish({
+        refused = self._publish(({
             "msg_id": str(ack.msg_id), "conversation_id": conversation_id, "sender_id": sender_id,
             "to": req.to, "group_id": req.group_id, "client_msg_id": req.client_msg_id,
             "message_type": req.message_type, "content": req.content, "extra": req.extra,
             "timestamp": ack.timestamp, "origin_conn": origin_conn,
-        })
-        if memory_age < self.recovery_seconds:
+        }, now))
+        if refused is not None:
+            raise refused
+        if wait_for_storage:
             ack = self._stored_ack(sender_id, req)
             self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
         return ack
 
-    def claim_many(self, items: list[tuple[str, str, int]]) -> list:
-        """Dedupe claims (record key, pending value, now in ms) in one round trip: for each,
-        [the record's value before, or "" if this claim made it; ms since Redis remembers]."""
+    def claim_many(self, items: list[tuple[str, int, str, str, int, str]]) -> list:
+        """Dedupe claims (record key, sender, client_msg_id, pending value, now in ms, the `since` known drained)
+        in one round trip: for each, [the record's value before, "" if this claim made it, or
+        "?" if the sender's records must be rebuilt first; ms since Redis remembers]."""
         script, pipe = self.storage.script(_CLAIM_SCRIPT), self.redis.pipeline(transaction=False)
-        for key, pending, now_ms in items:
-            script(keys=[key, DEDUPE_SINCE_KEY], args=[pending, self.dedupe_ttl, now_ms], client=pipe)
+        for key, sender_id, client_msg_id, pending, now_ms, drained in items:
+            script(keys=[key, DEDUPE_SINCE_KEY, REBUILT_KEY.format(sender_id), RECOVERED_KEY,
+                         OLD_RECORDS_KEY.format(sender_id)],
+                   args=[pending, self.dedupe_ttl, now_ms, drained, client_msg_id], client=pipe)
         return pipe.execute()
 
-    def _publish_and_record(self, payloads: list[dict]) -> list:
-        self._publish_many(payloads)
-        self._record_acks(payloads)
-        return [None] * len(payloads)
+    def _rebuild(self, sender_id: int, since: int) -> None:
+        with self._rebuild_locks[sender_id % len(self._rebuild_locks)]:
+            if self.redis.get(REBUILT_KEY.format(sender_id)) in (str(since), str(since).encode()):
+                return  # another send of this sender did it meanwhile
+            rebuild_sender(self.storage, sender_id, since)
 
+    def _publish_and_record(self, items: list[tuple[dict, float]]) -> list:
+        """Publish the claims that are young enough (the risk window counts on it); the others'
+        senders get an error to retry with, which publishes their same ids again."""
+        oldest_allowed = self.clock() - self.publish_timeout
+        payloads = [p for p, claimed in items if claimed >= oldest_allowed]
+        if payloads:
+            self._publish_many(payloads, deadline=min(c for p, c in items if c >= oldest_allowed)
+                               + self.publish_timeout)
+            self._record_acks(payloads)
+        late = Unavailable("message not accepted: the message broker did not take it in time; "
+                           "retry with the same client_msg_id")
+        return [None if claimed >= oldest_allowed else late for _, claimed in items]
     def _record_acks(self, payloads: list[dict]) -> None:
         """After the broker confirmed these messages: their dedupe records become final
         acks, in one round trip. Losing this is harmless: a pending record still gives
@@ -212,20 +263,16 @@ class MessageIntake:
         self._known_users.add(user_id)
 
     def _lookup_stored(self, sender_id: int, client_msg_id: str) -> Ack | None:
-        # Three columns through the unique index, no ORM object: for a day after Redis
-        # lost its data this runs for every new send.
-        with self.storage.engine.connect() as conn:
+        with self.storage.engine.connect() as conn:  # three columns through the unique index
             row = conn.execute(select(Message.id, Message.conversation_id, Message.timestamp).where(
                 Message.sender_id == sender_id, Message.client_msg_id == client_msg_id)).first()
         return Ack(client_msg_id, row.id, row.conversation_id, row.timestamp) if row is not None else None
 
     def _stored_ack(self, sender_id: int, req: SendRequest) -> Ack:
-        """Wait until this send is stored; the ack names the copy that was kept."""
-        deadline = self.clock() + RECOVERY_ACK_WAIT_SECONDS
-        while self.clock() < deadline:
-            ack = self._lookup_stored(sender_id, req.client_msg_id)
-            if ack is not None:
-                return ack
-            time.sleep(0.02)
-        raise Unavailable("message queued but not yet confirmed stored; retry with the same client_msg_id")
-
+        """Wait until this send is stored (one lookup per tick for all waiting sends); the ack
+        names the copy that was kept."""
+        stored = self.stored_acks.wait(sender_id, req.client_msg_id, RECOVERY_ACK_WAIT_SECONDS)
+        if stored is None:
+            raise Unavailable("message queued but not yet confirmed stored; retry with the same client_msg_id")
+        msg_id, conversation_id, timestamp = stored
+        return Ack(req.client_msg_id, msg_id, conversation_id, timestamp)

@@ -22,7 +22,7 @@ def test_a_gateway_restart_loses_and_duplicates_nothing(services, cluster, make_
                                                         open_page, shot):
     alice, bob = make_user(), make_user()
     port = free_port()
-    env = dict(DEDUPE_RECOVERY_SECONDS="0", **cluster.fakes.env)
+    env = dict(**cluster.fakes.env)
     gateway = PinnedGateway("gw-web", port, services, log_dir, **env)
     try:
         page = open_page(gateway.http)
