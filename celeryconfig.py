@@ -100,6 +100,7 @@ beat_schedule = {
     "purge-synced-offline-index": {"task": "tasks.pipeline.purge_synced_offline_index", "schedule": 3600.0},
     "purge-push-log": {"task": "tasks.pipeline.purge_push_log", "schedule": 3600.0},
     "reconcile-unread": {"task": "tasks.pipeline.reconcile_unread", "schedule": 6 * 3600.0},
+    "purge-unreferenced-media": {"task": "tasks.pipeline.purge_unreferenced_media", "schedule": 3600.0},
 }
 
 

@@ -24,6 +24,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config["SOCK_SERVER_OPTIONS"] = {"max_message_size": settings.ws_max_frame_bytes,
                                          "ping_interval": settings.ws_ping_interval_seconds or None}
     app.extensions["netherlink.storage"] = Storage(settings)
+    from app.media.store import store_for
+
+    app.extensions["netherlink.media_store"] = store_for(settings)
     if settings.trusted_proxy_count:  # client addresses (rate limits, logs) from X-Forwarded-For
         from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -36,6 +39,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     from app.http.admin import bp as admin_api_bp
     from app.http.push import bp as push_bp
     from app.http.users import bp as users_bp
+    from app.http.search import bp as search_bp
+    from app.http.media import bp as media_bp
     from app.http.dashboard import init_dashboard
     from app.http.health import bp as health_bp
     from app.http.metrics import bp as metrics_bp
@@ -48,6 +53,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(groups_bp)
     app.register_blueprint(push_bp)
     app.register_blueprint(users_bp)
+    app.register_blueprint(search_bp)
+    app.register_blueprint(media_bp)
     app.register_blueprint(admin_api_bp)
     init_dashboard(app)
     app.register_blueprint(health_bp)

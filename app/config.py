@@ -136,6 +136,20 @@ class Settings:
     # Proxies in front of the app whose X-Forwarded-For is trusted (nginx: 1).
     trusted_proxy_count: int = 0
     group_fanout_chunk: int = 500
+    # Media uploads (app/media, docs/configuration.md): where the files live, the largest upload,
+    # each user's total, uploads per user per minute (0: off), the largest image in pixels
+    # (a decompression bomb is refused), the thumbnail's longest side, the internal nginx
+    # location that serves files after the app checked access ("" = the app sends the bytes),
+    # and how long an upload no message names is kept.
+    media_root: str = "var/media"
+    media_max_bytes: int = 25 * 1024 * 1024
+    media_quota_bytes: int = 1024 * 1024 * 1024
+    media_upload_rate_per_minute: float = 30.0
+    media_upload_burst: int = 10
+    media_max_image_pixels: int = 40_000_000
+    media_thumbnail_px: int = 320
+    media_accel_redirect_prefix: str = ""
+    media_unreferenced_hours: float = 24.0
     flower_basic_auth: str = field(default="", repr=False)
     log_level: str = "INFO"
     # Metrics (docs/operations.md, "Metrics and alerts"). Gateways always serve /metrics on their port.
@@ -189,6 +203,16 @@ class Settings:
             raise ConfigError("PUSH_BATCH_MAX must be from 1 to 1000 and PUSH_BATCH_WAIT_MS from 1 to 1000")
         if not 1 <= self.push_batches_in_flight <= 64:
             raise ConfigError("PUSH_BATCHES_IN_FLIGHT must be from 1 to 64")
+        if self.media_max_bytes < 1 or self.media_quota_bytes < self.media_max_bytes:
+            raise ConfigError("MEDIA_MAX_BYTES must be at least 1 and MEDIA_QUOTA_BYTES at least MEDIA_MAX_BYTES")
+        if not 16 <= self.media_thumbnail_px <= 2048 or self.media_max_image_pixels < 1:
+            raise ConfigError("MEDIA_THUMBNAIL_PX must be from 16 to 2048 and MEDIA_MAX_IMAGE_PIXELS at least 1")
+        if self.media_upload_rate_per_minute < 0 or (self.media_upload_rate_per_minute > 0
+                                                     and self.media_upload_burst < 1):
+            raise ConfigError("MEDIA_UPLOAD_RATE_PER_MINUTE must be 0 (off) or positive, "
+                              "with MEDIA_UPLOAD_BURST at least 1")
+        if self.media_accel_redirect_prefix and not self.media_accel_redirect_prefix.startswith("/"):
+            raise ConfigError("MEDIA_ACCEL_REDIRECT_PREFIX must be empty or an internal location such as /_media/")
         if not 0.1 <= self.push_badge_coalesce_seconds <= 300:
             raise ConfigError("PUSH_BADGE_COALESCE_SECONDS must be from 0.1 to 300")
         if self.vapid_subject and not self.vapid_subject.startswith(("mailto:", "https://")):

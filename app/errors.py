@@ -36,6 +36,10 @@ class TooLarge(ChatError):
     code, http_status = "too_large", 413
 
 
+class UnsupportedMediaType(ChatError):
+    code, http_status = "unsupported_media_type", 415
+
+
 class RateLimited(ChatError):
     code, http_status = "rate_limited", 429
 

@@ -94,6 +94,53 @@ class Message(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
+class MessageSearch(Base):
+    """The search index of one message (app.chat.search): hash tokens of its words and CJK
+    bigrams. FULLTEXT-indexed on MySQL; on SQLite mirrored into the FTS5 table
+    message_search_fts by triggers (migration 0008). No row: nothing to find."""
+
+    __tablename__ = "message_search"
+    __table_args__ = (MYSQL_TABLE_ARGS,)  # the FULLTEXT index / FTS5 table: migration 0008 (per dialect)
+
+    message_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    terms: Mapped[str] = mapped_column(Text)
+
+
+class Media(Base):
+    """One stored upload (app.media): the bytes live in the media store under `storage_key`
+    (and `storage_key` + ".thumb" for an image's thumbnail), never in the database."""
+
+    __tablename__ = "media"
+    __table_args__ = (
+        UniqueConstraint("uploader_id", "sha256"),  # the same bytes from the same user are stored once
+        Index("idx_media_created", "created_at_ms"),
+        MYSQL_TABLE_ARGS,
+    )
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)  # the wire's media_id
+    uploader_id: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(ExactString(64))  # of the bytes as uploaded
+    content_type: Mapped[str] = mapped_column(String(100))  # of the stored bytes
+    size: Mapped[int] = mapped_column(BigInteger)  # stored bytes (an image after re-encoding)
+    upload_size: Mapped[int] = mapped_column(BigInteger)  # bytes as uploaded: what the quota counts
+    filename: Mapped[str | None] = mapped_column(String(255), nullable=True)  # sanitised
+    width: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    has_thumbnail: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    storage_key: Mapped[str] = mapped_column(String(128))
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class MediaRef(Base):
+    """A message naming a media_id in `extra`: what grants others access and keeps an upload."""
+
+    __tablename__ = "media_ref"
+    __table_args__ = (Index("idx_media_ref_message", "message_id"), MYSQL_TABLE_ARGS)
+
+    media_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    message_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+
+
 class Conversation(Base):
     """One row per (user, conversation): the user's conversation list."""
 

@@ -35,3 +35,13 @@ def sweep_presence() -> int:
     s = storage()
     return sweep_presence_entries(s.redis, s.settings.presence_ttl_seconds)
 
+
+
+@app.task(name="tasks.pipeline.purge_unreferenced_media", acks_late=True, **RETRY)
+def purge_unreferenced_media() -> int:
+    """Uploads no message names, older than MEDIA_UNREFERENCED_HOURS (files and rows)."""
+    from app.media.store import store_for
+    from app.media.uploads import purge_unreferenced
+
+    s = storage()
+    return purge_unreferenced(s, store_for(s.settings), s.settings.media_unreferenced_hours)

@@ -28,6 +28,8 @@ TOOLS = {
     "baseline": ["--messages", "200", "--rows", "100", "--batched-rows", "1000", "--redis-ops", "500",
                  "--redis-pipelined", "2000", "--chain-messages", "50", "--chain-concurrency", "1"],
     "sync": ["--messages", "500", "--runs", "1"],
+    "search": ["--messages", "2000", "--runs", "2"],
+    "media": ["--uploads", "2", "--mib", "1"],
 }
 TIMEOUT = 150
 

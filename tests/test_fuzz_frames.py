@@ -89,6 +89,7 @@ def valid_sends(draw):
     message_type = "text"
     if draw(st.booleans()):
         message_type = frame["message_type"] = draw(message_types)
+        assume(message_type not in ("image", "file"))  # those need an upload (extra.media_id): checked below
     extra = {}
     choice = draw(st.sampled_from(["absent", "null", "object"]))
     if choice == "null":
@@ -240,6 +241,8 @@ def _documented_send(frame: dict, limit: int) -> bool:
         return False
     if not (isinstance(message_type, str) and MESSAGE_TYPE.fullmatch(message_type)):
         return False
+    if message_type in ("image", "file") and not (isinstance(extra, dict) and _documented_id(extra.get("media_id"))):
+        return False  # an image or file message names its upload (§6, "Images and files")
     if extra is None:
         return True
     if not isinstance(extra, dict):

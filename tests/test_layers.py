@@ -1,6 +1,6 @@
 """The layer rule of docs/architecture.md, checked on the source: arrows only point down.
 
-wire (ws/, app/http/, tasks/) -> domain (app/chat, app/accounts, app/push) -> leaf
+wire (ws/, app/http/, tasks/) -> domain (app/chat, app/accounts, app/push, app/media) -> leaf
 modules (config, storage, errors, ids, wire, group_commit, ratelimit, metrics) and models.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOMAIN = ("app/chat", "app/accounts", "app/push")
+DOMAIN = ("app/chat", "app/accounts", "app/push", "app/media")
 LEAF = ("app/config.py", "app/storage.py", "app/errors.py", "app/ids.py", "app/wire.py", "app/group_commit.py",
         "app/ratelimit.py", "app/metrics.py")
 WIRE_PACKAGES = ("flask", "werkzeug", "flask_sock", "celery", "kombu", "ws", "tasks", "app.http")

@@ -9,6 +9,7 @@ import re
 
 from app.errors import InvalidInput, TooLarge, Unauthorized
 from app.chat.intake import SendRequest
+from app.media.uploads import MEDIA_MESSAGE_TYPES
 from app.wire import CONVERSATION_ID_RE, parse_id
 
 CLIENT_MSG_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")  # printable ASCII, no spaces (fullmatch)
@@ -81,6 +82,8 @@ def parse_send(frame: dict, max_content_bytes: int) -> SendRequest:
         raise InvalidInput(f"'extra' is nested more than {MAX_EXTRA_DEPTH} levels deep")
     if _utf8_size(json.dumps(extra, ensure_ascii=False), "extra") > MAX_EXTRA_BYTES:
         raise TooLarge(f"'extra' is larger than {MAX_EXTRA_BYTES} bytes")
+    if message_type in MEDIA_MESSAGE_TYPES:  # whose upload it is, the gateway asks the store (check_attachment)
+        parse_id(extra.get("media_id"), "extra.media_id")
     return SendRequest(client_msg_id=cmid, to=to, group_id=group_id, content=content, message_type=message_type,
                        extra=extra)
 

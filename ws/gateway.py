@@ -23,6 +23,7 @@ from app.config import Settings
 from app.errors import ChatError, InvalidInput, RateLimited
 from app.chat.delivery import deliver_to_users
 from app.chat.intake import MessageIntake
+from app.media.uploads import check_attachment
 from app.chat.receipts import mark_read
 from app.chat.recall import recall_message
 from app.chat.sync import parse_cursor, parse_limit, read_stream
@@ -382,6 +383,7 @@ class Gateway:
             check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds, required=True)
             verify_signature(frame, conn.signing_key)
         take(self.storage, "send", conn.user_id, self.send_limit, "messages")
+        check_attachment(self.storage, conn.user_id, req.message_type, req.extra)  # image/file: the sender's upload
         ack = self.intake.accept(conn.user_id, conn.conn_id, req)
         log.info("conn %s: msg %s acked", conn.conn_id, ack.msg_id)
         conn.send(ack_frame(ack.client_msg_id, ack.msg_id, ack.conversation_id, ack.timestamp))

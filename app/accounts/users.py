@@ -26,6 +26,21 @@ def find_user_by_username(storage: Storage, username) -> dict:
     return {"user_id": str(user.id), "username": user.username}
 
 
+USERS_BY_PREFIX_LIMIT = 20
+
+
+def users_by_prefix(storage: Storage, asker_id: int, prefix: str) -> list[dict]:
+    """Up to 20 {"user_id", "username"} whose username starts with `prefix` (as the database
+    compares names: case-insensitively on MySQL), alphabetical; not the asker, not disabled
+    accounts. `prefix` is checked at the boundary (letters, digits, '_', '.', '-')."""
+    pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    with storage.read_sessions() as session:
+        rows = session.execute(select(User.id, User.username).where(
+            User.username.like(pattern, escape="\\"), User.id != asker_id, User.disabled_at.is_(None),
+        ).order_by(User.username).limit(USERS_BY_PREFIX_LIMIT)).all()
+    return [{"user_id": str(uid), "username": name} for uid, name in rows]
+
+
 def user_by_id(storage: Storage, user_id: int) -> dict:
     """{"user_id", "username"}: names for senders and readers a client does not know (former members too)."""
     with storage.sessions() as session:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from sqlalchemy import select
+from sqlalchemy import BigInteger, and_, literal, or_, select
 
 from app.errors import Forbidden, InvalidInput, NotFound
 from app.storage import Storage
@@ -113,6 +113,30 @@ def require_member(session, user_id: int, conversation_id: str) -> Conversation:
     raise Forbidden(f"you are not a member of conversation {conversation_id!r}")
 
 
+def group_window(joined_seq, left_seq):
+    """The visibility rule (app.chat.groups) as SQL: a member sees joined_seq < group_seq <= left_seq,
+    left_seq NULL while still a member. The bounds are GroupMember's columns or literals."""
+    return and_(Message.group_seq > joined_seq, or_(left_seq.is_(None), Message.group_seq <= left_seq))
+
+
+def visible_messages(session, user_id: int, conversation_id: str | None = None):
+    """SELECT of the messages this user may see: of one conversation (NotFound / Forbidden as
+    require_member says), or of every conversation: private ones they are a party of, and
+    in groups the messages of their membership windows."""
+    if conversation_id is not None:
+        conv = require_member(session, user_id, conversation_id)
+        query = select(Message).where(Message.conversation_id == conversation_id)
+        if conv.is_group:  # only what the member could see: from their join, until they left
+            joined_seq, left_seq = _membership_bounds(session, conv.target_id, user_id)
+            query = query.where(group_window(literal(joined_seq, BigInteger), literal(left_seq, BigInteger)))
+        return query
+    return select(Message).outerjoin(
+        GroupMember, (GroupMember.group_id == Message.group_id) & (GroupMember.user_id == user_id)
+    ).where(or_(
+        and_(Message.is_group.is_(False), or_(Message.sender_id == user_id, Message.receiver_id == user_id)),
+        and_(Message.is_group.is_(True), group_window(GroupMember.joined_seq, GroupMember.left_seq))))
+
+
 def history(storage: Storage, user_id: int, conversation_id: str, before: int | None, limit: int,
             frame_of) -> dict:
     """Messages of a conversation, newest first, older than `before` (a msg_id).
@@ -122,13 +146,7 @@ def history(storage: Storage, user_id: int, conversation_id: str, before: int | 
     if not 1 <= limit <= HISTORY_MAX_LIMIT:
         raise InvalidInput(f"'limit' must be from 1 to {HISTORY_MAX_LIMIT}")
     with storage.read_sessions() as session:
-        conv = require_member(session, user_id, conversation_id)
-        query = select(Message).where(Message.conversation_id == conversation_id)
-        if conv.is_group:  # only what the member could see: from their join, until they left
-            joined_seq, left_seq = _membership_bounds(session, conv.target_id, user_id)
-            query = query.where(Message.group_seq > joined_seq)
-            if left_seq is not None:
-                query = query.where(Message.group_seq <= left_seq)
+        query = visible_messages(session, user_id, conversation_id)
         if before is not None:
             query = query.where(Message.id < before)
         rows = session.scalars(query.order_by(Message.id.desc()).limit(limit + 1)).all()

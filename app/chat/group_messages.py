@@ -27,6 +27,8 @@ from app.chat.conversations import message_preview
 from app.chat.persist import stored_copy, upsert_conversations
 from app.wire import message_frame
 from app.chat.recall import RECALLED_PREVIEW
+from app.chat.search import IndexedMessage, index_messages
+from app.media.uploads import link_media
 from app.storage import Storage, insert_ignoring_duplicates
 from app.chat.sync import append_entries, entries_of
 from app.chat.unread import count_unread
@@ -65,6 +67,8 @@ def persist_group_message(storage: Storage, payload: dict) -> GroupPersistOutcom
                 timestamp=int(payload["timestamp"]), group_seq=group_seq,
             ))
             session.flush()
+            index_messages(session, [IndexedMessage(msg_id, payload["content"], sender, None, group_id)])
+            link_media(session, [(msg_id, payload["message_type"], payload.get("extra"))])
             recipients = recipients_of(session, group_id, group_seq)
         return GroupPersistOutcome(msg_id, True, _chunks(recipients, chunk))
     except IntegrityError:

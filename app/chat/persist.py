@@ -14,6 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.chat.conversations import invalidate_conversation_lists, message_preview
+from app.chat.search import IndexedMessage, index_messages
+from app.media.uploads import link_media
 from app.chat.sync import append_entries
 from app.storage import Storage
 from models import Message
@@ -76,12 +78,15 @@ def persist_private_messages(storage: Storage, payloads: list[dict]) -> list[Per
 
 
 def _store(storage: Storage, payloads: list[dict]) -> None:
-    """One transaction: the messages, both parties' conversation rows moved to each one's
+    """One transaction: the messages (their search index rows and media links), both parties' conversation rows moved to each one's
     newest message (in user order: one lock order, no deadlocks) and a stream entry per
     party, one sequence bump per user; then the parties' cached lists dropped. Raises
     IntegrityError (nothing written) if any message is stored already."""
     with storage.session() as session:
         session.execute(insert(Message), [_message_row(payload) for payload in payloads])
+        index_messages(session, [IndexedMessage(int(p["msg_id"]), p["content"], int(p["sender_id"]), int(p["to"]),
+                                                None) for p in payloads])
+        link_media(session, [(int(p["msg_id"]), p["message_type"], p.get("extra")) for p in payloads])
         newest: dict[tuple[int, str], dict] = {}  # one row per (user, conversation): its newest message
         for payload in payloads:
             sender, to, msg_id = int(payload["sender_id"]), int(payload["to"]), int(payload["msg_id"])

@@ -10,6 +10,8 @@ from app.chat.conversations import invalidate_conversation_lists
 from app.errors import Forbidden, NotFound, RecallExpired
 from app.ids import timestamp_of
 from app.storage import Storage
+from app.chat.search import unindex_message
+from app.media.uploads import unlink_media
 from app.chat.sync import append_entries, entries_of
 from app.chat.unread import forget_unread, rebuild_unread
 from models import ENTRY_MESSAGE, ENTRY_RECALL, STATUS_RECALLED, ChatGroup, Conversation, Message
@@ -83,6 +85,8 @@ def _without_recall_entry(session, msg_id: int, user_ids: list[int]) -> list[int
 
 def _mark_recalled(session, msg: Message, now_ms: int) -> None:
     msg.status, msg.content, msg.extra, msg.recalled_at = STATUS_RECALLED, "", None, now_ms
+    unindex_message(session, msg.id)  # recalled content is never found
+    unlink_media(session, msg.id)  # nor its image or file served to the other parties
     session.execute(update(Conversation).where(  # the conversation_id index: every member's row
         Conversation.conversation_id == msg.conversation_id, Conversation.last_msg_id == msg.id)
         .values(last_message=RECALLED_PREVIEW))

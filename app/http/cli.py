@@ -62,6 +62,16 @@ def register_commands(app: Flask) -> None:
             rebuild_unread(storage, user_ids[start:start + REBUILD_CHUNK])
             click.echo(f"rebuilt unread counters of {min(start + REBUILD_CHUNK, total)}/{total} users")
 
+    @app.cli.command("reindex-search")
+    @click.option("--after", type=int, default=0, show_default=True, help="only messages with a larger id (resume)")
+    def reindex_search_command(after):
+        """Write the search index of messages stored before it existed (idempotent, resumable)."""
+        from app.chat.search import reindex_messages
+
+        indexed = reindex_messages(current_app.extensions["netherlink.storage"], after=after, progress=lambda n, last:
+                                   click.echo(f"indexed {n} message(s), up to msg id {last}"))
+        click.echo(f"search index written for {indexed} message(s)")
+
     @app.cli.command("retry-pushes")
     @click.option("--id", "push_ids", type=int, multiple=True, help="retry this push (repeatable)")
     @click.option("--status", default="failed", show_default=True, help="with no --id: failed or skipped")

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from app.accounts.auth import validate_credentials
 from app.chat.conversations import HISTORY_DEFAULT_LIMIT
+from app.chat.search import SEARCH_DEFAULT_LIMIT
 from app.chat.groups import ROLES, clean_group_name
 from app.errors import InvalidInput
 from app.push.admin import PushFilter
@@ -27,6 +28,7 @@ EMAIL_RE = re.compile(r"[^@\s]{1,64}@[^@\s]{1,189}\.[^@\s]{1,60}")
 HHMM_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 MAX_MUTED = 1000
 MAX_IDS_PER_REQUEST = 1000  # user ids in one group request
+USERNAME_PREFIX_RE = re.compile(r"[A-Za-z0-9_.-]{2,32}")
 MAX_PAGE = 10**15  # (page - 1) * per_page is the database's OFFSET, which must stay below 2^63
 
 
@@ -76,6 +78,15 @@ class Login:
         return cls(username, password)
 
 
+def _whole_number(args, name: str, default: int | None) -> int | None:
+    raw = args.get(name)
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) >= 2**63:
+        raise InvalidInput(f"query parameter '{name}' must be a whole number below 2^63")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class HistoryPage:
     """GET /api/conversations/{id}/messages?before=&limit=."""
@@ -85,14 +96,7 @@ class HistoryPage:
 
     @classmethod
     def parse(cls, args) -> HistoryPage:
-        def number(name: str, default: int | None) -> int | None:
-            raw = args.get(name)
-            if not raw:
-                return default
-            if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) >= 2**63:
-                raise InvalidInput(f"query parameter '{name}' must be a whole number below 2^63")
-            return int(raw)
-        return cls(number("before", None), number("limit", HISTORY_DEFAULT_LIMIT))
+        return cls(_whole_number(args, "before", None), _whole_number(args, "limit", HISTORY_DEFAULT_LIMIT))
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,61 @@ class PushRetrySelection:
             if body.get(name) is not None and not isinstance(body[name], str):
                 raise InvalidInput(f"'{name}' must be a string or null")
         return cls(PushFilter.parse(body.get("status"), body.get("user_id"), body.get("provider")))
+
+
+@dataclass(frozen=True)
+class SearchPage:
+    """GET /api/search/messages?q=&conversation_id=&before=&limit= (q is checked by app.chat.search)."""
+
+    q: str | None
+    conversation_id: str | None
+    before: int | None
+    limit: int
+
+    @classmethod
+    def parse(cls, args) -> SearchPage:
+        conversation_id = args.get("conversation_id") or None
+        if conversation_id is not None and not _is_text(conversation_id, CONVERSATION_ID_RE):
+            raise InvalidInput("'conversation_id' must be a conversation id such as p_1_2 or g_7")
+        return cls(args.get("q"), conversation_id, _whole_number(args, "before", None),
+                   _whole_number(args, "limit", SEARCH_DEFAULT_LIMIT))
+
+
+@dataclass(frozen=True)
+class UserLookup:
+    """GET /api/users?username= (one exact name) or ?prefix= (names starting with it); with both,
+    the exact lookup."""
+
+    username: str | None
+    prefix: str | None
+
+    @classmethod
+    def parse(cls, args) -> UserLookup:
+        username, prefix = args.get("username"), args.get("prefix")
+        if prefix is None or username is not None:
+            return cls(username, None)  # the exact lookup checks its own parameter
+        if not USERNAME_PREFIX_RE.fullmatch(prefix):
+            raise InvalidInput("'prefix' must be 2-32 characters of letters, digits, '_', '.' or '-'")
+        return cls(None, prefix)
+
+
+@dataclass(frozen=True)
+class MediaUpload:
+    """POST /api/media?filename=: the declared type and length of the raw body, and its name
+    (cleaned by app.media.uploads; the body itself is streamed, never parsed here)."""
+
+    content_type: str
+    declared_length: int | None
+    filename: str | None
+
+    MAX_FILENAME_PARAM = 1000
+
+    @classmethod
+    def parse(cls, args, mimetype: str | None, content_length: int | None) -> MediaUpload:
+        filename = args.get("filename")
+        if filename is not None and len(filename) > cls.MAX_FILENAME_PARAM:
+            raise InvalidInput(f"'filename' must be at most {cls.MAX_FILENAME_PARAM} characters")
+        return cls(mimetype or "", content_length, filename or None)
 
 
 WEBPUSH_ENDPOINT_MAX = 2048

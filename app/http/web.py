@@ -12,8 +12,10 @@ from flask import Blueprint, current_app, make_response, render_template, send_f
 
 bp = Blueprint("web", __name__)
 
+# img-src blob:: pictures are fetched with the bearer token and shown from object URLs
+# (a token cannot go into an <img src>).
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
     "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 
 from app.chat.conversations import message_preview
+from app.media.uploads import push_text
 from app.chat.unread import latest_unread, latest_unread_ids, unread_totals
 from app.push.settings import load_preferences
 from app.storage import Storage, insert_ignoring_duplicates
@@ -104,7 +105,9 @@ def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list
         # A coalesced push goes at the priority of what it shows, not of what opened the window.
         plan.priority = PRIORITY_GROUP if latest.is_group else PRIORITY_PRIVATE
         sender = senders.get(latest.sender_id)
-        body, title = message_preview(latest.message_type, latest.content, PREVIEW_CHARS), sender
+        body = push_text(storage, latest.message_type, latest.extra) \
+            or message_preview(latest.message_type, latest.content, PREVIEW_CHARS)
+        title = sender
         if latest.is_group and latest.group_id in groups:  # a group push: the group's name, and who wrote
             title, body = groups[latest.group_id], f"{sender}: {body}"
         payload = {"title": title if p.preview else "NetherLink", "body": body if p.preview else GENERIC_BODY,

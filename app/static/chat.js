@@ -1,7 +1,8 @@
 // The NetherLink chat page (served at /). Every piece of user data goes into the
 // page through textContent (the el() helper below), never through innerHTML.
 import {
-  ApiError, NetherLinkClient, apiRequest, compareIds, login, privateConversationId, register, tokenExpiry,
+  ApiError, NetherLinkClient, apiRequest, compareIds, login, mediaObjectUrl, privateConversationId, register,
+  searchMessages, tokenExpiry, uploadMedia,
 } from "./netherlink.js";
 
 const BASE = location.origin;
@@ -303,6 +304,8 @@ function onState({ state, retryIn, code }) {
 
 function preview(msg) {
   if (msg.status === 2) return "[message recalled]";
+  if (msg.message_type === "image") return "📷 Photo";
+  if (msg.message_type === "file") return `📎 ${msg.content}`;
   if (msg.message_type && msg.message_type !== "text") return `[${msg.message_type}]`;
   return String(msg.content || "").slice(0, 200);
 }
@@ -638,13 +641,137 @@ function renderMessage(conv, v, msg, sameSender) {
   if (msg.recallError) meta.append(el("span", { class: "msg-error" }, msg.recallError));
   const body = recalled
     ? el("div", { class: "text" }, mine ? "You recalled a message" : "Message recalled")
-    : msg.message_type && msg.message_type !== "text"
+    : (msg.message_type === "image" || msg.message_type === "file") && msg.extra && msg.extra.media_id
+      ? mediaBody(msg)
+      : msg.message_type && msg.message_type !== "text"
       ? el("div", { class: "text" }, `[${msg.message_type}] `, msg.content)
       : el("div", { class: "text" }, msg.content);
   return el("li", { class: classes.join(" "), dataset: { msgId: msg.msg_id || "", clientMsgId: msg.client_msg_id || "" } },
     conv.isGroup && !mine && !sameSender ? el("div", { class: "sender" }, usernames.get(msg.from) || `User ${msg.from}`) : null,
     el("div", { class: "bubble" }, body),
     meta);
+}
+
+// ---------------------------------------------------------------- pictures and files
+
+const mediaUrls = new Map(); // "<media_id>" or "<media_id>/t" -> object URL (the token cannot go into <img src>)
+
+function mediaUrl(mediaId, thumbnail) {
+  const key = thumbnail ? `${mediaId}/t` : String(mediaId);
+  if (!mediaUrls.has(key)) {
+    const url = mediaObjectUrl(BASE, session.token, mediaId, { thumbnail });
+    url.catch(() => mediaUrls.delete(key)); // try again next time
+    mediaUrls.set(key, url);
+  }
+  return mediaUrls.get(key);
+}
+
+function mediaBody(msg) {
+  const mediaId = msg.extra.media_id;
+  if (msg.message_type === "image") {
+    const img = el("img", { class: "media-thumb", alt: msg.content || "Photo", dataset: { mediaId } });
+    mediaUrl(mediaId, true).then((url) => { img.src = url; }, () => { img.alt = "Photo (not available)"; });
+    img.addEventListener("click", async () => {
+      try {
+        $("image-full").replaceChildren(el("img", { src: await mediaUrl(mediaId, false), alt: msg.content || "Photo" }));
+        $("image-dialog").showModal();
+      } catch (err) {
+        showError($("sidebar-error"), `Could not open the picture: ${errorText(err)}`);
+      }
+    });
+    return el("div", { class: "text media" }, img);
+  }
+  const link = el("a", { class: "file-link", href: "#", dataset: { mediaId } }, `📎 ${msg.content}`);
+  link.addEventListener("click", async (event) => {
+    event.preventDefault();
+    try {
+      const a = el("a", { href: await mediaUrl(mediaId, false), download: msg.content || "download" });
+      document.body.append(a);
+      a.click();
+      a.remove();
+    } catch (err) {
+      showError($("sidebar-error"), `Could not download the file: ${errorText(err)}`);
+    }
+  });
+  return el("div", { class: "text media" }, link);
+}
+
+async function sendFile(file) {
+  if (!openId || !file) return;
+  const conversationId = openId;
+  const conv = convs.get(conversationId);
+  const image = /^image\/(jpeg|png|webp|gif)$/.test(file.type);
+  $("upload-state").hidden = false;
+  $("upload-name").textContent = file.name;
+  $("upload-error").textContent = "";
+  $("upload-progress").value = 0;
+  let media;
+  try {
+    media = await uploadMedia(BASE, session.token, file, {
+      contentType: file.type || "application/octet-stream",
+      onProgress: (sent, total) => { $("upload-progress").value = total ? sent / total : 0; },
+    });
+  } catch (err) {
+    $("upload-error").textContent = `Upload failed: ${errorText(err)}`;
+    return;
+  }
+  $("upload-state").hidden = true;
+  const content = media.filename || (image ? "Photo" : "File");
+  const target = conv.isGroup ? { groupId: conv.groupId } : { to: conv.peer.user_id };
+  const messageType = image ? "image" : "file";
+  let sent;
+  try {
+    sent = client.send({ ...target, content, messageType, extra: { media_id: media.media_id } });
+  } catch (err) {
+    showError($("sidebar-error"), err.message);
+    return;
+  }
+  queueLocal(conversationId, conv, sent, { message_type: messageType, content, extra: { media_id: media.media_id } });
+}
+
+// ---------------------------------------------------------------- search
+
+async function onSearch(event) {
+  event.preventDefault();
+  const q = $("search").elements.q.value.trim();
+  if (!q) return;
+  const list = $("search-results");
+  $("search-panel").hidden = false;
+  $("search-status").textContent = "Searching…";
+  list.replaceChildren();
+  let answer;
+  try {
+    answer = await searchMessages(BASE, session.token, q, { limit: 50 });
+  } catch (err) {
+    $("search-status").textContent = errorText(err);
+    return;
+  }
+  $("search-status").textContent = answer.messages.length
+    ? `${answer.messages.length}${answer.has_more ? "+" : ""} result${answer.messages.length === 1 ? "" : "s"}`
+    : "Nothing found";
+  for (const msg of answer.messages) {
+    const conv = ensureConv(msg.conversation_id);
+    const item = el("li", { class: "search-hit", dataset: { conversationId: msg.conversation_id, msgId: msg.msg_id } },
+      el("div", { class: "conv-text" },
+        el("div", { class: "conv-name" }, convTitle(conv)),
+        el("div", { class: "conv-preview" }, preview(msg)),
+        el("div", { class: "muted small" }, shortTime(msg.timestamp))));
+    item.addEventListener("click", () => openAtMessage(msg));
+    list.append(item);
+  }
+}
+
+async function openAtMessage(msg) {
+  await openConversation(msg.conversation_id);
+  const v = view(msg.conversation_id);
+  for (let page = 0; page < 20 && !v.messages.has(`m:${msg.msg_id}`) && v.hasMore; page++) {
+    await loadHistory(msg.conversation_id, true); // older pages until the hit is loaded
+  }
+  const row = document.querySelector(`#message-list li.msg[data-msg-id="${msg.msg_id}"]`);
+  if (!row) return;
+  row.scrollIntoView({ block: "center" });
+  row.classList.add("found");
+  setTimeout(() => row.classList.remove("found"), 4000);
 }
 
 let localSeq = 0;
@@ -665,14 +792,18 @@ function onSend(event) {
   }
   textarea.value = "";
   autosize(textarea);
-  const v = view(openId);
-  const msg = { client_msg_id: sent.clientMsgId, conversation_id: openId, from: session.userId,
+  queueLocal(openId, conv, sent, { message_type: "text", content, extra: {} });
+}
+
+/** Our own message, shown as "sending" until its ack. */
+function queueLocal(conversationId, conv, sent, fields) {
+  const v = view(conversationId);
+  const msg = { client_msg_id: sent.clientMsgId, conversation_id: conversationId, from: session.userId,
                 to: conv.isGroup ? null : conv.peer.user_id, group_id: conv.isGroup ? conv.groupId : null,
-                message_type: "text", content, extra: {}, timestamp: Date.now(), status: 0, state: "sending",
-                localSeq: ++localSeq };
+                ...fields, timestamp: Date.now(), status: 0, state: "sending", localSeq: ++localSeq };
   v.messages.set(`c:${sent.clientMsgId}`, msg);
   Object.assign(conv, { lastMessage: preview(msg), lastFrom: conv.isGroup ? session.userId : null, lastTime: msg.timestamp });
-  renderMessages();
+  if (conversationId === openId) renderMessages();
   renderList();
 }
 
@@ -1049,6 +1180,23 @@ function init() {
     button.addEventListener("click", () => button.closest("dialog").close());
   }
   $("composer").addEventListener("submit", onSend);
+  $("attach").addEventListener("click", () => $("attach-input").click());
+  $("attach-input").addEventListener("change", () => {
+    const input = $("attach-input");
+    if (input.files[0]) sendFile(input.files[0]);
+    input.value = "";
+  });
+  const pane = $("conversation");
+  pane.addEventListener("dragover", (e) => { if (openId) { e.preventDefault(); pane.classList.add("dropping"); } });
+  pane.addEventListener("dragleave", () => pane.classList.remove("dropping"));
+  pane.addEventListener("drop", (e) => {
+    pane.classList.remove("dropping");
+    if (!openId || !e.dataTransfer.files.length) return;
+    e.preventDefault();
+    sendFile(e.dataTransfer.files[0]);
+  });
+  $("search").addEventListener("submit", onSearch);
+  $("search-close").addEventListener("click", () => { $("search-panel").hidden = true; });
   const textarea = $("composer").elements.content;
   textarea.addEventListener("input", () => autosize(textarea));
   textarea.addEventListener("keydown", (e) => {

@@ -76,6 +76,61 @@ export function register(baseUrl, username, password) {
   return apiRequest(baseUrl, "POST", "/api/auth/register", { body: { username, password } });
 }
 
+/**
+ * POST /api/media: upload a File or Blob as the raw body with its own type (docs/openapi.yaml).
+ * onProgress(sentBytes, totalBytes) follows the upload; resolves to
+ * {media_id, content_type, size, sha256, width, height, filename, thumbnail_url};
+ * rejects with ApiError (413 too large, 415 wrong type, 429 rate limited, status 0 network).
+ */
+export function uploadMedia(baseUrl, token, blob, { filename, contentType, onProgress } = {}) {
+  const name = filename || blob.name;
+  const url = `${trimSlash(baseUrl)}/api/media` + (name ? `?${new URLSearchParams({ filename: name })}` : "");
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();  // fetch cannot report upload progress
+    xhr.open("POST", url);
+    xhr.setRequestHeader("Authorization", `Bearer ${token}`);
+    xhr.setRequestHeader("Content-Type", contentType || blob.type || "application/octet-stream");
+    xhr.upload.onprogress = (e) => { if (onProgress) onProgress(e.loaded, e.lengthComputable ? e.total : blob.size); };
+    xhr.onerror = () => reject(new ApiError(0, "network", "the server cannot be reached"));
+    xhr.onload = () => {
+      let data = null;
+      try { data = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+      if (xhr.status === 201) resolve(data);
+      else reject(new ApiError(xhr.status, data && data.error, data && data.message));
+    };
+    xhr.send(blob);
+  });
+}
+
+/**
+ * GET /api/media/{id} (or its thumbnail) with the bearer token, as an object URL for an <img> or a
+ * download link (the token cannot go into an <img src>). Revoke it with URL.revokeObjectURL when done.
+ */
+export async function mediaObjectUrl(baseUrl, token, mediaId, { thumbnail = false } = {}) {
+  const path = `/api/media/${encodeURIComponent(mediaId)}` + (thumbnail ? "/thumbnail" : "");
+  let resp;
+  try {
+    resp = await fetch(`${trimSlash(baseUrl)}${path}`, { headers: { Authorization: `Bearer ${token}` } });
+  } catch (err) {
+    throw new ApiError(0, "network", "the server cannot be reached");
+  }
+  if (!resp.ok) {
+    let data = null;
+    try { data = await resp.json(); } catch { /* not JSON */ }
+    throw new ApiError(resp.status, data && data.error, data && data.message);
+  }
+  return URL.createObjectURL(await resp.blob());
+}
+
+/**
+ * GET /api/search/messages: messages the user may see that contain q (CJK without spaces too),
+ * newest first; resolves to {messages, has_more, next_before} (pass next_before as before).
+ */
+export function searchMessages(baseUrl, token, q, { conversationId, before, limit } = {}) {
+  return apiRequest(baseUrl, "GET", "/api/search/messages",
+                    { token, query: { q, conversation_id: conversationId, before, limit } });
+}
+
 export class NetherLinkClient extends EventTarget {
   /**
    * @param {object} options
