@@ -5,6 +5,7 @@ the gateway, the workers and the tests can each build their own.
 """
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,13 +13,19 @@ from typing import Iterator
 
 import redis
 from redis.sentinel import Sentinel, SentinelConnectionPool
-from sqlalchemy import create_engine, delete, event, select
+from sqlalchemy import create_engine, delete, event, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
+
+# Read-your-writes on a lagging replica: after a commit that wrote a user's data, the
+# primary's GTID position; that user's reads go to the primary until the replica applied it.
+REPLICA_FENCE_KEY = "replica:fence:{}"
+REPLICA_FENCE_SECONDS = 3600  # longer than any lag a replica is still used with
 
 
 def make_engine(url: str) -> Engine:
@@ -94,6 +101,51 @@ class Storage:
         self.read_sessions = sessionmaker(self.read_engine, expire_on_commit=False)
         self.redis = make_redis(settings)
         self._scripts: dict = {}
+
+    def fence_writes(self, user_ids) -> None:
+        """After a commit that wrote these users' data: each one's reads (`reader`) stay on the
+        primary until the replica has applied it. Nothing to do without a replica."""
+        user_ids = set(user_ids)
+        if self.read_engine is self.engine or not user_ids:
+            return
+        try:
+            with self.engine.connect() as conn:
+                position = conn.execute(text(self._gtid_sql()[0])).scalar()
+            pipe = self.redis.pipeline(transaction=False)
+            for user_id in user_ids:
+                pipe.set(REPLICA_FENCE_KEY.format(user_id), position, ex=REPLICA_FENCE_SECONDS)
+            pipe.execute()
+        except Exception as exc:  # the write stands; a read may lag behind it until the replica catches up
+            log.warning("replica fence of %d user(s) not recorded (%s)", len(user_ids), exc.__class__.__name__)
+
+    def reader(self, user_id: int) -> Engine:
+        """Where to read this user's data: the replica once it has applied the user's last
+        write (`fence_writes`), else the primary, which never hides a write."""
+        if self.read_engine is self.engine:
+            return self.engine
+        try:
+            fence = self.redis.get(REPLICA_FENCE_KEY.format(user_id))
+            if not fence:
+                return self.read_engine
+            with self.read_engine.connect() as conn:
+                applied = conn.execute(text(self._gtid_sql()[1]), {"position": fence}).scalar()
+        except Exception:
+            return self.engine  # cannot tell: the primary
+        reached = 0 if self._is_mariadb() else 1
+        return self.read_engine if applied == reached else self.engine
+
+    def read_session_for(self, user_id: int) -> Session:
+        """A session on `reader(user_id)`."""
+        return Session(self.reader(user_id), expire_on_commit=False)
+
+    def _is_mariadb(self) -> bool:
+        return bool(getattr(self.engine.dialect, "is_mariadb", False))
+
+    def _gtid_sql(self) -> tuple[str, str]:
+        """(the primary's GTID position now, whether the replica has applied :position)."""
+        if self._is_mariadb():  # MASTER_GTID_WAIT with no wait: 0 applied, -1 not yet
+            return "SELECT @@GLOBAL.gtid_binlog_pos", "SELECT MASTER_GTID_WAIT(:position, 0)"
+        return "SELECT @@GLOBAL.gtid_executed", "SELECT GTID_SUBSET(:position, @@GLOBAL.gtid_executed)"
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -145,7 +145,7 @@ def history(storage: Storage, user_id: int, conversation_id: str, before: int | 
     latest join, none written after they left)."""
     if not 1 <= limit <= HISTORY_MAX_LIMIT:
         raise InvalidInput(f"'limit' must be from 1 to {HISTORY_MAX_LIMIT}")
-    with storage.read_sessions() as session:
+    with storage.read_session_for(user_id) as session:
         query = visible_messages(session, user_id, conversation_id)
         if before is not None:
             query = query.where(Message.id < before)

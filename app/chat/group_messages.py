@@ -70,6 +70,7 @@ def persist_group_message(storage: Storage, payload: dict) -> GroupPersistOutcom
             index_messages(session, [IndexedMessage(msg_id, payload["content"], sender, None, group_id)])
             link_media(session, [(msg_id, payload["message_type"], payload.get("extra"))])
             recipients = recipients_of(session, group_id, group_seq)
+        storage.fence_writes([sender])  # the sender reads their own message, replica or not
         return GroupPersistOutcome(msg_id, True, _chunks(recipients, chunk))
     except IntegrityError:
         existing, original = stored_copy(storage, msg_id, sender, payload["client_msg_id"])
@@ -148,6 +149,7 @@ def _write_streams(storage: Storage, msg: Message, user_ids: list[int], preview:
         read_upto = {uid: pos for uid, pos in session.execute(
             select(Conversation.user_id, Conversation.last_read_msg_id).where(
                 Conversation.conversation_id == msg.conversation_id, Conversation.user_id.in_(user_ids))).all()}
+    storage.fence_writes(user_ids)
     return seqs, read_upto, recalled
 
 

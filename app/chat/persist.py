@@ -100,7 +100,9 @@ def _store(storage: Storage, payloads: list[dict]) -> None:
         upsert_conversations(session, storage.is_mysql, [newest[key] for key in sorted(newest)])
         append_entries(session, storage.is_mysql, [
             ([int(p["sender_id"]), int(p["to"])], int(p["msg_id"]), p["conversation_id"]) for p in payloads])
-    invalidate_conversation_lists(storage, [int(p[k]) for p in payloads for k in ("sender_id", "to")])
+    parties = [int(p[k]) for p in payloads for k in ("sender_id", "to")]
+    storage.fence_writes(parties)  # each party reads their own new message, replica or not
+    invalidate_conversation_lists(storage, parties)
 
 
 def _persist_alone(storage: Storage, payload: dict) -> PersistOutcome:

@@ -41,6 +41,7 @@ def mark_read(storage: Storage, user_id: int, conversation_id: str, msg_id: int)
             peer = _group_receipt_to(session, user_id, conv.target_id, conversation_id, msg_id)
         else:
             peer = conv.target_id
+    storage.fence_writes([user_id])
     counts = rebuild_unread(storage, [user_id])[user_id]
     invalidate_conversation_lists(storage, [user_id])
     return ReadOutcome(conversation_id, msg_id, user_id, peer, counts.get(conversation_id, 0))

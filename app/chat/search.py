@@ -191,7 +191,7 @@ def search_messages(storage: Storage, user_id: int, q, conversation_id: str | No
     tokens = sorted(_token(t) for t in terms.index_terms())
     if not tokens:
         return {"messages": [], "has_more": False, "next_before": None}
-    with storage.read_sessions() as session:
+    with storage.read_session_for(user_id) as session:
         visible = visible_messages(session, user_id, conversation_id).where(Message.status != STATUS_RECALLED)
         # A common term has a huge posting list (slow to read in full) but fills a page from the
         # newest messages at once: try those first; a rarer one goes on through the index.

@@ -100,7 +100,7 @@ class SyncPage:
 def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> SyncPage:
     """Entries after position `after`; marks offline-index rows of returned messages synced."""
     # Plain rows, not ORM objects: a 500-entry page is the hot path of a reconnect.
-    with storage.read_engine.connect() as conn:
+    with storage.reader(user_id).connect() as conn:
         rows = conn.execute(
             select(SyncEntry.seq, SyncEntry.kind, *_MESSAGE_COLUMNS)
             .join(Message, Message.id == SyncEntry.message_id)

@@ -102,6 +102,7 @@ def accept_upload(storage: Storage, store: MediaStore, user_id: int, declared_ty
         if existing is None:
             raise
         return existing
+    storage.fence_writes([user_id])  # the uploader fetches it at once, replica or not
     log.info("media %s stored for user %s (%s, %d bytes)", media.id, user_id, media.content_type, media.size)
     return media
 
@@ -159,7 +160,7 @@ def _own_copy(storage: Storage, user_id: int, digest: str) -> Media | None:
 
 def media_for_reader(storage: Storage, user_id: int, media_id: int) -> Media:
     """The media row if this user may read it; NotFound for an unknown id, Forbidden otherwise."""
-    with storage.read_sessions() as session:
+    with storage.read_session_for(user_id) as session:
         media = session.get(Media, media_id) if 0 < media_id < 2**63 else None
         if media is None:
             raise NotFound(f"media {media_id} does not exist")
