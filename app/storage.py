@@ -103,8 +103,10 @@ class Storage:
         self._scripts: dict = {}
 
     def fence_writes(self, user_ids) -> None:
-        """After a commit that wrote these users' data: each one's reads (`reader`) stay on the
-        primary until the replica has applied it. Nothing to do without a replica."""
+        """After a commit these users made (their message, read, recall, upload): each one's reads
+        (`reader`) stay on the primary until the replica has applied it, so nobody misses their
+        own write; what others wrote for them may lag like any replica read. Nothing to do
+        without a replica."""
         user_ids = set(user_ids)
         if self.read_engine is self.engine or not user_ids:
             return

@@ -19,6 +19,7 @@ failed push record.
 """
 from __future__ import annotations
 
+import io
 import secrets
 import time
 import uuid
@@ -30,6 +31,7 @@ import pytest
 import requests
 import websocket
 import yaml
+from PIL import Image
 from sqlalchemy import select, update
 
 from models import PushLog, SyncEntry
@@ -52,6 +54,7 @@ class World:
     newcomer: User | None = None
     device_token: str = ""
     push_id: int = 0
+    media_id: str = ""
     messages: dict[str, dict] = field(default_factory=dict)
 
     def headers(self, role: str) -> dict:
@@ -116,6 +119,26 @@ def messages(world, storage) -> dict[str, dict]:
                what="the group message fanned out")
     world.messages = {"private": private, "group": group}
     return world.messages
+
+
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 40)).save(out, "PNG")
+    return out.getvalue()
+
+
+def _upload(w, role):
+    return {"data": _png(), "headers": {"Content-Type": "image/png"}}
+
+
+def _party_media(w, role, suffix=""):
+    """A picture the party uploaded and sent to no one: only the uploader may fetch it."""
+    if not w.media_id:
+        r = requests.post(w.base + "/api/media", data=_png(), timeout=10,
+                          headers={**w.headers("party"), "Content-Type": "image/png"})
+        assert r.status_code in (200, 201), r.text
+        w.media_id = r.json()["media_id"]
+    return {"path": f"/api/media/{w.media_id}{suffix}"}
 
 
 # --- REST ------------------------------------------------------------------------------------
@@ -194,6 +217,12 @@ REST = [
      _push_failed_again),
     ("POST", "/api/admin/pushes/retry", "the party's failed pushes", "401 401 403 403 403 403 403 202",
      lambda w, role: {"json": {"user_id": w.users["party"].user_id, "status": "failed"}}),
+    ("POST", "/api/media", "a picture", "401 401 201 201 201 201 201 201", _upload),
+    ("GET", "/api/media/{media_id}", "the party's unsent upload", "401 401 403 200 403 403 403 403", _party_media),
+    ("GET", "/api/media/{media_id}/thumbnail", "the party's unsent upload", "401 401 403 200 403 403 403 403",
+     lambda w, role: _party_media(w, role, "/thumbnail")),
+    ("GET", "/api/search/messages", "my messages", "401 401 200 200 200 200 200 200",
+     lambda w, role: {"params": {"q": "hello"}}),
     ("GET", "/api/push/vapid-public-key", "the server's Web Push key (public)", "200 200 200 200 200 200 200 200",
      None),
     ("GET", "/healthz", "liveness", "200 200 200 200 200 200 200 200", None),
@@ -204,7 +233,8 @@ REST = [
 def _default_path(w: World, template: str) -> str:
     return template.format(group_id=w.group_id, user_id=(w.victim.user_id if "/members/" in template
                                                           else w.users["party"].user_id),
-                           conversation_id=_private_conversation(w), token=w.device_token, push_id=w.push_id)
+                           conversation_id=_private_conversation(w), token=w.device_token, push_id=w.push_id,
+                           media_id=w.media_id)
 
 
 def _private_conversation(w: World) -> str:
@@ -229,7 +259,8 @@ def test_the_table_covers_every_documented_operation():
 def test_rest(world, messages, role, method, path, what, expected, make):
     kwargs = (make(world, role) if make is not None else None) or {}
     url = world.base + kwargs.pop("path", _default_path(world, path))
-    r = requests.request(method, url, headers=world.headers(role), timeout=10, **kwargs)
+    headers = {**world.headers(role), **kwargs.pop("headers", {})}
+    r = requests.request(method, url, headers=headers, timeout=10, **kwargs)
     want = int(expected.split()[ROLES.index(role)])
     assert r.status_code == want, f"{role}: {method} {url} -> {r.status_code} {r.text[:300]}"
     if want >= 400:

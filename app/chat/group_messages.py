@@ -149,7 +149,7 @@ def _write_streams(storage: Storage, msg: Message, user_ids: list[int], preview:
         read_upto = {uid: pos for uid, pos in session.execute(
             select(Conversation.user_id, Conversation.last_read_msg_id).where(
                 Conversation.conversation_id == msg.conversation_id, Conversation.user_id.in_(user_ids))).all()}
-    storage.fence_writes(user_ids)
+    storage.fence_writes([msg.sender_id] if msg.sender_id in seqs else [])  # the sender's own stream entry
     return seqs, read_upto, recalled
 
 

@@ -100,9 +100,8 @@ def _store(storage: Storage, payloads: list[dict]) -> None:
         upsert_conversations(session, storage.is_mysql, [newest[key] for key in sorted(newest)])
         append_entries(session, storage.is_mysql, [
             ([int(p["sender_id"]), int(p["to"])], int(p["msg_id"]), p["conversation_id"]) for p in payloads])
-    parties = [int(p[k]) for p in payloads for k in ("sender_id", "to")]
-    storage.fence_writes(parties)  # each party reads their own new message, replica or not
-    invalidate_conversation_lists(storage, parties)
+    storage.fence_writes(int(p["sender_id"]) for p in payloads)  # a sender reads their own message at once
+    invalidate_conversation_lists(storage, [int(p[k]) for p in payloads for k in ("sender_id", "to")])
 
 
 def _persist_alone(storage: Storage, payload: dict) -> PersistOutcome:

@@ -67,7 +67,7 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
         forget_unread(storage, parties)  # recounted from MySQL when next asked for
     else:
         rebuild_unread(storage, [msg.receiver_id])  # a recalled message no longer counts as unread
-    storage.fence_writes(parties)
+    storage.fence_writes([user_id])  # the recaller sees their recall at once
     invalidate_conversation_lists(storage, parties)
     return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms)
 
