@@ -428,7 +428,9 @@ def malformed_frames(draw, peer_id: str):
     if kind == "send_both":
         return json.dumps({**base, "group_id": draw(st.integers(1, 10**6)).__str__()})
     if kind == "too_large":
-        return json.dumps({**base, "content": "é" * draw(st.integers(8193, 12000))})
+        # Over MESSAGE_MAX_CONTENT_BYTES (2 bytes each), under WS_MAX_FRAME_BYTES once json.dumps wrote
+        # each as \u00e9 (6 characters): a longer message is closed with 1009, not answered (§11).
+        return json.dumps({**base, "content": "é" * draw(st.integers(8193, 10400))})
     if kind == "extra_large":
         return json.dumps({**base, "extra": {"k": "v" * draw(st.integers(4090, 6000))}})
     if kind == "sync":
