@@ -142,6 +142,7 @@ class MessageIntake:
             self._require_user(req.to)
             conversation_id = private_conversation_id(sender_id, req.to)
         key = DEDUPE_KEY.format(sender_id, req.client_msg_id)
+        in_window = fresh_record = False
         try:
             # The id is kept for the whole dedupe window, published or not: every
             # retry publishes this same id, and persist collapses copies by id.
@@ -156,10 +157,10 @@ class MessageIntake:
             fresh_record = value == ""
             value = fresh if fresh_record else value
             recovering = now - since / 1000 < self.dedupe_ttl
-            # In the risk window a first copy from before the loss may still be queued; and a
-            # pending record made since the loss may name a copy persist did not keep.
-            wait_for_storage = value.startswith("p:") and recovering and (
-                not fresh_record or self.recovery.open(since))
+            # In the risk window a first copy from before the loss may still be queued (see below);
+            # after it, a pending record made since the loss may name a copy persist did not keep.
+            in_window = value.startswith("p:") and recovering and self.recovery.open(since)
+            wait_for_storage = value.startswith("p:") and recovering and (not fresh_record or in_window)
             ack = self._ack_of(req.client_msg_id, conversation_id, value)
             if not value.startswith("p:"):
                 return ack  # published and acked before
@@ -175,7 +176,22 @@ class MessageIntake:
                     if fresh_record:  # no record of a send that was refused
                         self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[fresh])
                     raise
-        except ChatError:
+            if in_window:
+                # A first copy from before the loss may still be queued. Published now, this copy
+                # could be stored first (persist processes run side by side), under another id
+                # than the one that first copy's ack named. So nothing is published until a copy
+                # is stored (its id is the ack) or the window closes (every copy from before the
+                # loss is stored, and none is this send's).
+                stored = self._await_window(sender_id, req.client_msg_id, since)
+                if stored is not None:
+                    self.redis.set(key, stored.to_json(), ex=self.dedupe_ttl)
+                    return stored
+                # Closed with no copy stored: claim again (the record is ours, or a newer loss
+                # opened a new window) and publish with that claim's time.
+                return self.accept(sender_id, origin_conn, req)
+        except ChatError as err:
+            if isinstance(err, Unavailable) and in_window and fresh_record:
+                self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[fresh])  # its retry waits the same way
             raise
         except Exception as exc:  # Redis down: refuse rather than risk a second copy
             log.warning("send refused, Redis unavailable: %s", exc.__class__.__name__)
@@ -267,6 +283,21 @@ class MessageIntake:
             row = conn.execute(select(Message.id, Message.conversation_id, Message.timestamp).where(
                 Message.sender_id == sender_id, Message.client_msg_id == client_msg_id)).first()
         return Ack(client_msg_id, row.id, row.conversation_id, row.timestamp) if row is not None else None
+
+    def _await_window(self, sender_id: int, client_msg_id: str, since: int) -> Ack | None:
+        """In the risk window after the loss at `since`: the stored copy of this send as soon as
+        there is one, or None once the window closed with none stored (no copy from before the
+        loss exists: publish this one). Unavailable if neither happens in time."""
+        deadline = time.monotonic() + RECOVERY_ACK_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            stored = self.stored_acks.wait(sender_id, client_msg_id, 0.05)  # one lookup per tick for all
+            if stored is None and not self.recovery.open(since):
+                return self._lookup_stored(sender_id, client_msg_id)  # stored just before it closed?
+            if stored is not None:
+                msg_id, conversation_id, timestamp = stored
+                return Ack(client_msg_id, msg_id, conversation_id, timestamp)
+        raise Unavailable("message not accepted yet: the pipeline is still catching up after a Redis restart; "
+                          "retry with the same client_msg_id")
 
     def _stored_ack(self, sender_id: int, req: SendRequest) -> Ack:
         """Wait until this send is stored (one lookup per tick for all waiting sends); the ack
