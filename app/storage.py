@@ -65,7 +65,7 @@ class BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool)
     """
 
 
-def make_redis(settings: Settings) -> redis.Redis:
+def make_redis(settings: Settings, **overrides) -> redis.Redis:
     """The process's Redis client: REDIS_URL directly, or the Sentinel master named
     REDIS_SENTINEL_MASTER when REDIS_SENTINELS is set (db and password from REDIS_URL).
 
@@ -73,9 +73,11 @@ def make_redis(settings: Settings) -> redis.Redis:
     connection instead of failing; a gateway's bursts (a presence rewrite, then
     every greenlet that queued behind it) stay errors-free.
     """
+    options = {**_REDIS_OPTIONS, **overrides}  # e.g. a client_name, shorter timeouts
+    max_connections = options.pop("max_connections", settings.redis_max_connections)
     if not settings.redis_sentinels:
         return redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=settings.redis_max_connections, **_REDIS_OPTIONS))
+            settings.redis_url, max_connections=max_connections, **options))
     url = redis.connection.parse_url(settings.redis_url)
     auth = {key: url[key] for key in ("db", "username", "password") if url.get(key) is not None}
     sentinel = Sentinel(settings.sentinel_addresses, socket_timeout=1, socket_connect_timeout=1)
@@ -83,8 +85,8 @@ def make_redis(settings: Settings) -> redis.Redis:
     # idle connections to the old primary, and a connection that finds it talks to a
     # replica (READONLY) reconnects: callers see errors only for the seconds until
     # Sentinel has promoted a replica.
-    pool = BlockingSentinelPool(settings.redis_sentinel_master, sentinel, max_connections=settings.redis_max_connections,
-                                **auth, **_REDIS_OPTIONS)
+    pool = BlockingSentinelPool(settings.redis_sentinel_master, sentinel, max_connections=max_connections,
+                                **auth, **options)
     return redis.Redis(connection_pool=pool)
 
 

@@ -216,8 +216,8 @@ def _progress_tracker(task, app, consumer):
     tracker = _trackers.get(task.name)
     if tracker is None:
         queues = list(app.amqp.queues.consume_from or app.amqp.queues)
-        tracker = _trackers[task.name] = PersistProgress(settings().redis_url,
-                                                         grace_ms(settings().publish_timeout_seconds), queues)
+        tracker = _trackers[task.name] = PersistProgress(settings(),
+                                                         grace_ms(), queues)
     else:
         tracker.restart()
     consumer.timer.call_repeatedly(REPORT_INTERVAL, tracker.report)

@@ -15,9 +15,9 @@ import os
 import socket
 import time
 
-import redis
-
 from app.chat import recovery
+from app.config import Settings
+from app.storage import make_redis
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,14 @@ def message_times(args: list, kwargs: dict) -> tuple[int | None, int | None]:
 
 
 class PersistProgress:
-    def __init__(self, redis_url: str, grace: int, queues: list[str]):
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+    def __init__(self, settings: Settings, grace: int, queues: list[str]):
+        self.key = recovery.WORKER_KEY.format(f"{socket.gethostname()}:{os.getpid()}")
+        # Through Sentinel like every client; its connection carries the report's name, so that
+        # the gateways can tell a dead worker (no connection left) from a slow one (app.chat.recovery).
+        self.redis = make_redis(settings, client_name=recovery.worker_client_name(self.key), socket_timeout=1,
+                                socket_connect_timeout=1, max_connections=4)
         self.report_script = self.redis.register_script(recovery.REPORT_SCRIPT)
         self.reissue_script = self.redis.register_script(recovery.REISSUE_SCRIPT)
-        self.key = recovery.WORKER_KEY.format(f"{socket.gethostname()}:{os.getpid()}")
         self.grace = grace
         self.queues = [q for q in queues if q in recovery.PERSIST_QUEUES]
         self.held: dict[str, int | None] = {}  # task message id -> its oldest claim timestamp

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from kombu import Producer
 
@@ -79,17 +80,20 @@ class PersistPublisher:
         self.timeout = timeout
         self._local = threading.local()
 
-    def publish_all(self, payloads: list[dict], deadline: float | None = None) -> None:
+    def publish_all(self, payloads: list[dict], deadline: float | None = None,
+                    may_start: Callable[[], bool] | None = None) -> None:
         """Publish accepted messages: one task for the private ones, one for the group ones;
         returns once RabbitMQ confirmed them, raises Unavailable otherwise. No attempt starts
-        after `deadline` (time.time()), nor connects past it: the gateways' risk window after
-        a Redis loss counts on it (app/chat/recovery.py, grace_ms)."""
+        after `deadline` (time.time()), nor connects past it, and none is sent unless
+        `may_start()` says so right before it: the gateways' risk window after a Redis loss
+        counts on it (app/chat/recovery.py, grace_ms)."""
         private = [p for p in payloads if p.get("group_id") is None]
         for batch in (private, [p for p in payloads if p.get("group_id") is not None]):
             if batch:
-                self.publish(batch, deadline)
+                self.publish(batch, deadline, may_start)
 
-    def publish(self, payloads: list[dict], deadline: float | None = None) -> None:
+    def publish(self, payloads: list[dict], deadline: float | None = None,
+                may_start: Callable[[], bool] | None = None) -> None:
         """Publish accepted messages, all private or all group, as one persist_message task to
         private_messages or group_messages; returns once RabbitMQ confirmed it."""
         first = payloads[0]["msg_id"]
@@ -97,7 +101,7 @@ class PersistPublisher:
         self._send(queue, f"persist-{first}" + (f"-{len(payloads)}" if len(payloads) > 1 else ""),
                    [payloads[0] if len(payloads) == 1 else payloads], {},
                    f"[msg {first}]" if len(payloads) == 1 else f"[{len(payloads)} msgs: {first} …]",
-                   ", ".join(p["msg_id"] for p in payloads), deadline)
+                   ", ".join(p["msg_id"] for p in payloads), deadline, may_start)
 
     def probe(self, queue: str, timestamp: int) -> None:
         """An empty persist_message task on `queue`, claimed at `timestamp`: once a persist worker
@@ -106,7 +110,7 @@ class PersistPublisher:
                    time.time() + self.timeout)
 
     def _send(self, queue_name: str, task_id: str, args: list, kwargs: dict, argsrepr: str, what: str,
-              deadline: float | None) -> None:
+              deadline: float | None, may_start: Callable[[], bool] | None = None) -> None:
         queue = app.amqp.queues[queue_name]
         message = app.amqp.as_task_v2(task_id, PERSIST_MESSAGE, args=args, kwargs=kwargs, argsrepr=argsrepr,
                                       kwargsrepr="{}" if not kwargs else repr(kwargs))
@@ -114,11 +118,19 @@ class PersistPublisher:
             try:
                 if deadline is not None and time.time() >= deadline:
                     raise TimeoutError("publish deadline passed")
-                self._producer(deadline).publish(
+                producer = self._producer(deadline)
+                if may_start is not None and not may_start():
+                    log.warning("msgs %s not published: Redis lost its memory since their claim, or does not "
+                                "answer", what)
+                    raise Unavailable("message not accepted: the server restarted part of its state; "
+                                      "retry with the same client_msg_id")
+                producer.publish(
                     message.body, exchange=queue.exchange, routing_key=queue.routing_key, declare=[queue],
                     headers=message.headers, serializer="json", delivery_mode=2, retry=False,
                     timeout=self.timeout, confirm_timeout=self.timeout, **message.properties)
                 return
+            except Unavailable:
+                raise
             except Exception as exc:
                 self._forget_connection()
                 if delay is None or (deadline is not None and time.time() + delay >= deadline):

@@ -210,8 +210,8 @@ def out_of_risk_window(cluster, storage):
     clients = [ChatClient(g.ws, sender.token) for g in (cluster.gw1, cluster.gw2)]  # both intakes started
     try:
         assert clients[0].send_message(peer.user_id, "warm-up")["type"] == "ack"
-        # (up to 90 s more when a persist worker was killed inside the window: its report must expire)
-        wait_out_of_risk_window(storage.redis, cluster.gw1, cluster.gw2, timeout=120)
+        # (a few seconds more when a persist worker was killed inside the window: it must be known gone)
+        wait_out_of_risk_window(storage.redis, cluster.gw1, cluster.gw2, timeout=60)
     finally:
         for client in clients:
             client.close()

@@ -12,7 +12,8 @@ from sqlalchemy import create_engine, func, select
 
 from models import Message
 from tests.harness import (
-    ChatClient, Gateway, Worker, provision_real, real_services_reachable, wait_out_of_risk_window, wait_until,
+    ChatClient, Gateway, Worker, provision_real, real_services_reachable, register_and_login, wait_out_of_risk_window,
+    wait_until,
 )
 from tests.test_groups import group_send, make_group
 from tests.test_sync import sync_all
@@ -67,9 +68,9 @@ def test_redis_flushed_while_first_copies_are_queued_retries_get_the_stored_copy
         cluster.persist.signal(signal.SIGCONT)
     again_private, again_group = _answer(retry, "cold-p1"), _answer(retry, "cold-g1")
     assert again_private["type"] == again_group["type"] == "ack"
-    # One copy of each send is stored, and the retry's ack names it. DESIGN §3 wants it to be the
-    # first copy, as it usually is; when persist processes store the retry's copy first, its id
-    # differs from the first ack's (a known defect: docs/protocol.md §19).
+    # The retry gets the first copy's msg_id (its own copy was never published), and one copy is stored.
+    assert again_private["msg_id"] == first_private["msg_id"]
+    assert again_group["msg_id"] == first_group["msg_id"]
     assert [r.id for r in _rows(storage, alice.user_id, "cold-p1")] == [int(again_private["msg_id"])]
     assert [r.id for r in _rows(storage, alice.user_id, "cold-g1")] == [int(again_group["msg_id"])]
     # And once the window closed, a third attempt is answered from the rebuilt record.
@@ -182,6 +183,29 @@ def test_a_new_deployments_first_sends_are_idempotent_and_it_leaves_the_risk_win
         a.close()
         a2.close()
         engine.dispose()
+
+
+def test_a_persist_worker_killed_inside_the_window_holds_it_open_seconds_not_minutes(new_deployment, log_dir):
+    own, (gw1, gw2, _, _) = new_deployment
+    doomed = Worker("persist-doomed", "private_messages,group_messages", own, log_dir)
+    try:
+        cache = redis.Redis.from_url(own.redis_url, decode_responses=True)
+        alice, bob = (register_and_login(gw1.http) for _ in range(2))
+        a = ChatClient(gw1.ws, alice.token)
+        ChatClient(gw2.ws, bob.token).close()  # the second gateway's intake starts too
+        wait_until(lambda: any((c.get("name") or "").endswith(f":{doomed.proc.pid}") for c in cache.client_list()),
+                   what="the doomed worker's named connection")
+        a.send_json({"type": "send", "client_msg_id": "w-0", "to": bob.user_id, "content": "opens the window"})
+        wait_until(lambda: cache.get("dedupe:since"), what="the first claim")
+        doomed.kill()  # inside the window: its report stays behind, silent, until it expires (90 s)
+        # The send still gets its ack (the surviving worker stores it), and the window closes once the
+        # dead worker is known gone, well before its report would have expired.
+        assert a.next_frame(lambda f: f.get("client_msg_id") == "w-0", timeout=30)["type"] == "ack"
+        wait_out_of_risk_window(cache, gw1, gw2, timeout=30)
+        assert "is gone" in gw1.log_text() + gw2.log_text()
+        a.close()
+    finally:
+        doomed.stop()
 
 
 def _count(engine, cmid):

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from app.chat.conversations import private_conversation_id
 from app.chat.groups import group_conversation_id, require_sender
-from app.chat.recovery import (DEDUPE_SINCE_KEY, OLD_RECORDS_KEY, RECOVERED_KEY, REBUILT_KEY, RecoveryWatch, StoredAcks, grace_ms,
+from app.chat.recovery import (DEDUPE_SINCE_KEY, OLD_RECORDS_KEY, RECOVERED_KEY, REBUILT_KEY, KNOWN_FOR_MS, RecoveryWatch, StoredAcks, grace_ms,
                                rebuild_sender)
 from app.errors import ChatError, InvalidInput, NotFound, Unavailable
 from app.group_commit import GroupCommit
@@ -121,10 +121,9 @@ class MessageIntake:
         self.dedupe_ttl = settings.dedupe_ttl_seconds
         self._publish_many = publish
         timeout = settings.publish_timeout_seconds
-        # A claim older than this is not published any more (its sender gets an error and
-        # retries): nothing claimed before a Redis loss enters a queue after loss + grace.
+        # A claim older than this is not published any more (its sender gets an error and retries).
         self.publish_timeout = timeout
-        self.grace = grace_ms(timeout)
+        self.grace = grace_ms()
         self.recovery = RecoveryWatch(storage, self.grace, probe, clock)
         self.stored_acks = StoredAcks(storage)
         self._claim = GroupCommit("the dedupe store", self.claim_many, 10, 500)
@@ -201,7 +200,7 @@ class MessageIntake:
             "to": req.to, "group_id": req.group_id, "client_msg_id": req.client_msg_id,
             "message_type": req.message_type, "content": req.content, "extra": req.extra,
             "timestamp": ack.timestamp, "origin_conn": origin_conn,
-        }, now))
+        }, now, since))
         if refused is not None:
             raise refused
         if wait_for_storage:
@@ -226,18 +225,35 @@ class MessageIntake:
                 return  # another send of this sender did it meanwhile
             rebuild_sender(self.storage, sender_id, since)
 
-    def _publish_and_record(self, items: list[tuple[dict, float]]) -> list:
-        """Publish the claims that are young enough (the risk window counts on it); the others'
-        senders get an error to retry with, which publishes their same ids again."""
+    def _publish_and_record(self, items: list[tuple[dict, float, int]]) -> list:
+        """Publish the claims that are young enough and were made in the memory Redis has now
+        (the risk window counts on both: nothing claimed before a Redis loss starts its publish
+        later than KNOWN_FOR_MS after this gateway last saw the old memory); the others' senders
+        get an error to retry with."""
+        try:  # (claims of one batch were made in one memory, unless it was lost between them)
+            since = self.recovery.known_since(expect=max(claim_since for _, _, claim_since in items))[0]
+        except Exception as exc:
+            log.warning("%d sends not published, Redis unavailable: %s", len(items), exc.__class__.__name__)
+            since = None
         oldest_allowed = self.clock() - self.publish_timeout
-        payloads = [p for p, claimed in items if claimed >= oldest_allowed]
+        ok = [claimed >= oldest_allowed and claim_since == since for _, claimed, claim_since in items]
+        payloads = [p for (p, _, _), good in zip(items, ok) if good]
         if payloads:
-            self._publish_many(payloads, deadline=min(c for p, c in items if c >= oldest_allowed)
-                               + self.publish_timeout)
+            self._publish_many(payloads, deadline=min(c for (_, c, _), good in zip(items, ok) if good)
+                               + self.publish_timeout, may_start=lambda: self._memory_unchanged(since))
             self._record_acks(payloads)
-        late = Unavailable("message not accepted: the message broker did not take it in time; "
-                           "retry with the same client_msg_id")
-        return [None if claimed >= oldest_allowed else late for _, claimed in items]
+        late = Unavailable("message not accepted: the message broker did not take it in time, or Redis "
+                           "restarted meanwhile; retry with the same client_msg_id")
+        return [None if good else late for good in ok]
+    def _memory_unchanged(self, since: int) -> bool:
+        """May a publish of claims made in the memory that began at `since` start now? Only while
+        Redis was seen to hold it less than KNOWN_FOR_MS ago (asking again when needed)."""
+        try:
+            known, known_at = self.recovery.known_since(expect=since)
+        except Exception:
+            return False
+        return known == since and (self.clock() - known_at) * 1000 < KNOWN_FOR_MS
+
     def _record_acks(self, payloads: list[dict]) -> None:
         """After the broker confirmed these messages: their dedupe records become final
         acks, in one round trip. Losing this is harmless: a pending record still gives

@@ -61,6 +61,11 @@ STALE_MS = 3000  # a report older than this: its worker is dead or hung
 # By then the broker has given a dead worker's messages back to the queue: it closes a silent
 # connection after two missed heartbeats (celeryconfig broker_heartbeat 30 s), a killed one at once.
 WORKER_TTL_SECONDS = 90
+# A silent worker whose named Redis connection has been gone this long is dead (a live one
+# reconnects at its next report, every REPORT_INTERVAL): its process is gone, and with it its
+# broker connection, so the broker gave its messages back. It is forgotten at once rather than
+# after WORKER_TTL_SECONDS, so a killed worker holds the risk window open seconds, not minutes.
+GONE_MS = 2000
 PROBE_TTL_SECONDS = 30
 
 # A persist worker's report: ordered by SEQ_KEY, stamped with Redis's clock; returns
@@ -95,6 +100,24 @@ return 1
 """
 
 
+# A silent worker found dead: forgotten now, if its report is still the one found silent.
+# KEYS: report, workers set, reissued. ARGV: the silent report's seq, now ms.
+_BURY_WORKER_SCRIPT = """
+local raw = redis.call('GET', KEYS[1])
+if raw and string.sub(raw, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. ' ' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], KEYS[1])
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+if tonumber(ARGV[2]) > last then redis.call('SET', KEYS[3], ARGV[2]) end
+return 1
+"""
+
+
+def worker_client_name(report_key: str) -> str:
+    """The name of a persist worker's Redis connection (CLIENT SETNAME: no spaces)."""
+    return report_key.replace(" ", "_")
+
+
 def record_reissue(storage: Storage, oldest: int) -> None:
     """A message claimed at `oldest` was published again (a retry, a quarantine): the threshold
     moves past now if it is from before the loss. Call after the publish, before the ack."""
@@ -102,10 +125,16 @@ def record_reissue(storage: Storage, oldest: int) -> None:
                                    args=[oldest, int(time.time() * 1000), SKEW_MS])
 
 
-def grace_ms(publish_timeout_seconds: float) -> int:
-    """How long after its claim a message may still enter a persist queue: the intake gives
-    up on a publish that has not started by then (MessageIntake, PersistPublisher), plus skew."""
-    return int(publish_timeout_seconds * 1000) + SKEW_MS
+# A gateway publishes a claim only while it knows, from a look at `dedupe:since` made at most
+# this long before, that Redis still has the memory the claim was made in (MessageIntake).
+KNOWN_FOR_MS = 500
+
+
+def grace_ms() -> int:
+    """How long after a loss a message claimed before it may still enter a persist queue: no
+    gateway starts a publish of it later than KNOWN_FOR_MS after its last look at `dedupe:since`
+    before the loss (MessageIntake, PersistPublisher), plus skew."""
+    return KNOWN_FOR_MS + SKEW_MS
 
 
 def threshold(since: int, reissued: int, grace: int) -> int:
@@ -200,6 +229,8 @@ class RecoveryWatch:
         self._checked_at = 0.0
         self._checked_since: int | None = None
         self._nothing_to_rebuild: int | None = None
+        self._gone_since: dict[str, float] = {}  # silent worker's report key -> when its connection was first missed
+        self._known: tuple[int | None, float] = (None, float("-inf"))  # (`dedupe:since`, asked at: clock())
         self.reason: str | None = None
         self.gateway_id = storage.settings.gateway_id
 
@@ -213,7 +244,7 @@ class RecoveryWatch:
         while True:
             time.sleep(self.WATCH_EVERY)
             try:
-                since = self.redis.get(DEDUPE_SINCE_KEY)
+                since = self._ask_since()
                 if on_loss is not None and seen is not None and since != seen:
                     on_loss()
             except Exception:
@@ -221,6 +252,22 @@ class RecoveryWatch:
             seen = since
             if since is not None and self.clock() * 1000 - int(since) < self.dedupe_ttl_ms:
                 self.open(int(since))
+
+    def _ask_since(self):
+        asked_at = self.clock()  # the answer shows Redis's memory at some moment after this
+        since = self.redis.get(DEDUPE_SINCE_KEY)
+        if asked_at >= self._known[1]:
+            self._known = (int(since) if since is not None else None, asked_at)
+        return since
+
+    def known_since(self, expect: int | None = None) -> tuple[int | None, float]:
+        """(`dedupe:since`, the clock() time at which Redis was known to have it), asking again when
+        that is older than half of KNOWN_FOR_MS (the watch asks every WATCH_EVERY) or is not
+        `expect` (a claim that saw a newer memory than the last look)."""
+        known, at = self._known
+        if (self.clock() - at) * 1000 > KNOWN_FOR_MS / 2 or (expect is not None and known != expect):
+            self._ask_since()
+        return self._known
 
     def drained_since(self) -> str:
         """The `since` this gateway knows drained, as the claim script compares it ("" if none)."""
@@ -265,6 +312,8 @@ class RecoveryWatch:
                 reports.append(None)
             else:
                 reports.append(WorkerReport.parse(key, raw.decode() if isinstance(raw, bytes) else raw))
+        if self._bury_the_dead(reports, int(seconds) * 1000 + int(micros) // 1000, now_ms):
+            reissued = max(reissued, now_ms)
         t = threshold(since, reissued, self.grace)
         if now_ms >= t and self.probe is not None and \
                 self.redis.set(PROBED_KEY.format(t), now_ms, nx=True, ex=PROBE_TTL_SECONDS):
@@ -275,6 +324,28 @@ class RecoveryWatch:
                 self.redis.delete(PROBED_KEY.format(t))  # another gateway, or the next check, probes
                 raise
         return drain_verdict(reports, since, reissued, self.grace, now_ms, int(seconds) * 1000 + int(micros) // 1000)
+
+    def _bury_the_dead(self, reports: list, redis_ms: int, now_ms: int) -> bool:
+        """Forget the silent workers whose Redis connection has been gone GONE_MS; True if any.
+        A hung worker (stopped, blocked) keeps its connection and holds the window open."""
+        silent = [r for r in reports if r is not None and redis_ms - r.at_ms > STALE_MS]
+        if not silent:
+            self._gone_since.clear()
+            return False
+        connected = {c.get("name") for c in self.redis.client_list()}
+        now, buried = self.clock(), False
+        for report in silent:
+            if worker_client_name(report.key) in connected:
+                self._gone_since.pop(report.key, None)
+                continue
+            first = self._gone_since.setdefault(report.key, now)
+            if (now - first) * 1000 >= GONE_MS and self.storage.script(_BURY_WORKER_SCRIPT)(
+                    keys=[report.key, WORKERS_KEY, REISSUED_KEY], args=[report.seq, now_ms]):
+                log.info("dedupe: persist worker %s is gone (no connection for %.1f s); forgotten", report.key,
+                         now - first)
+                self._gone_since.pop(report.key, None)
+                buried = True
+        return buried
 
     CHECK_AT_MOST = 1000
 

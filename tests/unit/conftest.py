@@ -127,7 +127,10 @@ class Chat:
         self.ids = LeasedIds(NodeLease(storage.redis))
         self.intake = MessageIntake(storage, self.ids, self._publish, clock=clock)
 
-    def _publish(self, payloads: list[dict], deadline: float | None = None) -> None:
+    def _publish(self, payloads: list[dict], deadline: float | None = None, may_start=None) -> None:
+        if may_start is not None and not may_start():  # as PersistPublisher: refused, nothing published
+            from app.errors import Unavailable
+            raise Unavailable("Redis lost its memory since the claim")
         # A copy through JSON, as a task message would carry it.
         copies = json.loads(json.dumps(payloads))
         self.published.extend(copies)

@@ -77,8 +77,8 @@ def test_only_current_members_send_to_a_group_and_a_refused_send_can_be_retried_
 
 def _pipeline_delivering_at_once(chat):
     """A broker whose persist worker stores what it takes at once, in queue order (a healthy pipeline)."""
-    def publish(payloads, deadline=None):
-        chat._publish(payloads)
+    def publish(payloads, deadline=None, may_start=None):
+        chat._publish(payloads, deadline, may_start)
         chat.deliver()
     return publish
 
@@ -130,3 +130,24 @@ def test_a_send_is_refused_for_a_retry_when_redis_is_down(chat, make_user, stora
     finally:
         down.dispose()
     assert chat.published == []
+
+
+def test_a_claim_made_before_redis_lost_its_memory_is_not_published_after_it(chat, make_user, storage, clock):
+    """The risk window's grace counts on it: no gateway publishes a claim from before the loss later
+    than KNOWN_FOR_MS after it last saw the old memory (app/chat/recovery.py)."""
+    alice, bob = make_user(), make_user()
+
+    def publish_after_a_loss(payloads, deadline=None, may_start=None):
+        flush_redis_keeping_claim(storage.redis)  # Redis forgets between the claim and the publish...
+        clock.advance(0.3)  # ...and the gateway's last look at its memory is no longer fresh
+        chat._publish(payloads, deadline, may_start)
+
+    intake = MessageIntake(storage, chat.ids, publish_after_a_loss, clock=clock)
+    with pytest.raises(Unavailable):
+        intake.accept(alice, "conn-1", chat.request("c-lost", bob, "claimed in the old memory"))
+    assert chat.published == []
+    # Its retry is a claim in the new memory, and is published.
+    intake = MessageIntake(storage, chat.ids, chat._publish, clock=clock)
+    storage.redis.set("dedupe:since", int((clock() - storage.settings.dedupe_ttl_seconds - 3600) * 1000))
+    ack = intake.accept(alice, "conn-2", chat.request("c-lost", bob, "claimed in the old memory"))
+    assert [p["msg_id"] for p in chat.published] == [str(ack.msg_id)]
