@@ -25,8 +25,10 @@ run's Redis db that long after the send phase began, as a Redis restart or
 failover would. Throughput (messages delivered live per second, by delivery
 time) and ack p99 (by send time) are shown per 5-second window while it runs
 and in the summary, with phases compared to the warm one: `new_deployment`
-(the first --phase-seconds), `warm` (from then to the flush, or to the end),
-`after_flush` (the --phase-seconds after it).
+(the first --phase-seconds), `warm` (from then to 5 s before the flush, or to
+the end, and from the end of `after_flush` to the end), `after_flush` (the 5 s
+before the flush, whose sends' acks may come after it, and the --phase-seconds
+after it).
 
 Prints a progress line every 5 s and ends with a one-line JSON summary. Exit
 status 1 when a message was lost (acked, but neither delivered live nor in
@@ -336,9 +338,10 @@ def phase_stats(records, wall0: float, seconds: float, phase: float, flushed_at:
     """new_deployment, warm and after_flush phases, and each one's ratios to warm."""
     first = min(phase, seconds, flushed_at if flushed_at is not None else seconds)
     phases = {"new_deployment": _window(records, wall0, 0, first)}
-    warm = [(first, flushed_at if flushed_at is not None else seconds)]
+    # The sends of the window before the flush belong to it: their acks may come after the loss.
+    warm = [(first, flushed_at - WINDOW if flushed_at is not None else seconds)]
     if flushed_at is not None:
-        phases["after_flush"] = _window(records, wall0, flushed_at, min(flushed_at + phase, seconds))
+        phases["after_flush"] = _window(records, wall0, flushed_at - WINDOW, min(flushed_at + phase, seconds))
         warm.append((flushed_at + phase, seconds))
     warm = [(a, b) for a, b in warm if b - a >= WINDOW]
     if warm:  # the rest of the run: after the first phase, and after the flush's phase

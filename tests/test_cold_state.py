@@ -80,7 +80,8 @@ def test_redis_flushed_while_first_copies_are_queued_retries_get_the_stored_copy
     for user, msg_ids in ((alice, [again_private["msg_id"], again_group["msg_id"]]),
                           (bob, [again_private["msg_id"], again_group["msg_id"]]), (carol, [again_group["msg_id"]])):
         reader = connect(user, cluster.gw2)
-        for msg_id in msg_ids:
+        for msg_id in msg_ids:  # (a group message reaches the streams with its fan-out, after persist)
+            wait_until(lambda: _once_in_stream(reader, msg_id) > 0, what=f"msg {msg_id} in user {user.user_id}'s stream")
             assert _once_in_stream(reader, msg_id) == 1, f"msg {msg_id} not exactly once in user {user.user_id}'s stream"
 
 
@@ -159,9 +160,12 @@ def test_a_new_deployments_first_sends_are_idempotent_and_it_leaves_the_risk_win
     (alice, alice_token), (bob, _) = users
     a, a2 = ChatClient(gw1.ws, alice_token), ChatClient(gw2.ws, alice_token)
     try:
+        # In the risk window a send is published only once no earlier copy can be queued: when the
+        # window closes (nothing is queued on a new deployment, so in seconds).
         first = a.send_message(bob, "hello, new deployment", client_msg_id="first-ever")
         assert first["type"] == "ack"
-        with engine.connect() as conn:  # in the risk window an ack waits until its copy is stored
+        wait_until(lambda: _count(engine, "first-ever") == 1, what="the first message stored")
+        with engine.connect() as conn:
             assert conn.scalar(select(Message.id).where(Message.client_msg_id == "first-ever")) == \
                 int(first["msg_id"])
         assert a2.send_message(bob, "hello, new deployment", client_msg_id="first-ever")["msg_id"] == first["msg_id"]

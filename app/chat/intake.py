@@ -133,6 +133,10 @@ class MessageIntake:
         self._rebuild_locks = [threading.Lock() for _ in range(64)]
 
     def accept(self, sender_id: int, origin_conn: str, req: SendRequest) -> Ack:
+        return self._accept(sender_id, origin_conn, req, None)
+
+    def _accept(self, sender_id: int, origin_conn: str, req: SendRequest, held: str | None) -> Ack:
+        """`held`: the pending record this send made and held, unpublished, through a risk window."""
         if req.group_id is not None:
             conversation_id = group_conversation_id(req.group_id)
         else:
@@ -153,8 +157,10 @@ class MessageIntake:
                 self._rebuild(sender_id, int(since))
                 value, since = self._claim((key, sender_id, req.client_msg_id, fresh, int(now * 1000), ""))
             since = int(since)
-            fresh_record = value == ""
-            value = fresh if fresh_record else value
+            # A record this send made (now, or before it held through the window): no copy of it
+            # was published under that record.
+            fresh_record = value == "" or (held is not None and value == held)
+            value = fresh if value == "" else value
             recovering = now - since / 1000 < self.dedupe_ttl
             # In the risk window a first copy from before the loss may still be queued (see below);
             # after it, a pending record made since the loss may name a copy persist did not keep.
@@ -173,7 +179,7 @@ class MessageIntake:
                         self.redis.set(key, stored.to_json(), ex=self.dedupe_ttl)
                         return stored
                     if fresh_record:  # no record of a send that was refused
-                        self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[fresh])
+                        self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[value])
                     raise
             if in_window:
                 # A first copy from before the loss may still be queued. Published now, this copy
@@ -187,10 +193,10 @@ class MessageIntake:
                     return stored
                 # Closed with no copy stored: claim again (the record is ours, or a newer loss
                 # opened a new window) and publish with that claim's time.
-                return self.accept(sender_id, origin_conn, req)
+                return self._accept(sender_id, origin_conn, req, value if fresh_record else None)
         except ChatError as err:
             if isinstance(err, Unavailable) and in_window and fresh_record:
-                self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[fresh])  # its retry waits the same way
+                self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[value])  # its retry waits the same way
             raise
         except Exception as exc:  # Redis down: refuse rather than risk a second copy
             log.warning("send refused, Redis unavailable: %s", exc.__class__.__name__)

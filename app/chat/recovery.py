@@ -56,7 +56,7 @@ RECOVERED_KEY = "dedupe:recovered"  # the `dedupe:since` for which MySQL held no
 DRAINED_KEY = "dedupe:drained:{}"  # gateway id -> the `dedupe:since` whose risk window it saw close
 
 SKEW_MS = 1000  # clocks of gateways and workers may differ by this much
-REPORT_INTERVAL = 0.5
+REPORT_INTERVAL = 0.2
 STALE_MS = 3000  # a report older than this: its worker is dead or hung
 # By then the broker has given a dead worker's messages back to the queue: it closes a silent
 # connection after two missed heartbeats (celeryconfig broker_heartbeat 30 s), a killed one at once.
