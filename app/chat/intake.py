@@ -16,6 +16,7 @@ from typing import Callable
 
 from sqlalchemy import select
 
+from app.accounts.blocks import require_not_blocked
 from app.chat.conversations import private_conversation_id
 from app.chat.groups import group_conversation_id, require_sender
 from app.chat.recovery import (DEDUPE_SINCE_KEY, OLD_RECORDS_KEY, RECOVERED_KEY, REBUILT_KEY, RecoveryWatch, StoredAcks, grace_ms,
@@ -175,6 +176,13 @@ class MessageIntake:
                     if fresh_record:  # no record of a send that was refused
                         self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[fresh])
                     raise
+            else:  # never acked: a recipient who blocked the sender refuses it (every client_msg_id)
+                try:
+                    require_not_blocked(self.storage, req.to, sender_id)
+                except ChatError:
+                    if fresh_record:
+                        self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[fresh])
+                    raise
         except ChatError:
             raise
         except Exception as exc:  # Redis down: refuse rather than risk a second copy
@@ -256,7 +264,8 @@ class MessageIntake:
         if user_id in self._known_users:
             return
         with self.storage.sessions() as session:
-            if session.get(User, user_id) is None:
+            user = session.get(User, user_id)
+            if user is None or user.deleted_at is not None:
                 raise NotFound(f"user {user_id} does not exist")
         if len(self._known_users) > 100_000:
             self._known_users.clear()

@@ -33,10 +33,14 @@ def register_commands(app: Flask) -> None:
     def _set_disabled(username: str, disabled: bool, done: str) -> None:
         from app.accounts.status import set_disabled
 
+        from app.accounts.audit import ACTOR_OPERATOR, USER_DISABLED, USER_ENABLED, record
+
+        storage = current_app.extensions["netherlink.storage"]
         try:
-            user_id = set_disabled(current_app.extensions["netherlink.storage"], username, disabled)
+            user_id = set_disabled(storage, username, disabled)
         except ChatError as err:
             raise click.ClickException(err.message) from None
+        record(storage, None, ACTOR_OPERATOR, USER_DISABLED if disabled else USER_ENABLED, "user", user_id)
         click.echo(f"user {username} (id {user_id}) {done}")
 
     @app.cli.command("disable-user")
@@ -91,6 +95,10 @@ def register_commands(app: Flask) -> None:
         except ChatError as err:
             raise click.ClickException(err.message) from None
         enqueue_deliveries(reopened)
+        from app.accounts.audit import ACTOR_OPERATOR, PUSHES_RETRIED, record
+
+        record(storage, None, ACTOR_OPERATOR, PUSHES_RETRIED, "push", "cli",
+               {"ids": [str(i) for i, _ in reopened[:100]], "count": len(reopened)})
         click.echo(f"queued {len(reopened)} push(es) for another attempt")
 
     @app.cli.command("replay-dead-letters")
