@@ -1,5 +1,6 @@
 """Account safety end to end, against real gateways and workers: blocks, presence privacy,
 moderation with its audit log, data export and account deletion, digest email verification."""
+import re
 import uuid
 
 import pytest
@@ -8,7 +9,7 @@ import websocket
 
 from tests.harness import ChatClient, flush_redis_keeping_claim, register_and_login, wait_until
 from tests.test_accounts import close_code, flask_command
-from tests.test_push import make_admin
+from tests.test_push import add_device, apns_for, make_admin, pushes, settle
 from tests.test_sync import sync_all
 
 
@@ -258,6 +259,81 @@ def test_a_deleted_username_is_free_again_after_the_reuse_period(cluster, make_u
                         .values(until_ms=1))
     again = register_and_login(cluster.gw1.http, gone.username)
     assert again.user_id != gone.user_id
+
+
+# --- digest email verification ----------------------------------------------------------------
+
+def mailed_code(cluster, address, count=1):
+    mails = wait_until(lambda: len(cluster.fakes.smtp.mails_to(address)) >= count and cluster.fakes.smtp.mails_to(
+        address), what=f"mail {count} to {address}")
+    return re.search(r"code is ([0-9]{6})", mails[count - 1].get_content()).group(1)
+
+
+def test_a_digest_address_gets_mail_only_after_its_owner_confirmed_it(cluster, make_user, connect, storage):
+    alice, bob = make_user(), make_user()
+    address = f"bob-{bob.user_id}@example.org"
+    token = add_device(storage, bob, "ios")  # a signal that bob's pushes were planned
+    saved = call(cluster, bob, "PUT", "/api/push-settings", json={"email": address})
+    assert saved.status_code == 200 and saved.json()["email_verified"] is False
+    code = mailed_code(cluster, address)
+    [mail] = cluster.fakes.smtp.mails_to(address)
+    assert "confirm" in mail["Subject"].lower() and code not in saved.text
+
+    # Unconfirmed: the push to bob's phone goes out, no digest is planned or mailed.
+    ack = connect(alice).send_message(bob.user_id, "digest me?")
+    wait_until(lambda: apns_for(cluster.fakes, token), timeout=20, what="the device push")
+    settle(storage, bob)
+    assert [p.push_type for p in pushes(storage, bob)] == ["apns"]
+    assert not storage.redis.exists(f"push:digest:{bob.user_id}")
+    assert len(cluster.fakes.smtp.mails_to(address)) == 1  # only the verification mail
+
+    wrong = "000000" if code != "000000" else "111111"
+    r = call(cluster, bob, "POST", "/api/push-settings/email/verify", json={"code": wrong})
+    assert r.status_code == 403 and r.json()["message"] == "wrong code"
+    for body in ({"code": "12345"}, {"code": 123456}, {}, {"code": code, "x": 1}):
+        assert call(cluster, bob, "POST", "/api/push-settings/email/verify", json=body).status_code == 400, body
+    assert call(cluster, bob, "GET", "/api/push-settings").json()["email_verified"] is False
+    r = call(cluster, bob, "POST", "/api/push-settings/email/verify", json={"code": code})
+    assert r.status_code == 200 and r.json()["email_verified"] is True and r.json()["email"] == address
+
+    # Confirmed: the next unread message is mailed as a digest.
+    later = connect(alice).send_message(bob.user_id, "now you get mail")
+    wait_until(lambda: len(cluster.fakes.smtp.mails_to(address)) == 2, timeout=20, what="the digest mail")
+    digest = cluster.fakes.smtp.mails_to(address)[1]
+    assert "unread message" in digest["Subject"] and "now you get mail" in digest.get_content()
+    assert ack["type"] == later["type"] == "ack"
+
+    # Another address is unconfirmed again; the old code does not confirm it.
+    other = f"bob2-{bob.user_id}@example.org"
+    assert call(cluster, bob, "PUT", "/api/push-settings", json={"email": other}).json()["email_verified"] is False
+    new_code = mailed_code(cluster, other)
+    if new_code != code:
+        assert call(cluster, bob, "POST", "/api/push-settings/email/verify", json={"code": code}).status_code == 403
+    # Saving the same address again (verified already) sends nothing new.
+    assert call(cluster, bob, "POST", "/api/push-settings/email/verify", json={"code": new_code}).status_code == 200
+    call(cluster, bob, "PUT", "/api/push-settings", json={"email": other}).raise_for_status()
+    assert len(cluster.fakes.smtp.mails_to(other)) == 1
+
+
+def test_a_verification_code_cannot_be_guessed(cluster, make_user):
+    carol = make_user()
+    address = f"carol-{carol.user_id}@example.org"
+    assert call(cluster, carol, "POST", "/api/push-settings/email/verify", json={"code": "123456"}).status_code == 409
+    call(cluster, carol, "PUT", "/api/push-settings", json={"email": address}).raise_for_status()
+    code = mailed_code(cluster, address)
+    wrong = [f"{(int(code) + i) % 10**6:06d}" for i in range(1, 6)]
+    for guess in wrong:
+        assert call(cluster, carol, "POST", "/api/push-settings/email/verify", json={"code": guess}).status_code == 403
+    r = call(cluster, carol, "POST", "/api/push-settings/email/verify", json={"code": code})
+    assert r.status_code == 403 and "too often" in r.json()["message"]  # the right code, too late
+    # A new code (the same address saved again) works; mails per account are limited.
+    call(cluster, carol, "PUT", "/api/push-settings", json={"email": address}).raise_for_status()
+    assert call(cluster, carol, "POST", "/api/push-settings/email/verify",
+                json={"code": mailed_code(cluster, address, 2)}).json()["email_verified"] is True
+    answers = [call(cluster, carol, "PUT", "/api/push-settings", json={"email": f"x{i}-{address}"}).status_code
+               for i in range(4)]
+    assert answers[-1] == 429 and set(answers) <= {200, 429}
+    assert call(cluster, carol, "GET", "/api/push-settings").json()["email"] != f"x3-{address}"
 
 
 # --- last: a Redis that lost its data ---------------------------------------------------------

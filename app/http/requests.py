@@ -459,7 +459,7 @@ class AuditPage:
             raise InvalidInput(f"'page' must be from 1 to {MAX_PAGE}")
         if not 1 <= per_page <= 200:
             raise InvalidInput("'per_page' must be from 1 to 200")
-        action = args.get("action") or None
+        action = args.get("action")
         if action is not None and not re.fullmatch(r"[a-z_.]{1,64}", action):
             raise InvalidInput("'action' must be an action name such as user.disabled")
         return cls(page, per_page, action)
