@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     func,
 )
 from sqlalchemy.dialects import mysql
@@ -66,6 +67,11 @@ class User(Base):
     # Who may see this user's presence (app.accounts.privacy): everyone / contacts / nobody.
     presence_visibility: Mapped[str] = mapped_column(String(16), default="everyone", server_default="everyone")
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+DELETED_USER_NAME = "deleted user"
+# The name pushes and digests show for a sender: the username, or "deleted user" for a deleted account.
+USER_DISPLAY_NAME = case((User.deleted_at.is_not(None), DELETED_USER_NAME), else_=User.username)
 
 
 class Message(Base):

@@ -32,7 +32,6 @@ from models import (ChatGroup, Conversation, Device, GroupMember, Media, Message
 
 log = logging.getLogger(__name__)
 
-DELETED_USERNAME = "deleted user"  # what lookups answer for a deleted account
 TOMBSTONE = "deleted:{}"
 DELETE_BATCH = 1000
 # (model, the column naming the account): rows deleted with the account, in batches.

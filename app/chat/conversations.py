@@ -8,7 +8,7 @@ from sqlalchemy import BigInteger, and_, literal, or_, select
 from app.errors import Forbidden, InvalidInput, NotFound
 from app.storage import Storage
 from app.chat.unread import unread_counts
-from models import ChatGroup, Conversation, GroupMember, Message, User
+from models import DELETED_USER_NAME, ChatGroup, Conversation, GroupMember, Message, User
 
 CACHE_KEY = "conversations:{}"
 GENERATION_KEY = "conversations:{}:gen"  # bumped by every change to the list
@@ -92,7 +92,7 @@ def _load_conversations(storage: Storage, user_id: int) -> list[dict]:
         "conversation_id": conv.conversation_id,
         "is_group": conv.is_group,
         "peer": None if conv.is_group else {"user_id": str(conv.target_id),
-                                            **({"username": "deleted user", "deleted": True} if deleted_at
+                                            **({"username": DELETED_USER_NAME, "deleted": True} if deleted_at
                                                else {"username": username})},
         "group_id": str(conv.target_id) if conv.is_group else None,
         "group": {"name": group_name, "member": left_seq is None} if conv.is_group else None,

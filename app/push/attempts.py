@@ -24,7 +24,7 @@ from app.push.providers import (
 )
 from app.push.settings import load_preferences
 from app.storage import Storage
-from models import ChatGroup, Device, PushLog, User
+from models import ChatGroup, Device, PushLog, User, USER_DISPLAY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def _digest_mail(storage: Storage, user_id: int, msg_id: str, priority: int) -> 
     with storage.sessions() as session:
         prefs = load_preferences(session, [user_id])[user_id]
         messages = latest_unread(session, user_id, DIGEST_MAX_MESSAGES, prefs.muted_conversations)
-        names = dict(session.execute(select(User.id, User.username).where(
+        names = dict(session.execute(select(User.id, USER_DISPLAY_NAME).where(
             User.id.in_({m.sender_id for m in messages}))).all()) if messages else {}
         groups = dict(session.execute(select(ChatGroup.id, ChatGroup.name).where(
             ChatGroup.id.in_({m.group_id for m in messages if m.is_group}))).all()) if messages else {}

@@ -21,7 +21,7 @@ from app.media.uploads import push_text
 from app.chat.unread import latest_unread, latest_unread_ids, unread_totals
 from app.push.settings import load_preferences
 from app.storage import Storage, insert_ignoring_duplicates
-from models import ChatGroup, Device, Message, PushLog, User
+from models import ChatGroup, Device, Message, PushLog, User, USER_DISPLAY_NAME
 
 PRIORITY_PRIVATE, PRIORITY_GROUP, PRIORITY_DIGEST = 8, 5, 1
 PROVIDER_BY_PLATFORM = {"ios": "apns", "android": "fcm", "web": "fcm", "webpush": "webpush"}
@@ -84,7 +84,7 @@ def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list
         for device in session.execute(select(Device.id, Device.user_id, Device.platform)
                                       .where(Device.user_id.in_(user_ids)).order_by(Device.id)).all():
             devices.setdefault(device.user_id, []).append(device)
-        senders = dict(session.execute(select(User.id, User.username).where(
+        senders = dict(session.execute(select(User.id, USER_DISPLAY_NAME).where(
             User.id.in_({m.sender_id for m in messages.values()}))).all()) if messages else {}
         group_ids = {m.group_id for m in messages.values() if m.is_group}
         groups = dict(session.execute(select(ChatGroup.id, ChatGroup.name).where(
