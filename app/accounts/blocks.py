@@ -121,11 +121,18 @@ def blockers_among(session, user_ids, blocked_id: int) -> set[int]:
         UserBlock.blocked_id == blocked_id, UserBlock.blocker_id.in_(ids))).all())
 
 
-def has_blocked(storage: Storage, blocker_id: int, user_id: int) -> bool:
-    """Whether `blocker_id` blocked `user_id`: one Redis round trip, MySQL when Redis does not
-    hold the whole list (then the list is loaded for the next ask)."""
+def blocks_lookup(pipe, blocker_id: int, user_id: int) -> None:
+    """Queue the Redis half of "did `blocker_id` block `user_id`?" on a pipeline (the send path
+    asks it in its dedupe round trip); its answer goes to `has_blocked(..., cached=)`."""
+    pipe.smismember(BLOCKS_KEY.format(blocker_id), [str(user_id), LOADED])
+
+
+def has_blocked(storage: Storage, blocker_id: int, user_id: int, cached: list | None = None) -> bool:
+    """Whether `blocker_id` blocked `user_id`: one Redis round trip (none with `cached`, the answer
+    of `blocks_lookup`), MySQL when Redis does not hold the whole list (then the list is loaded
+    for the next ask)."""
     key = BLOCKS_KEY.format(blocker_id)
-    blocked, loaded = storage.redis.smismember(key, [str(user_id), LOADED])
+    blocked, loaded = cached if cached is not None else storage.redis.smismember(key, [str(user_id), LOADED])
     if blocked:
         return True
     if loaded:
@@ -138,11 +145,11 @@ def has_blocked(storage: Storage, blocker_id: int, user_id: int) -> bool:
     return user_id in set(ids)
 
 
-def require_not_blocked(storage: Storage, recipient_id: int, sender_id: int) -> None:
+def require_not_blocked(storage: Storage, recipient_id: int, sender_id: int, cached: list | None = None) -> None:
     """The send-path check of a private message: Forbidden if the recipient blocked the sender.
     Never answers "allowed" because a store is down: Unavailable then."""
     try:
-        blocked = has_blocked(storage, recipient_id, sender_id)
+        blocked = has_blocked(storage, recipient_id, sender_id, cached)
     except Exception as exc:
         log.warning("send by user %s refused, block list unavailable: %s", sender_id, exc.__class__.__name__)
         raise Unavailable("message not accepted (block list unavailable); retry with the same client_msg_id") \
