@@ -156,16 +156,21 @@ def test_an_ordinary_recall_says_it_was_the_sender(cluster, make_user, connect):
     assert reader.next_frame(lambda f: f["type"] == "recalled")["by"] == "sender"
 
 
-def test_operator_and_admin_actions_are_in_the_audit_log_newest_first(cluster, services, make_user, storage):
+def test_operator_and_admin_actions_are_in_the_audit_log_newest_first(cluster, services, make_user, storage,
+                                                                     connect):
     admin, target = make_user(), make_user()
     make_admin(storage, admin)
+    client = connect(target)
     flask_command(services, "disable-user", target.username)
     flask_command(services, "enable-user", target.username)
+    assert "is deleted" in flask_command(services, "delete-user", "--yes", target.username)
+    assert close_code(client) == 4401
+    assert call(cluster, target, "GET", "/api/conversations").status_code == 401
     log = call(cluster, admin, "GET", "/api/admin/audit", params={"per_page": 200}).json()
     mine = [e for e in log["entries"] if e["target_id"] == target.user_id]
     assert [(e["action"], e["actor"], e["actor_id"]) for e in mine] == [
-        ("user.enabled", "operator", None), ("user.disabled", "operator", None)]
-    assert mine[0]["at"] >= mine[1]["at"]
+        ("user.deleted", "operator", None), ("user.enabled", "operator", None), ("user.disabled", "operator", None)]
+    assert mine[0]["at"] >= mine[1]["at"] >= mine[2]["at"]
     assert call(cluster, admin, "GET", "/api/admin/audit", params={"per_page": 0}).status_code == 400
     # The dashboard has the same log on a page of its own.
     web = requests.Session()
@@ -245,6 +250,11 @@ def test_a_deleted_account_is_gone_but_its_messages_stay_for_the_others(cluster,
     assert [(m["user_id"], m["role"]) for m in members] == [(bob.user_id, "owner")]
     assert b.send_message(alice.user_id, "are you there?")["code"] == "not_found"
     assert call(cluster, bob, "GET", f"/api/users/{alice.user_id}/presence").status_code == 404
+    admin = make_user()
+    make_admin(storage, admin)
+    log = call(cluster, admin, "GET", "/api/admin/audit", params={"action": "user.deleted"}).json()["entries"]
+    [entry] = [e for e in log if e["target_id"] == alice.user_id]
+    assert (entry["actor"], entry["actor_id"]) == ("user", alice.user_id) and "correct-horse" not in str(entry)
 
 
 def test_a_deleted_username_is_free_again_after_the_reuse_period(cluster, make_user, storage):

@@ -20,12 +20,12 @@ from typing import Iterator
 
 from sqlalchemy import delete, select, tuple_, update
 
-from app.accounts.audit import ACTOR_USER, USER_DELETED, record_in
+from app.accounts.audit import ACTOR_OPERATOR, ACTOR_USER, USER_DELETED, record_in
 from app.accounts.auth import authenticate
 from app.accounts.status import cut_off
 from app.chat.conversations import invalidate_conversation_lists
 from app.chat.unread import forget_unread
-from app.errors import Forbidden, Unauthorized
+from app.errors import Forbidden, NotFound, Unauthorized
 from app.storage import Storage
 from models import (ChatGroup, Conversation, Device, GroupMember, Media, Message, OfflineMessageIndex, PushLog,
                     PushSetting, SyncEntry, User, UserBlock, UsernameReservation)
@@ -63,9 +63,27 @@ def delete_account(storage: Storage, user_id: int, password: str) -> None:
             authenticate(session, settings, user.username, password)
         except Unauthorized:
             raise Forbidden("wrong password: the account was not deleted") from None
+    erase_account(storage, user_id, user_id, ACTOR_USER)
+
+
+def delete_user_by_name(storage: Storage, username: str) -> int:
+    """The operator's `delete-user`: delete the account named so (NotFound if none); returns its id."""
+    with storage.sessions() as session:
+        user_id = session.scalar(select(User.id).where(User.username == username, User.deleted_at.is_(None)))
+    if user_id is None:
+        raise NotFound(f"no user named {username!r}")
+    erase_account(storage, user_id, None, ACTOR_OPERATOR)
+    return user_id
+
+
+def erase_account(storage: Storage, user_id: int, actor_id: int | None, actor: str) -> None:
+    """Delete the account (no check here: the callers authenticated the request)."""
+    settings = storage.settings
     now = _now_ms()
     with storage.session() as session:
         user = session.scalar(select(User).where(User.id == user_id).with_for_update())
+        if user is None or user.deleted_at is not None:
+            return  # deleted meanwhile: nothing left to do
         old_username = user.username
         peers = _peers(session, user_id)
         _leave_groups(session, user_id, now)
@@ -74,8 +92,8 @@ def delete_account(storage: Storage, user_id: int, password: str) -> None:
         user.presence_visibility = "nobody"
         session.merge(UsernameReservation(username=old_username, user_id=user_id,
                                           until_ms=now + settings.username_reuse_days * 86_400_000))
-        record_in(session, user_id, ACTOR_USER, USER_DELETED, "user", user_id, {"reserved_days":
-                                                                                 settings.username_reuse_days})
+        record_in(session, actor_id, actor, USER_DELETED, "user", user_id,
+                  {"reserved_days": settings.username_reuse_days})
     for model, column in OWNED_ROWS:
         _delete_rows(storage, model, column, user_id)
     try:
@@ -85,7 +103,7 @@ def delete_account(storage: Storage, user_id: int, password: str) -> None:
         log.warning("user %s deleted, Redis keys left to expire: %s", user_id, exc.__class__.__name__)
     invalidate_conversation_lists(storage, peers | {user_id})  # their lists name "deleted user" now
     cut_off(storage, user_id, "account deleted")
-    log.info("user %s deleted their account", user_id)
+    log.info("user %s deleted (by %s %s)", user_id, actor, actor_id)
 
 
 def _peers(session, user_id: int) -> set[int]:
