@@ -33,6 +33,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_count,
                                 x_proto=settings.trusted_proxy_count)
 
+    from app.http.account import bp as account_bp
     from app.http.auth import bp as auth_bp
     from app.http.chat import bp as chat_bp
     from app.http.groups import bp as groups_bp
@@ -56,6 +57,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(search_bp)
     app.register_blueprint(media_bp)
     app.register_blueprint(admin_api_bp)
+    app.register_blueprint(account_bp)
     init_dashboard(app)
     app.register_blueprint(health_bp)
     app.register_blueprint(web_bp)

@@ -108,6 +108,8 @@ class Settings:
     offline_index_retention_days: int = 7
     push_log_retention_days: int = 30
     group_max_members: int = 2000
+    # A deleted account's username stays reserved (no one can register it) for this many days.
+    username_reuse_days: int = 30
     # Rate limits (0 switches one off). Sends per user, across all their connections.
     send_rate_per_second: float = 10.0
     send_burst: int = 50
@@ -184,6 +186,8 @@ class Settings:
             raise ConfigError(f"NETHERLINK_ENV must be one of {', '.join(ENVIRONMENTS)}, got {self.env!r}")
         if not 2 <= self.group_max_members <= 100_000:
             raise ConfigError("GROUP_MAX_MEMBERS must be from 2 to 100000")
+        if not 0 <= self.username_reuse_days <= 3650:
+            raise ConfigError("USERNAME_REUSE_DAYS must be from 0 to 3650")
         if not 1 <= self.group_fanout_chunk <= 5000:
             raise ConfigError("GROUP_FANOUT_CHUNK must be from 1 to 5000")
         for rate, burst in (("send_rate_per_second", "send_burst"), ("frame_rate_per_second", "frame_burst"),

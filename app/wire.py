@@ -43,9 +43,10 @@ def message_frame(msg) -> dict:
     }
 
 
-def recalled_frame(msg_id: int, conversation_id: str, recalled_at: int | None = None) -> dict:
-    """`recalled`: live to every party, and as a sync entry (with the recall's time)."""
-    frame = {"type": "recalled", "msg_id": str(msg_id), "conversation_id": conversation_id}
+def recalled_frame(msg_id: int, conversation_id: str, recalled_at: int | None = None, by: str | None = None) -> dict:
+    """`recalled`: live to every party, and as a sync entry (with the recall's time). `by`: "sender",
+    "owner" (a group's owner) or "admin" (a moderator removed it); rows from before it was stored: "sender"."""
+    frame = {"type": "recalled", "msg_id": str(msg_id), "conversation_id": conversation_id, "by": by or "sender"}
     if recalled_at is not None:
         frame["timestamp"] = recalled_at
     return frame

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     func,
 )
 from sqlalchemy.dialects import mysql
@@ -61,7 +62,16 @@ class User(Base):
     # Last sequence number of this user's sync stream; bumped under the row lock in commit order.
     inbox_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     disabled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms; set: no login, no token works
+    # ms; set: the account was deleted (app.accounts.deletion): username is "deleted-<id>", no login, no token
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Who may see this user's presence (app.accounts.privacy): everyone / contacts / nobody.
+    presence_visibility: Mapped[str] = mapped_column(String(16), default="everyone", server_default="everyone")
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+DELETED_USER_NAME = "deleted user"
+# The name pushes and digests show for a sender: the username, or "deleted user" for a deleted account.
+USER_DISPLAY_NAME = case((User.deleted_at.is_not(None), DELETED_USER_NAME), else_=User.username)
 
 
 class Message(Base):
@@ -88,6 +98,8 @@ class Message(Base):
     timestamp: Mapped[int] = mapped_column(BigInteger)  # ms since epoch, assigned at the gateway
     status: Mapped[int] = mapped_column(SmallInteger, default=STATUS_UNREAD, server_default="0")
     recalled_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms
+    # Who removed the content: "sender", "owner" (a group's owner) or "admin"; NULL on rows recalled before 0014.
+    recalled_by: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # Group messages: the group's sequence number, taken under the group row lock in
     # commit order; membership bounds (joined_seq, left_seq] say who may see it.
     group_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -260,6 +272,11 @@ class PushSetting(Base):
     dnd_end: Mapped[str | None] = mapped_column(String(5), nullable=True)
     time_zone: Mapped[str] = mapped_column(String(64), default="UTC", server_default="UTC")
     preview: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    # Email verification (app.push.email_verification): the digest goes out only once `email` was confirmed.
+    email_verified_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms; NULL: unconfirmed
+    email_code_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)  # sha256 of the pending code
+    email_code_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms
+    email_code_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
 
 
@@ -292,3 +309,43 @@ class GroupMember(Base):
     joined_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     left_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     left_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms
+
+
+class UserBlock(Base):
+    """`blocker_id` blocked `blocked_id` (app.accounts.blocks): no private sends from the blocked
+    user to the blocker, no adding the blocker to groups, no presence of the blocker."""
+
+    __tablename__ = "user_block"
+    __table_args__ = (Index("idx_block_blocked", "blocked_id"), MYSQL_TABLE_ARGS)
+
+    blocker_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    blocked_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsernameReservation(Base):
+    """A deleted account's former username, kept from registration until `until_ms`
+    (USERNAME_REUSE_DAYS after the deletion)."""
+
+    __tablename__ = "username_reservation"
+    __table_args__ = (MYSQL_TABLE_ARGS,)
+
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    until_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class AuditEntry(Base):
+    """One administrative action (app.accounts.audit): who, what, on what, when; never secrets."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("idx_audit_at", "at_ms"), MYSQL_TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+    actor_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # NULL: the operator's CLI
+    actor: Mapped[str] = mapped_column(String(16))  # admin / operator / user
+    action: Mapped[str] = mapped_column(String(64))  # e.g. user.disabled, message.removed
+    target_type: Mapped[str] = mapped_column(String(32))  # user / message / push
+    target_id: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[dict | None] = mapped_column(JSON, nullable=True)

@@ -211,12 +211,28 @@ REST = [
     ("GET", "/api/push-settings", "mine", "401 401 200 200 200 200 200 200", None),
     ("PUT", "/api/push-settings", "mine", "401 401 200 200 200 200 200 200",
      lambda w, role: {"json": {"preview": True}}),
+    ("POST", "/api/push-settings/email/verify", "with no address waiting", "401 401 409 409 409 409 409 409",
+     lambda w, role: {"json": {"code": "000000"}}),
     ("GET", "/api/admin/pushes", "the party's", "401 401 403 403 403 403 403 200",
      lambda w, role: {"params": {"user_id": w.users["party"].user_id}}),
     ("POST", "/api/admin/pushes/{push_id}/retry", "a failed push", "401 401 403 403 403 403 403 202",
      _push_failed_again),
     ("POST", "/api/admin/pushes/retry", "the party's failed pushes", "401 401 403 403 403 403 403 202",
      lambda w, role: {"json": {"user_id": w.users["party"].user_id, "status": "failed"}}),
+    ("GET", "/api/blocks", "my blocks", "401 401 200 200 200 200 200 200", None),
+    ("PUT", "/api/blocks/{user_id}", "block the newcomer", "401 401 204 204 204 204 204 204",
+     lambda w, role: {"path": f"/api/blocks/{w.newcomer.user_id}"}),
+    ("DELETE", "/api/blocks/{user_id}", "unblock the newcomer", "401 401 204 204 204 204 204 204",
+     lambda w, role: {"path": f"/api/blocks/{w.newcomer.user_id}"}),
+    ("GET", "/api/privacy", "mine", "401 401 200 200 200 200 200 200", None),
+    ("PUT", "/api/privacy", "mine (everyone)", "401 401 200 200 200 200 200 200",
+     lambda w, role: {"json": {"presence": "everyone"}}),
+    ("GET", "/api/account/export", "my data", "401 401 200 200 200 200 200 200", None),
+    ("DELETE", "/api/account", "mine, with a wrong password", "401 401 403 403 403 403 403 403",
+     lambda w, role: {"json": {"password": "not-the-password"}}),
+    ("DELETE", "/api/admin/messages/{msg_id}", "a message that does not exist", "401 401 403 403 403 403 403 404",
+     None),
+    ("GET", "/api/admin/audit", "the log", "401 401 403 403 403 403 403 200", None),
     ("POST", "/api/media", "a picture", "401 401 201 201 201 201 201 201", _upload),
     ("GET", "/api/media/{media_id}", "the party's unsent upload", "401 401 403 200 403 403 403 403", _party_media),
     ("GET", "/api/media/{media_id}/thumbnail", "the party's unsent upload", "401 401 403 200 403 403 403 403",
@@ -234,7 +250,7 @@ def _default_path(w: World, template: str) -> str:
     return template.format(group_id=w.group_id, user_id=(w.victim.user_id if "/members/" in template
                                                           else w.users["party"].user_id),
                            conversation_id=_private_conversation(w), token=w.device_token, push_id=w.push_id,
-                           media_id=w.media_id)
+                           media_id=w.media_id, msg_id="987654321987")
 
 
 def _private_conversation(w: World) -> str:
@@ -264,7 +280,8 @@ def test_rest(world, messages, role, method, path, what, expected, make):
     want = int(expected.split()[ROLES.index(role)])
     assert r.status_code == want, f"{role}: {method} {url} -> {r.status_code} {r.text[:300]}"
     if want >= 400:
-        assert r.json()["error"] == {401: "unauthorized", 403: "forbidden", 404: "not_found"}[want], r.text
+        assert r.json()["error"] == {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict"}[want], \
+            r.text
 
 
 # --- WebSocket -----------------------------------------------------------------------------------

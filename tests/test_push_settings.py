@@ -40,7 +40,8 @@ def test_bad_device_registrations_are_400(cluster, make_user, body):
 def test_push_settings_start_with_defaults_and_keep_what_is_not_changed(cluster, make_user):
     user = make_user()
     assert _api(cluster, user, "GET", "/push-settings").json() == {
-        "channels": ["apns", "fcm", "email", "webpush"], "email": None, "muted_conversations": [],
+        "channels": ["apns", "fcm", "email", "webpush"], "email": None, "email_verified": False,
+        "muted_conversations": [],
         "do_not_disturb": None, "time_zone": "UTC", "preview": True}
     r = _api(cluster, user, "PUT", "/push-settings", json={
         "email": "me@example.org", "do_not_disturb": {"start": "22:00", "end": "07:00"},
@@ -48,7 +49,8 @@ def test_push_settings_start_with_defaults_and_keep_what_is_not_changed(cluster,
     assert r.status_code == 200
     r = _api(cluster, user, "PUT", "/push-settings", json={"preview": False, "channels": ["email", "apns"]})
     assert r.json() == _api(cluster, user, "GET", "/push-settings").json() == {
-        "channels": ["apns", "email"], "email": "me@example.org", "muted_conversations": ["p_1_2"],
+        "channels": ["apns", "email"], "email": "me@example.org", "email_verified": False,
+        "muted_conversations": ["p_1_2"],
         "do_not_disturb": {"start": "22:00", "end": "07:00"}, "time_zone": "Europe/Berlin", "preview": False}
     r = _api(cluster, user, "PUT", "/push-settings", json={"do_not_disturb": None, "email": None})
     assert r.json()["do_not_disturb"] is None and r.json()["email"] is None

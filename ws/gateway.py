@@ -406,7 +406,7 @@ class Gateway:
 
     def _on_recall(self, conn: Connection, frame: dict) -> None:
         outcome = recall_message(self.storage, conn.user_id, parse_id(frame.get("msg_id"), "msg_id"))
-        recalled = recalled_frame(outcome.msg_id, outcome.conversation_id)
+        recalled = recalled_frame(outcome.msg_id, outcome.conversation_id, by=outcome.by)
         conn.send(recalled)
         deliver_to_users(self.storage, recalled, outcome.parties, skip_conn=conn.conn_id)
         self._sync_badges([uid for uid in outcome.parties if uid != conn.user_id], outcome.msg_id, conn)

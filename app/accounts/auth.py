@@ -45,6 +45,8 @@ def validate_credentials(username, password) -> tuple[str, str]:
 def register_user(session: Session, settings: Settings, username, password) -> int:
     """Create an account; raises Conflict if the username is taken."""
     username, password = validate_credentials(username, password)
+    if _reserved(session, username):
+        raise Conflict(f"username {username!r} is already taken")
     user = User(username=username, password_hash=_hasher(settings).hash(password))
     session.add(user)
     try:
@@ -52,6 +54,13 @@ def register_user(session: Session, settings: Settings, username, password) -> i
     except IntegrityError:
         raise Conflict(f"username {username!r} is already taken") from None
     return user.id
+
+
+def _reserved(session: Session, username: str) -> bool:
+    """A deleted account holds its username for USERNAME_REUSE_DAYS (app.accounts.deletion)."""
+    from app.accounts.deletion import reserved_username
+
+    return reserved_username(session, username)
 
 
 def authenticate(session: Session, settings: Settings, username: str, password: str) -> User:

@@ -22,7 +22,7 @@ CLOSE_ACCOUNT_GONE = 4401
 
 def require_active(session: Session, user_id: int) -> User:
     user = session.get(User, user_id)
-    if user is None:
+    if user is None or user.deleted_at is not None:
         raise Unauthorized("invalid token: the account does not exist")
     if user.disabled_at is not None:
         raise Unauthorized("this account is disabled: contact the operator")

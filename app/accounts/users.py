@@ -9,7 +9,7 @@ from app.accounts.auth import USERNAME_RE, register_user
 from app.config import Settings
 from app.errors import InvalidInput, NotFound
 from app.storage import Storage
-from models import User
+from models import DELETED_USER_NAME, User
 
 
 def find_user_by_username(storage: Storage, username) -> dict:
@@ -47,6 +47,8 @@ def user_by_id(storage: Storage, user_id: int) -> dict:
         user = session.get(User, user_id) if 0 < user_id < 2**63 else None
     if user is None:
         raise NotFound(f"user {user_id} does not exist")
+    if user.deleted_at is not None:  # their messages stay with the other parties, under this name
+        return {"user_id": str(user.id), "username": DELETED_USER_NAME, "deleted": True}
     return {"user_id": str(user.id), "username": user.username}
 
 

@@ -8,7 +8,7 @@ from sqlalchemy import BigInteger, and_, literal, or_, select
 from app.errors import Forbidden, InvalidInput, NotFound
 from app.storage import Storage
 from app.chat.unread import unread_counts
-from models import ChatGroup, Conversation, GroupMember, Message, User
+from models import DELETED_USER_NAME, ChatGroup, Conversation, GroupMember, Message, User
 
 CACHE_KEY = "conversations:{}"
 GENERATION_KEY = "conversations:{}:gen"  # bumped by every change to the list
@@ -79,7 +79,7 @@ def _load_conversations(storage: Storage, user_id: int) -> list[dict]:
     # The primary, never the replica: a lagging read would be cached for an hour.
     with storage.sessions() as session:
         rows = session.execute(
-            select(Conversation, User.username, ChatGroup.name, GroupMember.left_seq)
+            select(Conversation, User.username, ChatGroup.name, GroupMember.left_seq, User.deleted_at)
             .outerjoin(User, (User.id == Conversation.target_id) & Conversation.is_group.is_(False))
             .outerjoin(ChatGroup, (ChatGroup.id == Conversation.target_id) & Conversation.is_group.is_(True))
             .outerjoin(GroupMember, (GroupMember.group_id == Conversation.target_id)
@@ -91,14 +91,16 @@ def _load_conversations(storage: Storage, user_id: int) -> list[dict]:
     return [{
         "conversation_id": conv.conversation_id,
         "is_group": conv.is_group,
-        "peer": None if conv.is_group else {"user_id": str(conv.target_id), "username": username},
+        "peer": None if conv.is_group else {"user_id": str(conv.target_id),
+                                            **({"username": DELETED_USER_NAME, "deleted": True} if deleted_at
+                                               else {"username": username})},
         "group_id": str(conv.target_id) if conv.is_group else None,
         "group": {"name": group_name, "member": left_seq is None} if conv.is_group else None,
         "last_message": conv.last_message,
         "last_message_time": conv.last_message_time,
         "last_msg_id": str(conv.last_msg_id) if conv.last_msg_id else None,
         "last_read_msg_id": str(conv.last_read_msg_id) if conv.last_read_msg_id else None,
-    } for conv, username, group_name, left_seq in rows]
+    } for conv, username, group_name, left_seq, deleted_at in rows]
 
 
 def require_member(session, user_id: int, conversation_id: str) -> Conversation:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from app.accounts.blocks import blockers_among
 from app.chat.conversations import invalidate_conversation_lists
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.storage import Storage, insert_ignoring_duplicates
@@ -110,6 +111,7 @@ def create_group(storage: Storage, owner_id: int, name, member_ids: list[int]) -
     _check_size(storage, len(members) + 1)
     with storage.session() as session:
         _require_users(session, members)
+        _refuse_blockers(session, members, owner_id)
         group = ChatGroup(name=name, owner_id=owner_id, msg_seq=0)
         session.add(group)
         session.flush()
@@ -138,6 +140,7 @@ def add_members(storage: Storage, actor_id: int, group_id: int, user_ids: list[i
         rows = {m.user_id: m for m in session.scalars(select(GroupMember).where(
             GroupMember.group_id == group_id, GroupMember.user_id.in_(wanted))).all()} if wanted else {}
         added = [uid for uid in wanted if uid not in rows or rows[uid].left_seq is not None]
+        _refuse_blockers(session, added, actor_id)
         current = session.scalar(select(func.count()).select_from(GroupMember).where(
             GroupMember.group_id == group_id, GroupMember.left_seq.is_(None)))
         _check_size(storage, current + len(added))
@@ -230,6 +233,13 @@ def _require_users(session: Session, user_ids: list[int]) -> None:
     missing = [str(uid) for uid in user_ids if uid not in found]
     if missing:
         raise NotFound(f"no such user: {', '.join(missing[:10])}{' …' if len(missing) > 10 else ''}")
+
+
+def _refuse_blockers(session: Session, user_ids: list[int], actor_id: int) -> None:
+    """A user who blocked the actor is not added to a group by them (403)."""
+    refusing = sorted(blockers_among(session, user_ids, actor_id))
+    if refusing:
+        raise Forbidden(f"you cannot add user {refusing[0]} to a group")
 
 
 def _ensure_conversation_rows(session: Session, is_mysql: bool, group_id: int, user_ids) -> None:

@@ -16,6 +16,7 @@ from typing import Callable
 
 from sqlalchemy import select
 
+from app.accounts.blocks import blocks_lookup, require_not_blocked
 from app.chat.conversations import private_conversation_id
 from app.chat.groups import group_conversation_id, require_sender
 from app.chat.recovery import (DEDUPE_SINCE_KEY, OLD_RECORDS_KEY, RECOVERED_KEY, REBUILT_KEY, KNOWN_FOR_MS, RecoveryWatch, StoredAcks, grace_ms,
@@ -151,11 +152,13 @@ class MessageIntake:
             # retry publishes this same id, and persist collapses copies by id.
             now = self.clock()
             fresh = f"p:{self._next_id()}:{int(now * 1000)}"
-            value, since = self._claim((key, sender_id, req.client_msg_id, fresh, int(now * 1000),
-                                        self.recovery.drained_since()))
+            # A private send's block lookup (does the recipient block the sender?) rides along.
+            value, since, blocks = self._claim((key, sender_id, req.client_msg_id, fresh, int(now * 1000),
+                                                self.recovery.drained_since(), req.to))
             if value == "?":  # the loss's risk window is over: this sender's records first
                 self._rebuild(sender_id, int(since))
-                value, since = self._claim((key, sender_id, req.client_msg_id, fresh, int(now * 1000), ""))
+                value, since, blocks = self._claim((key, sender_id, req.client_msg_id, fresh, int(now * 1000), "",
+                                                    req.to))
             since = int(since)
             # A record this send made (now, or before it held through the window): no copy of it
             # was published under that record.
@@ -179,6 +182,13 @@ class MessageIntake:
                         self.redis.set(key, stored.to_json(), ex=self.dedupe_ttl)
                         return stored
                     if fresh_record:  # no record of a send that was refused
+                        self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[value])
+                    raise
+            else:  # never acked: a recipient who blocked the sender refuses it (every client_msg_id)
+                try:
+                    require_not_blocked(self.storage, req.to, sender_id, blocks)
+                except ChatError:
+                    if fresh_record:
                         self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[value])
                     raise
             if in_window:
@@ -214,16 +224,23 @@ class MessageIntake:
             self.redis.set(key, ack.to_json(), ex=self.dedupe_ttl)
         return ack
 
-    def claim_many(self, items: list[tuple[str, int, str, str, int, str]]) -> list:
-        """Dedupe claims (record key, sender, client_msg_id, pending value, now in ms, the `since` known drained)
-        in one round trip: for each, [the record's value before, "" if this claim made it, or
-        "?" if the sender's records must be rebuilt first; ms since Redis remembers]."""
+    def claim_many(self, items: list[tuple[str, int, str, str, int, str, int | None]]) -> list:
+        """Dedupe claims (record key, sender, client_msg_id, pending value, now in ms, the `since` known drained,
+        the recipient of a private send or None) in one round trip: for each, [the record's value before,
+        "" if this claim made it, or "?" if the sender's records must be rebuilt first; ms since Redis
+        remembers; the recipient's block-list lookup (app.accounts.blocks) or None]."""
         script, pipe = self.storage.script(_CLAIM_SCRIPT), self.redis.pipeline(transaction=False)
-        for key, sender_id, client_msg_id, pending, now_ms, drained in items:
+        for key, sender_id, client_msg_id, pending, now_ms, drained, recipient in items:
             script(keys=[key, DEDUPE_SINCE_KEY, REBUILT_KEY.format(sender_id), RECOVERED_KEY,
                          OLD_RECORDS_KEY.format(sender_id)],
                    args=[pending, self.dedupe_ttl, now_ms, drained, client_msg_id], client=pipe)
-        return pipe.execute()
+            if recipient is not None:
+                blocks_lookup(pipe, recipient, sender_id)
+        results, answers = iter(pipe.execute()), []
+        for *_, recipient in items:
+            value, since = next(results)
+            answers.append([value, since, next(results) if recipient is not None else None])
+        return answers
 
     def _rebuild(self, sender_id: int, since: int) -> None:
         with self._rebuild_locks[sender_id % len(self._rebuild_locks)]:
@@ -294,7 +311,8 @@ class MessageIntake:
         if user_id in self._known_users:
             return
         with self.storage.sessions() as session:
-            if session.get(User, user_id) is None:
+            user = session.get(User, user_id)
+            if user is None or user.deleted_at is not None:
                 raise NotFound(f"user {user_id} does not exist")
         if len(self._known_users) > 100_000:
             self._known_users.clear()

@@ -1,4 +1,5 @@
-"""`recall`: the sender takes a message back within two minutes (a group's owner at any time)."""
+"""`recall`: the sender takes a message back within two minutes (a group's owner at any time);
+an admin removes any message's content (`DELETE /api/admin/messages/{msg_id}`) the same way."""
 from __future__ import annotations
 
 import time
@@ -19,6 +20,7 @@ from models import ENTRY_MESSAGE, ENTRY_RECALL, STATUS_RECALLED, ChatGroup, Conv
 RECALL_WINDOW_MS = 2 * 60 * 1000
 RECALLED_PREVIEW = "[message recalled]"
 IN_FLIGHT_WAIT_SECONDS = 5.0
+BY_SENDER, BY_OWNER, BY_ADMIN = "sender", "owner", "admin"  # the `by` of a `recalled` frame
 
 
 @dataclass(frozen=True)
@@ -27,15 +29,19 @@ class RecallOutcome:
     conversation_id: str
     parties: list[int]
     recalled_at: int
+    by: str = BY_SENDER
+    sender_id: int = 0
 
 
-def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | None = None) -> RecallOutcome:
+def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | None = None,
+                   as_admin: bool = False) -> RecallOutcome:
     """Clear the message's content, mark it recalled, and put a recall entry in
     the sync stream of everyone who received it. Recalling it again changes
     nothing in MySQL but completes what an interrupted attempt left undone.
 
     Private: the sender, within 2 minutes. Group: the sender within 2 minutes,
-    or the group owner at any time.
+    or the group owner at any time. `as_admin` (the caller checked the admin
+    role): any message, at any time.
     """
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     _await_persisted(storage, msg_id, now_ms)
@@ -43,19 +49,20 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
         msg = session.scalar(select(Message).where(Message.id == msg_id).with_for_update())
         parties = _parties(session, msg) if msg is not None else []
         # The sender may recall before the fan-out reached their own stream.
-        if msg is None or (user_id not in parties and user_id != msg.sender_id):
+        if msg is None or (not as_admin and user_id not in parties and user_id != msg.sender_id):
             raise NotFound(f"message {msg_id} does not exist")
-        by_owner = msg.is_group and user_id in parties and session.scalar(
+        by_owner = not as_admin and msg.is_group and user_id in parties and session.scalar(
             select(ChatGroup.owner_id).where(ChatGroup.id == msg.group_id)) == user_id
-        if msg.sender_id != user_id and not by_owner:
+        if not as_admin and msg.sender_id != user_id and not by_owner:
             raise Forbidden("only the sender can recall a message" + (" (or the group owner)" if msg.is_group else ""))
+        by = BY_ADMIN if as_admin else BY_SENDER if msg.sender_id == user_id else BY_OWNER
         already = msg.status == STATUS_RECALLED
-        if not already and not by_owner and now_ms - msg.timestamp > RECALL_WINDOW_MS:
+        if not already and not as_admin and not by_owner and now_ms - msg.timestamp > RECALL_WINDOW_MS:
             raise RecallExpired("messages can be recalled for 2 minutes after sending")
         if already:  # a retry: redo what an earlier attempt may not have finished
-            now_ms = msg.recalled_at
+            now_ms, by = msg.recalled_at, msg.recalled_by or by
         else:
-            _mark_recalled(session, msg, now_ms)
+            _mark_recalled(session, msg, now_ms, by)
         missing = _without_recall_entry(session, msg.id, parties)
         chunk = storage.settings.group_fanout_chunk
         append_entries(session, storage.is_mysql, [(missing[:chunk], msg.id, msg.conversation_id)], kind=ENTRY_RECALL)
@@ -67,9 +74,9 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
         forget_unread(storage, parties)  # recounted from MySQL when next asked for
     else:
         rebuild_unread(storage, [msg.receiver_id])  # a recalled message no longer counts as unread
-    storage.fence_writes([user_id])  # the recaller sees their recall at once
+    storage.fence_writes([user_id, *([msg.sender_id] if as_admin else [])])  # the recaller sees their recall at once
     invalidate_conversation_lists(storage, parties)
-    return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms)
+    return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms, by, msg.sender_id)
 
 
 def _parties(session, msg: Message) -> list[int]:
@@ -84,8 +91,8 @@ def _without_recall_entry(session, msg_id: int, user_ids: list[int]) -> list[int
     return [uid for uid in user_ids if uid not in done]
 
 
-def _mark_recalled(session, msg: Message, now_ms: int) -> None:
-    msg.status, msg.content, msg.extra, msg.recalled_at = STATUS_RECALLED, "", None, now_ms
+def _mark_recalled(session, msg: Message, now_ms: int, by: str) -> None:
+    msg.status, msg.content, msg.extra, msg.recalled_at, msg.recalled_by = STATUS_RECALLED, "", None, now_ms, by
     unindex_message(session, msg.id)  # recalled content is never found
     unlink_media(session, msg.id)  # nor its image or file served to the other parties
     session.execute(update(Conversation).where(  # the conversation_id index: every member's row

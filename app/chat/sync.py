@@ -111,7 +111,7 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
     entries = []
     for row in rows:
         if row.kind == ENTRY_RECALL:
-            entries.append(recalled_frame(row.id, row.conversation_id, row.recalled_at))
+            entries.append(recalled_frame(row.id, row.conversation_id, row.recalled_at, row.recalled_by))
         else:
             entries.append(frame_of(row))
     position = rows[-1].seq if rows else after

@@ -1,16 +1,24 @@
-"""Admin REST API for pushes (admin role only)."""
+"""Admin REST API (admin role only): pushes, message removal, the audit log."""
 from __future__ import annotations
 
 from functools import wraps
 
+import logging
+
 from flask import Blueprint, g, jsonify, request
 
+from app.accounts.audit import (ACTOR_ADMIN, MESSAGE_REMOVED, PUSH_RETRIED, PUSHES_RETRIED, list_audit, record,
+                                record_in)
+from app.chat.delivery import deliver_to_users
+from app.chat.recall import recall_message
 from app.http import json_body, storage
 from app.http.chat import require_user
-from app.http.requests import PushListPage, PushRetrySelection
+from app.http.requests import AuditPage, PushListPage, PushRetrySelection
 from app.errors import Forbidden, Unavailable
+from app.wire import parse_id, recalled_frame
 from app.push.admin import fail_reopened, is_admin, list_pushes, reopen_matching, reopen_push
 
+log = logging.getLogger(__name__)
 bp = Blueprint("admin_api", __name__, url_prefix="/api/admin")
 
 
@@ -48,6 +56,7 @@ def pushes():
 def retry_one(push_id: int):
     priority = reopen_push(storage(), push_id)
     enqueue_deliveries([(push_id, priority)])
+    record(storage(), g.user_id, ACTOR_ADMIN, PUSH_RETRIED, "push", push_id)
     return jsonify(id=str(push_id), status="pending"), 202
 
 
@@ -57,4 +66,45 @@ def retry_many():
     selection = PushRetrySelection.parse(json_body())  # explicit: {} means "every failed push", no body is an error
     reopened = reopen_matching(storage(), selection.filter)
     enqueue_deliveries(reopened)
+    record(storage(), g.user_id, ACTOR_ADMIN, PUSHES_RETRIED, "push", "filter", retry_detail(selection.filter, reopened))
     return jsonify(retried=len(reopened), ids=[str(i) for i, _ in reopened]), 202
+
+
+def retry_detail(flt, reopened) -> dict:
+    """What a bulk retry's audit entry keeps: the filter and how many (ids of the first 100)."""
+    return {"status": flt.status, "user_id": str(flt.user_id) if flt.user_id else None, "provider": flt.provider,
+            "count": len(reopened), "ids": [str(i) for i, _ in reopened[:100]]}
+
+
+@bp.delete("/messages/<msg_id>")
+@require_admin
+def remove_message(msg_id: str):
+    """Remove a message's content for everyone, as a recall by "admin" (live and in every stream)."""
+    outcome = recall_message(storage(), g.user_id, parse_id(msg_id, "msg_id"), as_admin=True)
+    with storage().session() as session:
+        record_in(session, g.user_id, ACTOR_ADMIN, MESSAGE_REMOVED, "message", outcome.msg_id,
+                  {"conversation_id": outcome.conversation_id, "sender_id": str(outcome.sender_id)})
+    recalled = recalled_frame(outcome.msg_id, outcome.conversation_id, by=outcome.by)
+    try:
+        deliver_to_users(storage(), recalled, outcome.parties)
+    except Exception as exc:  # stored and in every stream: offline and online devices learn it by sync
+        log.warning("msg %s removed, live recalled frames not sent: %s", outcome.msg_id, type(exc).__name__)
+    _sync_badges(outcome.parties, outcome.msg_id)
+    log.info("admin %s removed msg %s", g.user_id, outcome.msg_id)
+    return "", 204
+
+
+def _sync_badges(user_ids: list[int], msg_id: int) -> None:
+    from tasks.publish import queue_badge_syncs
+
+    try:
+        queue_badge_syncs(storage(), user_ids, msg_id)
+    except Exception as exc:  # a stale badge at worst
+        log.warning("badge sync after msg %s removal not queued: %s", msg_id, type(exc).__name__)
+
+
+@bp.get("/audit")
+@require_admin
+def audit():
+    req = AuditPage.parse(request.args)
+    return jsonify(list_audit(storage(), req.page, req.per_page, req.action))

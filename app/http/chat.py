@@ -8,11 +8,11 @@ from flask import Blueprint, g, jsonify, request
 from app.http import settings, storage
 from app.accounts.status import require_active
 from app.accounts.auth import verify_token
-from app.accounts.users import user_by_id
+from app.accounts.privacy import PRESENCE_HIDDEN_MESSAGE, may_see_presence
 from app.chat.conversations import history, list_conversations
 from app.chat.presence import Presence
 from app.chat.unread import unread_counts
-from app.errors import Unauthorized
+from app.errors import Forbidden, Unauthorized
 from app.http.requests import HistoryPage
 from app.wire import message_frame
 
@@ -56,6 +56,7 @@ def unread():
 @bp.get("/users/<int:user_id>/presence")
 @require_user
 def presence(user_id: int):
-    user_by_id(storage(), user_id)  # NotFound for an unknown user
+    if not may_see_presence(storage(), g.user_id, user_id):  # NotFound for an unknown or deleted user
+        raise Forbidden(PRESENCE_HIDDEN_MESSAGE)  # their privacy setting, or a block: the same answer
     state = Presence(storage().redis, settings().presence_ttl_seconds).presence_of(user_id)
     return jsonify(user_id=str(user_id), **state)

@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app wsgi migrate`, `create-admin NAME`, `disable-user NAME`, …"""
+"""Operator commands: `flask --app wsgi migrate`, `create-admin NAME`, `disable-user NAME`, `delete-user NAME`, …"""
 from __future__ import annotations
 
 import click
@@ -33,10 +33,14 @@ def register_commands(app: Flask) -> None:
     def _set_disabled(username: str, disabled: bool, done: str) -> None:
         from app.accounts.status import set_disabled
 
+        from app.accounts.audit import ACTOR_OPERATOR, USER_DISABLED, USER_ENABLED, record
+
+        storage = current_app.extensions["netherlink.storage"]
         try:
-            user_id = set_disabled(current_app.extensions["netherlink.storage"], username, disabled)
+            user_id = set_disabled(storage, username, disabled)
         except ChatError as err:
             raise click.ClickException(err.message) from None
+        record(storage, None, ACTOR_OPERATOR, USER_DISABLED if disabled else USER_ENABLED, "user", user_id)
         click.echo(f"user {username} (id {user_id}) {done}")
 
     @app.cli.command("disable-user")
@@ -50,6 +54,19 @@ def register_commands(app: Flask) -> None:
     def enable_user(username):
         """Enable a disabled account again."""
         _set_disabled(username, False, "is enabled")
+
+    @app.cli.command("delete-user")
+    @click.argument("username")
+    @click.confirmation_option(prompt="Delete this account for good (its messages stay with the other parties)?")
+    def delete_user(username):
+        """Delete an account as DELETE /api/account does (sockets closed, username reserved), audited."""
+        from app.accounts.deletion import delete_user_by_name
+
+        try:
+            user_id = delete_user_by_name(current_app.extensions["netherlink.storage"], username)
+        except ChatError as err:
+            raise click.ClickException(err.message) from None
+        click.echo(f"user {username} (id {user_id}) is deleted; open connections were closed")
 
     @app.cli.command("rebuild-unread")
     @click.option("--user", "user_ids", type=int, multiple=True, help="only this user id (repeatable)")
@@ -91,6 +108,10 @@ def register_commands(app: Flask) -> None:
         except ChatError as err:
             raise click.ClickException(err.message) from None
         enqueue_deliveries(reopened)
+        from app.accounts.audit import ACTOR_OPERATOR, PUSHES_RETRIED, record
+
+        record(storage, None, ACTOR_OPERATOR, PUSHES_RETRIED, "push", "cli",
+               {"ids": [str(i) for i, _ in reopened[:100]], "count": len(reopened)})
         click.echo(f"queued {len(reopened)} push(es) for another attempt")
 
     @app.cli.command("replay-dead-letters")

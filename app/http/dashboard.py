@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from functools import wraps
 
 from flask import Blueprint, abort, redirect, render_template, request, session, url_for
 
 from app.http import settings, storage
-from app.http.admin import enqueue_deliveries
+from app.accounts.audit import ACTOR_ADMIN, PUSH_RETRIED, PUSHES_RETRIED, list_audit, record
+from app.http.admin import enqueue_deliveries, retry_detail
 from app.accounts.auth import authenticate
 from app.ratelimit import limit_login
 from app.errors import ChatError
@@ -27,6 +29,7 @@ def init_dashboard(app) -> None:
     app.secret_key = hashlib.sha256(b"netherlink-admin-session:" + s.jwt_secret.encode()).hexdigest()
     app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict",
                       SESSION_COOKIE_SECURE=s.env == "production", SESSION_COOKIE_NAME="netherlink_admin")
+    app.add_template_filter(lambda seconds: time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds)), "audit_time")
     app.register_blueprint(bp)
 
 
@@ -101,6 +104,7 @@ def pushes():
 def retry_one(push_id: int):
     try:
         enqueue_deliveries([(push_id, reopen_push(storage(), push_id))])
+        record(storage(), session["admin_user_id"], ACTOR_ADMIN, PUSH_RETRIED, "push", push_id)
         notice = f"Push {push_id} queued for another attempt."
     except ChatError as err:
         notice = err.message
@@ -115,6 +119,8 @@ def retry_matching():
                                request.form.get("provider"))
         reopened = reopen_matching(storage(), flt)
         enqueue_deliveries(reopened)
+        record(storage(), session["admin_user_id"], ACTOR_ADMIN, PUSHES_RETRIED, "push", "filter",
+               retry_detail(flt, reopened))
         notice = f"{len(reopened)} push(es) queued for another attempt."
     except ChatError as err:
         notice = err.message
@@ -123,3 +129,13 @@ def retry_matching():
 
 def _filters(form) -> dict:
     return {k: form.get(k) for k in ("status", "user_id", "provider") if form.get(k)}
+
+
+@bp.get("/audit")
+@admin_page
+def audit():
+    """The audit log, newest first, 50 a page."""
+    raw = request.args.get("page", "1")
+    page = min(int(raw), 10**9) if raw.isascii() and raw.isdigit() and int(raw) > 0 else 1
+    listing = list_audit(storage(), page, 50)
+    return render_template("admin/audit.html", listing=listing, csrf=_csrf_token(), admin=session.get("admin_name"))

@@ -7,7 +7,8 @@ from app.http import json_body, storage
 from app.errors import NotFound
 from app.http.chat import require_user
 from app.push.providers.vapid import vapid_public_key_of
-from app.http.requests import DeviceRegistration, PushSettingsUpdate
+from app.http.requests import DeviceRegistration, EmailVerification, PushSettingsUpdate
+from app.push.email_verification import confirm_email, issue_code, limit_verification_mails, needs_verification, send_code
 from app.push.settings import (
     device_view, list_devices, load_preferences, register_device, remove_device, save_preferences,
 )
@@ -62,7 +63,25 @@ def get_push_settings():
 @require_user
 def put_push_settings():
     update = PushSettingsUpdate.parse(json_body())
+    code = None
     with storage().session() as session:
         prefs = update.applied_to(load_preferences(session, [g.user_id])[g.user_id])
+        verify = "email" in update.given and needs_verification(session, g.user_id, prefs.email)
+        if verify:
+            limit_verification_mails(storage(), g.user_id)  # 429 before anything changes
         save_preferences(session, g.user_id, prefs)
-    return jsonify(prefs.view())
+        if verify:
+            code = issue_code(session, g.user_id, prefs.email)
+    if code is not None:  # after the commit: the code that was mailed is the stored one
+        send_code(storage(), g.user_id, prefs.email, code)
+    with storage().sessions() as session:
+        return jsonify(load_preferences(session, [g.user_id])[g.user_id].view())
+
+
+@bp.post("/push-settings/email/verify")
+@require_user
+def verify_email():
+    req = EmailVerification.parse(json_body())
+    confirm_email(storage(), g.user_id, req.code)
+    with storage().sessions() as session:
+        return jsonify(load_preferences(session, [g.user_id])[g.user_id].view())

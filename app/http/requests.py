@@ -413,3 +413,68 @@ class WebPushSubscription:
     def stored(self) -> dict:
         return {"endpoint": self.endpoint, "p256dh": self.p256dh, "auth": self.auth}
 
+
+
+@dataclass(frozen=True)
+class PrivacyUpdate:
+    """PUT /api/privacy."""
+
+    presence: str
+
+    @classmethod
+    def parse(cls, body: dict) -> PrivacyUpdate:
+        from app.accounts.privacy import parse_presence_visibility
+
+        _refuse_unknown(body, {"presence"})
+        return cls(parse_presence_visibility(body.get("presence")))
+
+
+@dataclass(frozen=True)
+class AccountDeletion:
+    """DELETE /api/account: the password confirms it."""
+
+    password: str
+
+    @classmethod
+    def parse(cls, body: dict) -> AccountDeletion:
+        password = body.get("password")
+        if not isinstance(password, str) or not password:
+            raise InvalidInput("'password' must be your current password")
+        return cls(password)
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    """GET /api/admin/audit?page=&per_page=&action=."""
+
+    page: int
+    per_page: int
+    action: str | None
+
+    @classmethod
+    def parse(cls, args) -> AuditPage:
+        page = _whole_number(args, "page", 1)
+        per_page = _whole_number(args, "per_page", 50)
+        if not 1 <= page <= MAX_PAGE:
+            raise InvalidInput(f"'page' must be from 1 to {MAX_PAGE}")
+        if not 1 <= per_page <= 200:
+            raise InvalidInput("'per_page' must be from 1 to 200")
+        action = args.get("action")
+        if action is not None and not re.fullmatch(r"[a-z_.]{1,64}", action):
+            raise InvalidInput("'action' must be an action name such as user.disabled")
+        return cls(page, per_page, action)
+
+
+@dataclass(frozen=True)
+class EmailVerification:
+    """POST /api/push-settings/email/verify."""
+
+    code: str
+
+    @classmethod
+    def parse(cls, body: dict) -> EmailVerification:
+        _refuse_unknown(body, {"code"})
+        code = body.get("code")
+        if not isinstance(code, str) or not re.fullmatch(r"[0-9]{6}", code.strip()):
+            raise InvalidInput("'code' must be the 6-digit code from the verification email")
+        return cls(code.strip())

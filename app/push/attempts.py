@@ -24,7 +24,7 @@ from app.push.providers import (
 )
 from app.push.settings import load_preferences
 from app.storage import Storage
-from models import ChatGroup, Device, PushLog, User
+from models import ChatGroup, Device, PushLog, User, USER_DISPLAY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -296,15 +296,15 @@ def _digest_mail(storage: Storage, user_id: int, msg_id: str, priority: int) -> 
     with storage.sessions() as session:
         prefs = load_preferences(session, [user_id])[user_id]
         messages = latest_unread(session, user_id, DIGEST_MAX_MESSAGES, prefs.muted_conversations)
-        names = dict(session.execute(select(User.id, User.username).where(
+        names = dict(session.execute(select(User.id, USER_DISPLAY_NAME).where(
             User.id.in_({m.sender_id for m in messages}))).all()) if messages else {}
         groups = dict(session.execute(select(ChatGroup.id, ChatGroup.name).where(
             ChatGroup.id.in_({m.group_id for m in messages if m.is_group}))).all()) if messages else {}
     # "alice" for a private message, "alice in Ops" for a group one.
     unread = [(m, names.get(m.sender_id, "someone") + (f" in {groups.get(m.group_id)}" if m.is_group else ""))
               for m in messages]
-    if not prefs.email or "email" not in prefs.channels:
-        return "email is no longer enabled"
+    if not prefs.digest_address or "email" not in prefs.channels:
+        return "email is no longer enabled (or its address is not verified)"
     if not unread:
         return "everything was read before the digest went out"
     count = len(unread)
@@ -312,5 +312,5 @@ def _digest_mail(storage: Storage, user_id: int, msg_id: str, priority: int) -> 
     for msg, name in unread[:20]:
         text = message_preview(msg.message_type, msg.content, PREVIEW_CHARS)
         lines.append(f"- {name}: {text}" if prefs.preview else f"- a message from {name}")
-    return PushRequest(token=prefs.email, title=f"{count} unread message{'s' if count != 1 else ''} on NetherLink",
+    return PushRequest(token=prefs.digest_address, title=f"{count} unread message{'s' if count != 1 else ''} on NetherLink",
                        body="\n".join(lines), badge=count, conversation_id="", msg_id=msg_id, priority=priority)

@@ -21,7 +21,7 @@ from app.media.uploads import push_text
 from app.chat.unread import latest_unread, latest_unread_ids, unread_totals
 from app.push.settings import load_preferences
 from app.storage import Storage, insert_ignoring_duplicates
-from models import ChatGroup, Device, Message, PushLog, User
+from models import ChatGroup, Device, Message, PushLog, User, USER_DISPLAY_NAME
 
 PRIORITY_PRIVATE, PRIORITY_GROUP, PRIORITY_DIGEST = 8, 5, 1
 PROVIDER_BY_PLATFORM = {"ios": "apns", "android": "fcm", "web": "fcm", "webpush": "webpush"}
@@ -84,7 +84,7 @@ def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list
         for device in session.execute(select(Device.id, Device.user_id, Device.platform)
                                       .where(Device.user_id.in_(user_ids)).order_by(Device.id)).all():
             devices.setdefault(device.user_id, []).append(device)
-        senders = dict(session.execute(select(User.id, User.username).where(
+        senders = dict(session.execute(select(User.id, USER_DISPLAY_NAME).where(
             User.id.in_({m.sender_id for m in messages.values()}))).all()) if messages else {}
         group_ids = {m.group_id for m in messages.values() if m.is_group}
         groups = dict(session.execute(select(ChatGroup.id, ChatGroup.name).where(
@@ -92,7 +92,7 @@ def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list
     to_push = []
     for user_id, plan in plans.items():
         p, latest = prefs[user_id], messages.get(newest.get(user_id))
-        plan.digest = bool(p.email and "email" in p.channels)
+        plan.digest = bool(p.digest_address and "email" in p.channels)  # unverified: no digest
         if latest is None:
             plan.skipped = "nothing unread outside muted conversations (read elsewhere, recalled or muted)"
         elif p.is_quiet(now):
@@ -160,7 +160,7 @@ def plan_digest(storage: Storage, user_id: int, now: datetime | None = None) -> 
     if quiet_until is not None and latest is not None:  # the digest key stays: no second digest meanwhile
         return DigestPlan(defer_seconds=(quiet_until - now).total_seconds())
     storage.redis.delete(DIGEST_KEY.format(user_id))  # later messages schedule a new digest
-    if not prefs.email or "email" not in prefs.channels or latest is None:
+    if not prefs.digest_address or "email" not in prefs.channels or latest is None:
         return DigestPlan()
     row = dict(user_id=user_id, message_id=latest.id, push_type="email", push_status=PENDING, target="email",
                device_id=None, priority=PRIORITY_DIGEST, payload={"msg_id": str(latest.id)})

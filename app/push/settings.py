@@ -60,9 +60,16 @@ class PushPreferences:
     dnd_end: str | None = None
     time_zone: str = "UTC"
     preview: bool = True
+    email_verified: bool = False  # its owner confirmed the code mailed to it (app.push.email_verification)
+
+    @property
+    def digest_address(self) -> str | None:
+        """Where digests may go: the address once verified, else nowhere."""
+        return self.email if self.email_verified else None
 
     def view(self) -> dict:
-        return {"channels": self.channels, "email": self.email, "muted_conversations": self.muted_conversations,
+        return {"channels": self.channels, "email": self.email, "email_verified": self.email_verified,
+                "muted_conversations": self.muted_conversations,
                 "do_not_disturb": {"start": self.dnd_start, "end": self.dnd_end} if self.dnd_start else None,
                 "time_zone": self.time_zone, "preview": self.preview}
 
@@ -106,12 +113,16 @@ def _preferences(row: PushSetting | None) -> PushPreferences:
         return PushPreferences()
     return PushPreferences(channels=list(row.channels or []), email=row.email,
                            muted_conversations=list(row.muted_conversations or []), dnd_start=row.dnd_start,
-                           dnd_end=row.dnd_end, time_zone=row.time_zone or "UTC", preview=row.preview)
+                           dnd_end=row.dnd_end, time_zone=row.time_zone or "UTC", preview=row.preview,
+                           email_verified=row.email is not None and row.email_verified_at is not None)
 
 
 def save_preferences(session: Session, user_id: int, prefs: PushPreferences) -> None:
     """Store the user's preferences (all of them: app.http.requests.PushSettingsUpdate merges a change)."""
     row = session.get(PushSetting, user_id) or PushSetting(user_id=user_id)
+    if row.email != prefs.email:  # another address (or none) is not verified, whatever the old one was
+        row.email_verified_at = row.email_code_hash = row.email_code_expires_at = None
+        row.email_code_attempts = 0
     row.channels, row.email, row.muted_conversations = prefs.channels, prefs.email, prefs.muted_conversations
     row.dnd_start, row.dnd_end, row.time_zone, row.preview = prefs.dnd_start, prefs.dnd_end, prefs.time_zone, prefs.preview
     session.merge(row)

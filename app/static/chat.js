@@ -438,7 +438,7 @@ function renderList() {
       onclick: () => openConversation(conv.id),
       onkeydown: (e) => { if (e.key === "Enter") openConversation(conv.id); },
     },
-    avatar(title, { group: conv.isGroup, presence: conv.isGroup ? undefined : Boolean(conv.presence && conv.presence.online) }),
+    avatar(title, { group: conv.isGroup, presence: conv.isGroup || conv.presenceHidden ? undefined : Boolean(conv.presence && conv.presence.online) }),
     el("span", { class: "conv-name" }, el("span", { class: "name-text" }, title),
        left ? [" ", el("span", { class: "tag", title: "You are no longer a member of this group" }, "left")] : null),
     el("span", { class: "conv-time" }, shortTime(conv.lastTime)),
@@ -458,7 +458,14 @@ async function refreshPresence(only) {
     conv.presenceAt = now;
     try {
       conv.presence = await api("GET", `/api/users/${encodeURIComponent(conv.peer.user_id)}/presence`);
-    } catch { /* keep the last known */ }
+      conv.presenceHidden = false;
+    } catch (err) {
+      // 403: the peer's privacy setting (or a block) hides it; 404: the account is gone. Show none.
+      if (err instanceof ApiError && (err.status === 403 || err.status === 404)) {
+        conv.presence = undefined;
+        conv.presenceHidden = true;
+      } /* otherwise keep the last known */
+    }
   }));
   renderList();
   if (openId) renderHeader();
@@ -521,7 +528,7 @@ function renderHeader() {
       : group ? `${group.member_count} member${group.member_count === 1 ? "" : "s"}` : "group";
   $("conv-sub").textContent = sub;
   $("conv-avatar").replaceWith(Object.assign(
-    avatar(title, { group: conv.isGroup, presence: conv.isGroup ? undefined : Boolean(conv.presence && conv.presence.online) }),
+    avatar(title, { group: conv.isGroup, presence: conv.isGroup || conv.presenceHidden ? undefined : Boolean(conv.presence && conv.presence.online) }),
     { id: "conv-avatar" }));
   $("members").hidden = !conv.isGroup || left;
   $("composer").hidden = left;
@@ -857,7 +864,7 @@ function onMessage(msg) {
   if (conv.isGroup && !usernames.has(msg.from) && (msg.source === "live" || conv.id === openId)) {
     loadMemberNames(conv, { throttle: true });
   }
-  if (!conv.isGroup && msg.source === "live" && msg.from !== session.userId) {
+  if (!conv.isGroup && msg.source === "live" && msg.from !== session.userId && !conv.presenceHidden) {
     conv.presence = { user_id: msg.from, online: true, last_seen: Date.now() }; // they just wrote
     if (conv.id === openId) renderHeader();
   }

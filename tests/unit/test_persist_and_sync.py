@@ -137,7 +137,7 @@ def test_a_recall_reaches_the_stream_as_a_recalled_entry_after_the_message(chat,
 
     after = _sync(storage, bob, int(before.cursor))
     assert after.entries == [{"type": "recalled", "msg_id": str(ack.msg_id), "conversation_id": ack.conversation_id,
-                              "timestamp": clock.ms() + 1000}]
+                              "timestamp": clock.ms() + 1000, "by": "sender"}]
     replay = _sync(storage, bob)  # a new device syncing from the start sees no content
     assert replay.entries[0]["content"] == "" and replay.entries[1]["type"] == "recalled"
 
