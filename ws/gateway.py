@@ -254,9 +254,10 @@ class Gateway:
 
     def _refresh_presence(self) -> None:
         conns = list(self.connections.values())
-        if conns:
+        if conns:  # marks this gateway alive before its entries (see Presence.refresh)
             self.presence.refresh([(c.user_id, c.conn_id, c.gateway_id, c.connected_at) for c in conns])
-        self.presence.mark_gateway_alive(self.gateway_id)
+        else:
+            self.presence.mark_gateway_alive(self.gateway_id)
 
     def drain(self) -> None:
         """Stop serving: clients reconnect elsewhere, dispatch stops routing here."""

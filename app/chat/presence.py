@@ -40,7 +40,6 @@ class Presence:
 
     def connect(self, user_id: int, conn_id: str, gateway_id: str, connected_at: int) -> None:
         self.refresh([(user_id, conn_id, gateway_id, connected_at)])
-        self.mark_gateway_alive(gateway_id)
 
     def refresh(self, conns: Iterable[tuple[int, str, str, int]], chunk: int = 500) -> None:
         """Write (or re-write after a Redis flush) the entries of live connections.
@@ -50,6 +49,10 @@ class Presence:
         """
         beat = now_ms()
         conns = list(conns)
+        # The gateways first: dispatch prunes an entry whose gateway it does not know alive, so entries
+        # written before their gateway's flag (after a flush) would be deleted as fast as they are written.
+        for gateway_id in sorted({c[2] for c in conns}):
+            self.mark_gateway_alive(gateway_id)
         for start in range(0, len(conns), chunk):
             if start:
                 time.sleep(0)  # under gevent: let the sockets' greenlets run

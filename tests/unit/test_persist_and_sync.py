@@ -189,3 +189,18 @@ def test_dispatch_sends_the_frame_to_every_other_live_connection_and_reports_off
                         ("alice-laptop", "later"): str(to_carol.msg_id)}
     assert outcomes[to_bob.msg_id][1].offline_users == []
     assert outcomes[to_carol.msg_id][1].offline_users == [carol]  # Carol gets a push instead
+
+
+def test_connections_written_back_after_a_redis_flush_are_routable_at_once(storage):
+    """A gateway puts its connections back after a flush; dispatch reading them meanwhile must not prune them.
+
+    Dispatch deletes an entry whose gateway it does not know alive, so the gateway's flag has to be
+    back before (or with) its entries, not after them.
+    """
+    presence = Presence(storage.redis)
+    presence.connect(1, "bob-phone", "gw-a", 0)
+    storage.redis.flushdb()  # the run's own db: Redis lost presence and the gateway flags
+    presence.refresh([(1, "bob-phone", "gw-a", 0), (2, "carol-laptop", "gw-a", 0)], chunk=1)
+    live = presence.live_connections([1, 2])
+    assert [c.conn_id for c in live[1]] == ["bob-phone"] and [c.conn_id for c in live[2]] == ["carol-laptop"]
+    assert [c.conn_id for c in presence.live_connections([1])[1]] == ["bob-phone"]  # not pruned by the read
