@@ -61,8 +61,15 @@ def read_ok_frame(conversation_id: str, msg_id: int) -> dict:
     return {"type": "read_ok", "conversation_id": conversation_id, "msg_id": str(msg_id)}
 
 
-def receipt_frame(conversation_id: str, reader_id: int, msg_id: int) -> dict:
-    return {"type": "receipt", "conversation_id": conversation_id, "reader": str(reader_id), "msg_id": str(msg_id)}
+def receipt_frame(conversation_id: str, reader_id: int, msg_id: int, kind: str = "read",
+                  timestamp: int | None = None) -> dict:
+    """`receipt`: `reader` has every message of the conversation up to msg_id (`kind` "delivered") or has
+    read them ("read"); live to the peer, and as the peer's sync entry (with the time it was applied)."""
+    frame = {"type": "receipt", "kind": kind, "conversation_id": conversation_id, "reader": str(reader_id),
+             "msg_id": str(msg_id)}
+    if timestamp is not None:
+        frame["timestamp"] = timestamp
+    return frame
 
 
 def error_frame(code: str, message: str, client_msg_id: str | None = None,

@@ -173,11 +173,30 @@ class Conversation(Base):
     last_message_time: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_read_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # this user's read position
+    # The furthest any of this user's devices confirmed holding (`received`, or a read).
+    last_delivered_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now(), onupdate=func.now())
 
 
 ENTRY_MESSAGE, ENTRY_RECALL = 0, 1
+ENTRY_RECEIPT = 5  # message_id holds a Receipt's id
+RECEIPT_DELIVERED, RECEIPT_READ = 1, 2
+RECEIPT_KINDS = {RECEIPT_DELIVERED: "delivered", RECEIPT_READ: "read"}
+
+
+class Receipt(Base):
+    """A reader's position moved (delivered or read): what the peer's `receipt` entry shows."""
+
+    __tablename__ = "receipt"
+    __table_args__ = (Index("idx_receipt_conversation", "conversation_id", "msg_id"), MYSQL_TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    conversation_id: Mapped[str] = mapped_column(String(100))
+    reader_id: Mapped[int] = mapped_column(BigInteger)
+    msg_id: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[int] = mapped_column(SmallInteger)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 class SyncEntry(Base):

@@ -24,7 +24,7 @@ from app.errors import ChatError, InvalidInput, RateLimited
 from app.chat.delivery import deliver_to_users
 from app.chat.intake import MessageIntake
 from app.media.uploads import check_attachment
-from app.chat.receipts import mark_read
+from app.chat.receipts import mark_read, mark_received
 from app.chat.recall import recall_message
 from app.chat.sync import parse_cursor, parse_limit, read_stream
 from app.chat.presence import DELIVERY_CHANNEL, Presence, now_ms
@@ -150,7 +150,7 @@ class Gateway:
         self.intake: MessageIntake | None = None
         self.send_limit = Limit(settings.send_rate_per_second, settings.send_burst)
         self._handlers = {"ping": self._on_ping, "send": self._on_send, "sync": self._on_sync,
-                          "read": self._on_read, "recall": self._on_recall}
+                          "read": self._on_read, "received": self._on_received, "recall": self._on_recall}
         metrics.serve_frame_types(self._handlers)
 
     # -- lifecycle ------------------------------------------------------------
@@ -401,9 +401,18 @@ class Gateway:
         conn.send(read_ok)
         deliver_to_users(self.storage, read_ok, [conn.user_id], skip_conn=conn.conn_id)  # the reader's other devices
         if outcome.peer is not None:
-            deliver_to_users(self.storage, receipt_frame(conversation_id, conn.user_id, msg_id), [outcome.peer])
+            deliver_to_users(self.storage, receipt_frame(conversation_id, conn.user_id, msg_id, "read",
+                                                         outcome.timestamp), [outcome.peer])
         self._sync_badges([conn.user_id], msg_id, conn)
         log.info("conn %s: read %s up to msg %s", conn.conn_id, conversation_id, msg_id)
+
+    def _on_received(self, conn: Connection, frame: dict) -> None:
+        conversation_id, msg_id = parse_read(frame)
+        outcome = mark_received(self.storage, conn.user_id, conversation_id, msg_id)
+        if outcome.peer is not None:  # only when the position moved: a repeat tells nobody
+            deliver_to_users(self.storage, receipt_frame(conversation_id, conn.user_id, msg_id, "delivered",
+                                                         outcome.timestamp), [outcome.peer])
+        log.debug("conn %s: received %s up to msg %s", conn.conn_id, conversation_id, msg_id)
 
     def _on_recall(self, conn: Connection, frame: dict) -> None:
         outcome = recall_message(self.storage, conn.user_id, parse_id(frame.get("msg_id"), "msg_id"))

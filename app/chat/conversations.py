@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 
 from sqlalchemy import BigInteger, and_, literal, or_, select
+from sqlalchemy.orm import aliased
 
 from app.errors import Forbidden, InvalidInput, NotFound
 from app.storage import Storage
 from app.chat.unread import unread_counts
 from models import DELETED_USER_NAME, ChatGroup, Conversation, GroupMember, Message, User
+
+Peer = aliased(Conversation)  # the other party's row of a private chat
 
 CACHE_KEY = "conversations:{}"
 GENERATION_KEY = "conversations:{}:gen"  # bumped by every change to the list
@@ -79,8 +82,11 @@ def _load_conversations(storage: Storage, user_id: int) -> list[dict]:
     # The primary, never the replica: a lagging read would be cached for an hour.
     with storage.sessions() as session:
         rows = session.execute(
-            select(Conversation, User.username, ChatGroup.name, GroupMember.left_seq, User.deleted_at)
+            select(Conversation, User.username, ChatGroup.name, GroupMember.left_seq, User.deleted_at,
+                   Peer.last_read_msg_id.label("peer_read"), Peer.last_delivered_msg_id.label("peer_delivered"))
             .outerjoin(User, (User.id == Conversation.target_id) & Conversation.is_group.is_(False))
+            .outerjoin(Peer, (Peer.conversation_id == Conversation.conversation_id)
+                       & (Peer.user_id == Conversation.target_id) & Conversation.is_group.is_(False))
             .outerjoin(ChatGroup, (ChatGroup.id == Conversation.target_id) & Conversation.is_group.is_(True))
             .outerjoin(GroupMember, (GroupMember.group_id == Conversation.target_id)
                        & (GroupMember.user_id == user_id) & Conversation.is_group.is_(True))
@@ -100,7 +106,14 @@ def _load_conversations(storage: Storage, user_id: int) -> list[dict]:
         "last_message_time": conv.last_message_time,
         "last_msg_id": str(conv.last_msg_id) if conv.last_msg_id else None,
         "last_read_msg_id": str(conv.last_read_msg_id) if conv.last_read_msg_id else None,
-    } for conv, username, group_name, left_seq, deleted_at in rows]
+        # Private chats: how far the other party has read and received (a read is a delivery too).
+        "peer_read_msg_id": _id_or_none(peer_read) if not conv.is_group else None,
+        "peer_delivered_msg_id": _id_or_none(max(peer_delivered or 0, peer_read or 0)) if not conv.is_group else None,
+    } for conv, username, group_name, left_seq, deleted_at, peer_read, peer_delivered in rows]
+
+
+def _id_or_none(value) -> str | None:
+    return str(value) if value else None
 
 
 def require_member(session, user_id: int, conversation_id: str) -> Conversation:

@@ -13,8 +13,10 @@ from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidInput
-from app.wire import recalled_frame
-from models import ENTRY_MESSAGE, ENTRY_RECALL, Message, OfflineMessageIndex, SyncEntry, User
+from app.wire import recalled_frame, receipt_frame
+from models import (
+    ENTRY_MESSAGE, ENTRY_RECALL, ENTRY_RECEIPT, RECEIPT_KINDS, Message, OfflineMessageIndex, Receipt, SyncEntry, User,
+)
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
 _MESSAGE_COLUMNS = [c for c in Message.__table__.c if c.name != "created_at"]
@@ -101,16 +103,25 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
     """Entries after position `after`; marks offline-index rows of returned messages synced."""
     # Plain rows, not ORM objects: a 500-entry page is the hot path of a reconnect.
     with storage.reader(user_id).connect() as conn:
+        # Entries of other kinds point at other rows: no message joins them (ids of two tables may be equal).
         rows = conn.execute(
-            select(SyncEntry.seq, SyncEntry.kind, *_MESSAGE_COLUMNS)
-            .join(Message, Message.id == SyncEntry.message_id)
+            select(SyncEntry.seq, SyncEntry.kind, SyncEntry.message_id.label("entry_ref"), *_MESSAGE_COLUMNS)
+            .outerjoin(Message, (Message.id == SyncEntry.message_id) & (SyncEntry.kind != ENTRY_RECEIPT))
             .where(SyncEntry.user_id == user_id, SyncEntry.seq > after)
             .order_by(SyncEntry.seq).limit(limit + 1)).all()
-    has_more = len(rows) > limit
-    rows = rows[:limit]
+        has_more = len(rows) > limit
+        rows = rows[:limit]
+        receipt_ids = [row.entry_ref for row in rows if row.kind == ENTRY_RECEIPT]
+        receipts = {r.id: r for r in conn.execute(select(Receipt).where(Receipt.id.in_(receipt_ids)))} \
+            if receipt_ids else {}
     entries = []
     for row in rows:
-        if row.kind == ENTRY_RECALL:
+        if row.kind == ENTRY_RECEIPT:
+            r = receipts.get(row.entry_ref)
+            if r is not None:
+                entries.append(receipt_frame(r.conversation_id, r.reader_id, r.msg_id, RECEIPT_KINDS[r.kind],
+                                             r.created_at_ms))
+        elif row.kind == ENTRY_RECALL:
             entries.append(recalled_frame(row.id, row.conversation_id, row.recalled_at, row.recalled_by))
         else:
             entries.append(frame_of(row))

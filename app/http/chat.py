@@ -11,10 +11,11 @@ from app.accounts.auth import verify_token
 from app.accounts.privacy import PRESENCE_HIDDEN_MESSAGE, may_see_presence
 from app.chat.conversations import history, list_conversations
 from app.chat.presence import Presence
+from app.chat.receipts import message_receipts
 from app.chat.unread import unread_counts
 from app.errors import Forbidden, Unauthorized
 from app.http.requests import HistoryPage
-from app.wire import message_frame
+from app.wire import message_frame, parse_id
 
 bp = Blueprint("chat", __name__, url_prefix="/api")
 
@@ -44,6 +45,12 @@ def conversations():
 def conversation_messages(conversation_id: str):
     page = HistoryPage.parse(request.args)
     return jsonify(history(storage(), g.user_id, conversation_id, page.before, page.limit, message_frame))
+
+
+@bp.get("/conversations/<conversation_id>/messages/<msg_id>/receipts")
+@require_user
+def message_receipts_view(conversation_id: str, msg_id: str):
+    return jsonify(message_receipts(storage(), g.user_id, conversation_id, parse_id(msg_id, "msg_id")))
 
 
 @bp.get("/unread")
