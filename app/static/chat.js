@@ -383,6 +383,12 @@ async function refreshList({ withGroups = false } = {}) {
       else if (!groups.has(conv.groupId)) withGroups = true; // a group we were added to: its role and size
     }
     if (item.peer) usernames.set(item.peer.user_id, item.peer.username);
+    if (item.peer_delivered_msg_id) { // the peer's positions, also when their receipts came while we were away
+      onReceipt({ conversation_id: conv.id, reader: item.peer.user_id, msg_id: item.peer_delivered_msg_id, kind: "delivered" });
+    }
+    if (item.peer_read_msg_id) {
+      onReceipt({ conversation_id: conv.id, reader: item.peer.user_id, msg_id: item.peer_read_msg_id, kind: "read" });
+    }
     if (isOpenAndVisible(conv.id)) conv.unread = 0;
     else if (conv.readAt <= started) conv.unread = Math.max(item.unread || 0, conv.liveUnread.size);
   }
@@ -481,7 +487,7 @@ function view(conversationId) {
   let v = views.get(conversationId);
   if (!v) {
     v = { messages: new Map(), loaded: false, loading: false, hasMore: false, nextBefore: null,
-          readSent: null, needsRead: false, receiptUpTo: null, readers: new Map() }; // readers: group receipts
+          readSent: null, needsRead: false, receiptUpTo: null, deliveredUpTo: null, readers: new Map() }; // readers: group receipts
     views.set(conversationId, v);
   }
   return v;
@@ -605,6 +611,7 @@ function messageState(conv, v, msg) {
     return ["read", `Read by ${readers.slice(0, READERS_SHOWN).join(", ")}${more > 0 ? ` and ${more} more` : ""}`];
   }
   if (msg.status === 1) return ["read", "Read"];
+  if (v.deliveredUpTo && compareIds(msg.msg_id, v.deliveredUpTo) <= 0) return ["delivered", "Delivered"];
   return ["sent", "Sent"];
 }
 
@@ -916,9 +923,15 @@ function onRecalled({ msg_id: msgId, conversation_id: conversationId }) {
   renderList();
 }
 
-function onReceipt({ conversation_id: conversationId, reader, msg_id: upTo }) {
+function onReceipt({ conversation_id: conversationId, reader, msg_id: upTo, kind }) {
   if (reader === session.userId) return;
   const v = view(conversationId);
+  if (kind === "delivered") { // reached one of the reader's devices (a read implies it as well)
+    if (conversationId.startsWith("g_")) return; // per member: GET …/messages/{msg_id}/receipts
+    if (!v.deliveredUpTo || compareIds(upTo, v.deliveredUpTo) > 0) v.deliveredUpTo = upTo;
+    if (conversationId === openId) renderMessages({ keepScroll: true });
+    return;
+  }
   if (conversationId.startsWith("g_")) { // one member has read our messages up to upTo
     const before = v.readers.get(reader);
     if (!before || compareIds(upTo, before) > 0) v.readers.set(reader, upTo);

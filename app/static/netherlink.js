@@ -166,6 +166,9 @@ export class NetherLinkClient extends EventTarget {
     this._pendingSends = new Map(); // client_msg_id -> {frame, resolve, reject, timer, attempts}
     this._pendingReads = new Map(); // conversation_id -> msg_id (highest asked, not yet read_ok'd)
     this._pendingRecalls = new Map(); // msg_id -> [{resolve, reject}]
+    this._toConfirm = new Map(); // conversation_id -> greatest msg_id to confirm with `received`
+    this._confirmed = new Map(); // conversation_id -> greatest msg_id confirmed
+    this._confirmTimer = null;
     this._requests = [];            // non-send requests in flight on this socket, oldest first
     this._seen = new Map();         // msg_id -> {status, held}: de-duplication, recalls seen early
     this._cmidPrefix = `web-${randomHex(6)}-${Date.now().toString(36)}`;
@@ -458,6 +461,24 @@ export class NetherLinkClient extends EventTarget {
     this._emit("error", { ...error, request: request || null });
   }
 
+  /** Tell the server this device holds the messages up to msgId (`received`): the sender sees
+   * "delivered". One frame per conversation for whatever arrived within a tenth of a second. */
+  _confirmReceived(conversationId, msgId) {
+    const known = this._toConfirm.get(conversationId);
+    if (known && compareIds(msgId, known) <= 0) return;
+    this._toConfirm.set(conversationId, msgId);
+    if (this._confirmTimer) return;
+    this._confirmTimer = setTimeout(() => {
+      this._confirmTimer = null;
+      for (const [cid, upTo] of this._toConfirm) {
+        if (this._confirmed.get(cid) && compareIds(upTo, this._confirmed.get(cid)) <= 0) continue;
+        // No reply on success; not queued as a request (it gets none to match).
+        if (this._sendRaw({ type: "received", conversation_id: cid, msg_id: upTo })) this._confirmed.set(cid, upTo);
+      }
+      this._toConfirm.clear();
+    }, 100);
+  }
+
   _dropRequest(match) {
     const i = this._requests.findIndex(match);
     if (i >= 0) this._requests.splice(0, i + 1); // replies are in order: earlier ones were answered
@@ -465,6 +486,7 @@ export class NetherLinkClient extends EventTarget {
 
   _onMessage(frame, source) {
     const message = { ...frame };
+    if (frame.from !== this.userId && frame.msg_id) this._confirmReceived(frame.conversation_id, frame.msg_id);
     // Our own message (from another device, or a send whose ack was lost) settles a pending send:
     // the ack event stands for it, so it is not reported as a new message as well.
     if (frame.from === this.userId && this._pendingSends.has(frame.client_msg_id)) {
@@ -546,6 +568,7 @@ export class NetherLinkClient extends EventTarget {
     for (const entry of batch.messages || []) {
       if (entry.type === "message") this._onMessage(entry, "sync");
       else if (entry.type === "recalled") this._onRecalled(entry, "sync");
+      else if (entry.type === "receipt") this._emit("receipt", { ...entry, source: "sync" });
     }
     // Stored only once the batch is handled: a crash in between repeats it, never skips it.
     this._cursor = batch.cursor;

@@ -38,7 +38,8 @@ def test_two_users_chat_live_with_unread_badges_presence_and_read_receipts(clust
     send(alice_page, "Hello Bob 👋")
     mine = bubbles(alice_page, "Hello Bob 👋")
     expect(mine).to_have_count(1)
-    expect(mine.locator(".msg-state")).to_have_text("Sent")
+    # Bob's page is connected: it confirms holding the message (`received`), and Alice sees it.
+    expect(mine.locator(".msg-state")).to_have_text("Delivered")
     alice_id = alice_page.evaluate("JSON.parse(sessionStorage.getItem('netherlink:session')).userId")
     assert isinstance(alice_id, str) and alice_id.isdigit()
     cid = private_conversation_id(int(alice_id), int(bob.user_id))
