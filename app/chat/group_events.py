@@ -17,7 +17,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.chat.delivery import deliver_frames, by_gateway
@@ -31,7 +30,6 @@ log = logging.getLogger(__name__)
 
 CREATED, MEMBER_ADDED, MEMBER_REMOVED = "created", "member_added", "member_removed"
 RENAMED, ROLE_CHANGED, DELETED = "renamed", "role_changed", "deleted"
-EVENTS = (CREATED, MEMBER_ADDED, MEMBER_REMOVED, RENAMED, ROLE_CHANGED, DELETED)
 
 
 @dataclass(frozen=True)
@@ -69,3 +67,7 @@ def announce(storage: Storage, announcements: list[Announcement]) -> None:
     except Exception as exc:  # noqa: BLE001 - the stream has the events; clients catch up by sync
         log.warning("group events %s not delivered live: %s",
                     [a.frame["event_id"] for a in announcements], exc.__class__.__name__)
+        return
+    for a in announcements:
+        log.info("group %s event %s (%s) announced to %d users", a.frame["group_id"], a.frame["event_id"],
+                 a.frame["event"], len(a.user_ids))

@@ -7,6 +7,9 @@ joined_seq < group_seq <= left_seq (left_seq NULL while still a member): the
 history from their latest join onward, and none written after they left or
 were removed. Because both sides serialise on one row, the rule agrees with
 commit order exactly; delivery, sync, history and unread all apply it.
+
+Every change is also a group event (app.chat.group_events), written in the
+change's transaction and announced to the affected users after its commit.
 """
 from __future__ import annotations
 
