@@ -1,10 +1,9 @@
 """Group chat on the chat page, end to end: three users in three browser contexts against the real
 gateways and workers of the test cluster and the real groups REST API (no scripted answers).
 
-No WebSocket frame announces a membership change (protocol.md §17, §19): a page learns of a group it
-was added to, or removed from, by refreshing GET /api/conversations, which chat.js does every
-LIST_REFRESH_MS, on reconnect, when a message names a conversation it does not know, and after a
-group send is refused. Bob's page runs on Playwright's fake clock (it still flows at the normal
+A page learns of a group it was added to, or removed from, by refreshing GET /api/conversations,
+which chat.js does on every `group_event` frame (protocol.md §19), every LIST_REFRESH_MS, on
+reconnect, when a message names a conversation it does not know, and after a group send is refused. Bob's page runs on Playwright's fake clock (it still flows at the normal
 rate) so that the test can bring its periodic refresh forward instead of waiting for it.
 """
 import re
