@@ -238,3 +238,26 @@ def test_concurrent_additions_keep_every_stream_gap_free_with_each_event_once(cl
             assert mine == owner_events[owner_events.index(joined):]
     assert _stream_seqs(storage, owner) == list(range(1, len(_stream_seqs(storage, owner)) + 1))
     assert len(_stream_seqs(storage, owner, ENTRY_GROUP_EVENT)) == 1 + len(joiners)
+
+
+def test_a_deleted_account_leaves_its_groups_with_events_and_its_solo_group_is_deleted(cluster, make_user, connect):
+    alice, bob, carol = (make_user() for _ in range(3))
+    shared = make_group(lambda u: api_of(cluster, u), alice, [bob, carol], name="Alice's")["group_id"]
+    solo = make_group(lambda u: api_of(cluster, u), alice, [carol], name="Soon alone")["group_id"]
+    carol_api = api_of(cluster, carol)
+    assert carol_api("DELETE", f"/api/groups/{solo}/members/{carol.user_id}").status_code == 204
+    b = connect(bob, cluster.gw2)
+
+    r = api_of(cluster, alice)("DELETE", "/api/account", json={"password": "correct-horse"})
+    assert r.status_code == 204
+    handover = next_event(b, "role_changed", shared)  # the group passes on first (the earliest member)
+    assert (handover["role"], handover["actor_id"]) == ("owner", alice.user_id)
+    heir = handover["user_ids"][0]
+    assert heir in (bob.user_id, carol.user_id)
+    left = next_event(b, "member_removed", shared)
+    assert left["user_ids"] == [alice.user_id] == [left["actor_id"]]
+    entries, _, _ = sync_all(connect(carol, cluster.gw1))
+    assert [e["event"] for e in events_in(entries, shared)] == ["created", "role_changed", "member_removed"]
+    # Alice was alone in her other group: it is deleted, and leaves Carol's list too (she had left it).
+    assert f"g_{solo}" not in {c["conversation_id"] for c in carol_api("GET", "/api/conversations").json()["conversations"]}
+    assert carol_api("GET", f"/api/groups/{solo}/members").status_code == 404
