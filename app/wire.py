@@ -52,6 +52,18 @@ def recalled_frame(msg_id: int, conversation_id: str, recalled_at: int | None = 
     return frame
 
 
+def group_event_frame(event) -> dict:
+    """`group_event`: live to the members after the change and the users it removed, and as a
+    sync entry; `event` is a GroupEvent (docs/protocol.md §19)."""
+    return {
+        "type": "group_event", "event_id": str(event.id), "group_id": str(event.group_id),
+        "conversation_id": f"g_{event.group_id}", "event": event.event,
+        "actor_id": str(event.actor_id) if event.actor_id is not None else None,
+        "user_ids": [str(uid) for uid in event.user_ids or []], "name": event.name, "role": event.role,
+        "timestamp": event.timestamp,
+    }
+
+
 def ack_frame(client_msg_id: str, msg_id: int, conversation_id: str, timestamp: int) -> dict:
     return {"type": "ack", "client_msg_id": client_msg_id, "msg_id": str(msg_id),
             "conversation_id": conversation_id, "timestamp": timestamp}

@@ -180,6 +180,7 @@ class Conversation(Base):
 
 
 ENTRY_MESSAGE, ENTRY_RECALL = 0, 1
+ENTRY_GROUP_EVENT = 4  # sync_entry.message_id is a group_event id
 ENTRY_RECEIPT = 5  # message_id holds a Receipt's id
 RECEIPT_DELIVERED, RECEIPT_READ = 1, 2
 RECEIPT_KINDS = {RECEIPT_DELIVERED: "delivered", RECEIPT_READ: "read"}
@@ -309,6 +310,23 @@ class ChatGroup(Base):
     # Last group_seq given to a message; sends and membership changes both take this row's lock.
     msg_seq: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms; a deleted group is in no list
+
+
+class GroupEvent(Base):
+    """A change to a group (app.chat.group_events): the `group_event` frame and sync entry."""
+
+    __tablename__ = "group_event"
+    __table_args__ = (Index("idx_group_event_group", "group_id", "id"), MYSQL_TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    group_id: Mapped[int] = mapped_column(BigInteger)
+    event: Mapped[str] = mapped_column(String(16))  # created, member_added, member_removed, renamed, ...
+    actor_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    user_ids: Mapped[list | None] = mapped_column(JSON, nullable=True)  # the users the event is about
+    name: Mapped[str | None] = mapped_column(String(100), nullable=True)  # the group's name after it
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)  # role_changed: the new role
+    timestamp: Mapped[int] = mapped_column(BigInteger)  # ms
 
 
 class GroupMember(Base):

@@ -166,6 +166,16 @@ def _push_failed_again(w: World, role: str) -> None:
         session.execute(update(PushLog).where(PushLog.id == w.push_id).values(push_status="failed"))
 
 
+def _doomed_group(w: World, role: str) -> dict:
+    """A fresh group like the world's (owner, group admin, party) for one deletion cell."""
+    r = w.as_owner("POST", "/api/groups", json={"name": "Doomed", "members": [
+        w.users["group_admin"].user_id, w.users["party"].user_id]})
+    gid = r.json()["group_id"]
+    r = w.as_owner("PATCH", f"/api/groups/{gid}/members/{w.users['group_admin'].user_id}", json={"role": "admin"})
+    assert r.status_code == 204, r.text
+    return {"path": f"/api/groups/{gid}"}
+
+
 REST = [
     ("POST", "/api/auth/register", "a new account", "201 201 201 201 201 201 201 201",
      lambda w, role: {"json": {"username": f"r{uuid.uuid4().hex[:12]}", "password": PASSWORD}}),
@@ -186,6 +196,9 @@ REST = [
      lambda w, role: {"path": f"/api/groups/987654321987/members/{w.victim.user_id}"}),
     ("PATCH", "/api/groups/{group_id}", "rename the group", "401 401 403 403 403 204 204 403",
      lambda w, role: {"json": {"name": f"renamed by {role}"}}),
+    ("DELETE", "/api/groups/{group_id}", "delete a group", "401 401 403 403 403 403 204 403", _doomed_group),
+    ("DELETE", "/api/groups/{group_id}", "a group that does not exist", "401 401 404 404 404 404 404 404",
+     lambda w, role: {"path": "/api/groups/987654321987"}),
     ("PATCH", "/api/groups/{group_id}/members/{user_id}", "make a plain member a member",
      "401 401 403 403 403 403 204 403", lambda w, role: _member_back(w, role) or {"json": {"role": "member"}}),
     ("GET", "/api/conversations", "my list", "401 401 200 200 200 200 200 200", None),

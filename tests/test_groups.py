@@ -13,7 +13,7 @@ from app.push.planning import PRIORITY_GROUP
 from app.chat.recall import recall_message
 from app.errors import Forbidden, RecallExpired
 from app.chat.unread import UNREAD_KEY, unread_counts
-from models import Device, Message, OfflineMessageIndex, PushLog, SyncEntry
+from models import ENTRY_MESSAGE, Device, Message, OfflineMessageIndex, PushLog, SyncEntry
 from tests.harness import wait_until
 from tests.test_sync import sync_all
 
@@ -209,7 +209,7 @@ def test_removal_stops_delivery_sending_and_later_history_and_newcomers_see_from
     # Frank joined between the two: he sees only the later one, in his stream and in history.
     wait_until(lambda: stream_entries(storage, frank, after["msg_id"]) == [0], what="frank's stream entry")
     entries, _, _ = sync_all(connect(frank, cluster.gw1))
-    assert [e["msg_id"] for e in entries if e.get("conversation_id") == cid] == [after["msg_id"]]
+    assert [e["msg_id"] for e in entries if e["type"] == "message" and e["conversation_id"] == cid] == [after["msg_id"]]
     history = api(frank)("GET", f"/api/conversations/{cid}/messages").json()["messages"]
     assert [m["msg_id"] for m in history] == [after["msg_id"]]
     assert stream_entries(storage, frank, before["msg_id"]) == []
@@ -256,7 +256,7 @@ def test_recall_rules_in_a_group(cluster, make_user, connect, storage, api):
     assert sorted(outcome.parties) == sorted(int(u.user_id) for u in (owner, bob, carol))
     c.send_json({"type": "sync", "cursor": None, "limit": 500})
     batch = c.next_frame(lambda f: f["type"] == "sync_batch")
-    assert [e["type"] for e in batch["messages"] if e["msg_id"] == old["msg_id"]] == ["message", "recalled"]
+    assert [e["type"] for e in batch["messages"] if e.get("msg_id") == old["msg_id"]] == ["message", "recalled"]
 
 
 def test_a_redelivered_chunk_writes_nothing_twice(cluster, make_user, connect, storage, api):
@@ -297,7 +297,8 @@ def test_a_dispatch_worker_killed_mid_fan_out_loses_and_duplicates_nothing(
     for user in [alice, *others]:
         with storage.sessions() as session:
             got = session.scalars(select(SyncEntry.message_id).where(
-                SyncEntry.user_id == int(user.user_id), SyncEntry.conversation_id == cid)).all()
+                SyncEntry.user_id == int(user.user_id), SyncEntry.conversation_id == cid,
+                SyncEntry.kind == ENTRY_MESSAGE)).all()
         assert sorted(got) == sorted(int(x["msg_id"]) for x in acks)
         storage.redis.delete(UNREAD_KEY.format(user.user_id))  # and MySQL agrees
         assert unread_counts(storage, int(user.user_id)) == ({} if user is alice else {cid: 4})
@@ -370,7 +371,7 @@ def test_a_message_recalled_before_its_fan_out_reaches_members_as_recalled(clust
     wait_until(lambda: sorted(stream_entries(storage, carol, ack["msg_id"])) == [0, 1], what="carol's entries")
     c = connect(carol)
     entries, _, _ = sync_all(c)
-    mine = [(e["type"], e.get("content")) for e in entries if e["msg_id"] == ack["msg_id"]]
+    mine = [(e["type"], e.get("content")) for e in entries if e.get("msg_id") == ack["msg_id"]]
     assert mine == [("message", ""), ("recalled", None)]
     assert unread_counts(storage, int(carol.user_id)) == {}
     [item] = [x for x in api(carol)("GET", "/api/conversations").json()["conversations"] if x["conversation_id"] == cid]

@@ -26,7 +26,7 @@ from app.chat.intake import MessageIntake
 from app.media.uploads import check_attachment
 from app.chat.receipts import mark_read, mark_received
 from app.chat.recall import recall_message
-from app.chat.sync import parse_cursor, parse_limit, read_stream
+from app.chat.sync import LATEST, parse_cursor, parse_limit, read_stream, stream_end
 from app.chat.presence import DELIVERY_CHANNEL, Presence, now_ms
 from app.ratelimit import Limit, LocalBucket, take
 from app.ids import LeasedIds, NodeLease
@@ -390,6 +390,11 @@ class Gateway:
         conn.send(ack_frame(ack.client_msg_id, ack.msg_id, ack.conversation_id, ack.timestamp))
 
     def _on_sync(self, conn: Connection, frame: dict) -> None:
+        if frame.get("cursor") == LATEST:  # a new device starts from now
+            parse_limit(frame.get("limit"))
+            conn.send({"type": "sync_batch", "messages": [], "cursor": stream_end(self.storage, conn.user_id),
+                       "has_more": False})
+            return
         page = read_stream(self.storage, conn.user_id, parse_cursor(frame.get("cursor")),
                            parse_limit(frame.get("limit")), message_frame)
         conn.send({"type": "sync_batch", "messages": page.entries, "cursor": page.cursor, "has_more": page.has_more})

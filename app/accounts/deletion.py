@@ -9,7 +9,8 @@ deleted user answer the username "deleted user" with `"deleted": true`.
 
 Everything else the account owns goes: the rows of `OWNED_ROWS` (add a table there and
 deletion and export both cover it), group memberships (a group the user owned passes to its
-longest-standing admin, else member), and the user's Redis keys; its sockets are closed.
+longest-standing admin, else member; one they were alone in is deleted; the other members get the
+group events, app.chat.group_events), and the user's Redis keys; its sockets are closed.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from app.accounts.audit import ACTOR_OPERATOR, ACTOR_USER, USER_DELETED, record_
 from app.accounts.auth import authenticate
 from app.accounts.status import cut_off
 from app.chat.conversations import invalidate_conversation_lists
+from app.chat.group_events import DELETED, MEMBER_REMOVED, ROLE_CHANGED, announce, record_event
 from app.chat.unread import forget_unread
 from app.errors import Forbidden, NotFound, Unauthorized
 from app.storage import Storage
@@ -81,12 +83,15 @@ def erase_account(storage: Storage, user_id: int, actor_id: int | None, actor: s
     settings = storage.settings
     now = _now_ms()
     with storage.session() as session:
+        # The user's groups before the user row: a group change locks the group, then its members' rows.
+        session.execute(select(ChatGroup.id).where(ChatGroup.id.in_(select(GroupMember.group_id).where(
+            GroupMember.user_id == user_id, GroupMember.left_seq.is_(None)))).order_by(ChatGroup.id).with_for_update())
         user = session.scalar(select(User).where(User.id == user_id).with_for_update())
         if user is None or user.deleted_at is not None:
             return  # deleted meanwhile: nothing left to do
         old_username = user.username
         peers = _peers(session, user_id)
-        _leave_groups(session, user_id, now)
+        group_events, stale_lists = _leave_groups(session, storage.is_mysql, user_id, now)
         user.username, user.password_hash = TOMBSTONE.format(user_id), "!deleted"
         user.deleted_at, user.disabled_at, user.is_admin = now, user.disabled_at or now, False
         user.presence_visibility = "nobody"
@@ -101,7 +106,8 @@ def erase_account(storage: Storage, user_id: int, actor_id: int | None, actor: s
         forget_unread(storage, [user_id])
     except Exception as exc:  # nothing there is needed any more; the keys expire
         log.warning("user %s deleted, Redis keys left to expire: %s", user_id, exc.__class__.__name__)
-    invalidate_conversation_lists(storage, peers | {user_id})  # their lists name "deleted user" now
+    invalidate_conversation_lists(storage, peers | stale_lists | {user_id})  # their lists name "deleted user" now
+    announce(storage, group_events)  # after the commit, as every group change
     cut_off(storage, user_id, "account deleted")
     log.info("user %s deleted (by %s %s)", user_id, actor, actor_id)
 
@@ -115,23 +121,38 @@ def _peers(session, user_id: int) -> set[int]:
     return (set(private) | set(members)) - {user_id}
 
 
-def _leave_groups(session, user_id: int, now: int) -> None:
-    """Leave every group (its owner hands it on first), then drop the membership rows."""
+def _leave_groups(session, is_mysql: bool, user_id: int, now: int) -> tuple[list, set[int]]:
+    """Leave every group (its owner hands it on first; a group with nobody left is deleted), then
+    drop the membership rows. Returns the group events for the remaining members
+    (app.chat.group_events) and the former members of deleted groups (their lists drop them)."""
     group_ids = sorted(session.scalars(select(GroupMember.group_id).where(
         GroupMember.user_id == user_id, GroupMember.left_seq.is_(None))).all())
+    events, stale = [], set()
     for group_id in group_ids:  # the group rows' order: the one lock order of group writers
         group = session.scalar(select(ChatGroup).where(ChatGroup.id == group_id).with_for_update())
-        if group is None:
+        if group is None or group.deleted_at is not None:
             continue
-        if group.owner_id == user_id:
-            heir = session.scalar(select(GroupMember).where(
-                GroupMember.group_id == group_id, GroupMember.user_id != user_id, GroupMember.left_seq.is_(None))
-                .order_by((GroupMember.role == "admin").desc(), GroupMember.joined_at, GroupMember.id).limit(1))
-            if heir is not None:
-                heir.role, group.owner_id = "owner", heir.user_id
         session.execute(update(GroupMember).where(GroupMember.group_id == group_id, GroupMember.user_id == user_id)
                         .values(left_seq=group.msg_seq, left_at=now))
+        remaining = list(session.scalars(select(GroupMember.user_id).where(
+            GroupMember.group_id == group_id, GroupMember.left_seq.is_(None))).all())
+        if group.owner_id == user_id:
+            heir = session.scalar(select(GroupMember).where(
+                GroupMember.group_id == group_id, GroupMember.left_seq.is_(None))
+                .order_by((GroupMember.role == "admin").desc(), GroupMember.joined_at, GroupMember.id).limit(1))
+            if heir is None:  # the owner was the last member: as their leaving would, it deletes the group
+                group.deleted_at = now
+                events.append(record_event(session, is_mysql, group_id, DELETED, user_id, [], [], name=group.name))
+                stale |= set(session.scalars(select(Conversation.user_id).where(
+                    Conversation.conversation_id == f"g_{group_id}")).all())
+                continue
+            heir.role, group.owner_id = "owner", heir.user_id
+            events.append(record_event(session, is_mysql, group_id, ROLE_CHANGED, user_id, [heir.user_id],
+                                       remaining, name=group.name, role="owner"))
+        events.append(record_event(session, is_mysql, group_id, MEMBER_REMOVED, user_id, [user_id], remaining,
+                                   name=group.name))
     session.execute(delete(GroupMember).where(GroupMember.user_id == user_id))
+    return events, stale
 
 
 def _delete_rows(storage: Storage, model, column, user_id: int) -> None:

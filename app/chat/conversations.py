@@ -90,7 +90,7 @@ def _load_conversations(storage: Storage, user_id: int) -> list[dict]:
             .outerjoin(ChatGroup, (ChatGroup.id == Conversation.target_id) & Conversation.is_group.is_(True))
             .outerjoin(GroupMember, (GroupMember.group_id == Conversation.target_id)
                        & (GroupMember.user_id == user_id) & Conversation.is_group.is_(True))
-            .where(Conversation.user_id == user_id)
+            .where(Conversation.user_id == user_id, ChatGroup.deleted_at.is_(None))  # a deleted group: in no list
             # New groups have no message yet: they come first, like a fresh conversation.
             .order_by(Conversation.last_message_time.is_(None).desc(), Conversation.last_message_time.desc(),
                       Conversation.id.desc())).all()

@@ -7,6 +7,9 @@ joined_seq < group_seq <= left_seq (left_seq NULL while still a member): the
 history from their latest join onward, and none written after they left or
 were removed. Because both sides serialise on one row, the rule agrees with
 commit order exactly; delivery, sync, history and unread all apply it.
+
+Every change is also a group event (app.chat.group_events), written in the
+change's transaction and announced to the affected users after its commit.
 """
 from __future__ import annotations
 
@@ -19,6 +22,9 @@ from sqlalchemy.orm import Session
 
 from app.accounts.blocks import blockers_among
 from app.chat.conversations import invalidate_conversation_lists
+from app.chat.group_events import (
+    CREATED, DELETED, MEMBER_ADDED, MEMBER_REMOVED, RENAMED, ROLE_CHANGED, announce, record_event,
+)
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.storage import Storage, insert_ignoring_duplicates
 from models import ChatGroup, Conversation, GroupMember, User
@@ -52,7 +58,7 @@ def clean_group_name(name) -> str:
 def lock_group(session: Session, group_id: int) -> ChatGroup:
     """The group row, locked until commit: membership changes and sends take turns."""
     group = session.scalar(select(ChatGroup).where(ChatGroup.id == group_id).with_for_update())
-    if group is None:
+    if group is None or group.deleted_at is not None:
         raise NotFound(f"group {group_id} does not exist")
     return group
 
@@ -90,7 +96,8 @@ def require_current_member(session: Session, group_id: int, user_id: int) -> Gro
     member = current_membership(session, group_id, user_id)
     if member is not None:
         return member
-    if session.get(ChatGroup, group_id) is None:
+    group = session.get(ChatGroup, group_id)
+    if group is None or group.deleted_at is not None:  # a deleted group has no members
         raise NotFound(f"group {group_id} does not exist")
     raise Forbidden(f"you are not a member of group {group_id}")
 
@@ -121,7 +128,10 @@ def create_group(storage: Storage, owner_id: int, name, member_ids: list[int]) -
                         for uid in members)
         _ensure_conversation_rows(session, storage.is_mysql, group.id, [owner_id, *members])
         group_id = group.id
+        event = record_event(session, storage.is_mysql, group_id, CREATED, owner_id, [owner_id, *members],
+                             [owner_id, *members], name=name)
     invalidate_conversation_lists(storage, [owner_id, *members])
+    announce(storage, [event])
     return GroupCreated(group_id, group_conversation_id(group_id), [owner_id, *members])
 
 
@@ -154,7 +164,10 @@ def add_members(storage: Storage, actor_id: int, group_id: int, user_ids: list[i
                 row.role, row.joined_at, row.joined_seq, row.left_seq, row.left_at = \
                     MEMBER, now, group.msg_seq, None, None
         _ensure_conversation_rows(session, storage.is_mysql, group_id, added)
+        events = [record_event(session, storage.is_mysql, group_id, MEMBER_ADDED, actor_id, added,
+                               _current_members(session, group_id), name=group.name)] if added else []
     invalidate_conversation_lists(storage, added)
+    announce(storage, events)
     return added
 
 
@@ -164,22 +177,31 @@ def remove_member(storage: Storage, actor_id: int, group_id: int, user_id: int) 
     From this commit on the user gets none of the group's new messages, cannot
     send to it and cannot read what is written after; the history they saw stays theirs.
     """
+    former = None
     with storage.session() as session:
         group = lock_group(session, group_id)
         actor = require_current_member(session, group_id, actor_id)
         target = actor if user_id == actor_id else current_membership(session, group_id, user_id)
         if target is None:
             raise NotFound(f"user {user_id} is not a member of group {group_id}")
-        if user_id == actor_id:
-            if actor.role == OWNER and _member_count(session, group_id) > 1:
+        if user_id == actor_id and actor.role == OWNER:
+            if _member_count(session, group_id) > 1:
                 raise Conflict("the owner cannot leave while others remain: make another member owner first "
-                               "(PATCH /api/groups/{group_id}/members/{user_id} with role 'owner')")
-        elif actor.role == OWNER or (actor.role == ADMIN and target.role == MEMBER):
-            pass
+                               "(PATCH /api/groups/{group_id}/members/{user_id} with role 'owner'), "
+                               "or delete the group (DELETE /api/groups/{group_id})")
+            event, former = _delete_locked(session, storage.is_mysql, group, actor_id)  # the last one out
+        elif user_id == actor_id or actor.role == OWNER or (actor.role == ADMIN and target.role == MEMBER):
+            target.left_seq, target.left_at = group.msg_seq, _now_ms()
+            session.flush()
+            event = record_event(session, storage.is_mysql, group_id, MEMBER_REMOVED, actor_id, [user_id],
+                                 [*_current_members(session, group_id), user_id], name=group.name)
         else:
             raise Forbidden("only the group owner, or a group admin for plain members, can remove members")
-        target.left_seq, target.left_at = group.msg_seq, _now_ms()
+    if former is not None:  # the owner was the last member: the group is deleted
+        _after_delete(storage, event, former)
+        return
     invalidate_conversation_lists(storage, [user_id])
+    announce(storage, [event])
 
 
 def set_role(storage: Storage, actor_id: int, group_id: int, user_id: int, role) -> None:
@@ -198,9 +220,18 @@ def set_role(storage: Storage, actor_id: int, group_id: int, user_id: int, role)
             if role != OWNER:
                 raise Conflict("the owner cannot demote themselves: make another member owner instead")
             return
+        if target.role == role:
+            return  # nothing changes: no event
         target.role = role
         if role == OWNER:
             actor.role, group.owner_id = ADMIN, user_id
+        members = _current_members(session, group_id)
+        events = [record_event(session, storage.is_mysql, group_id, ROLE_CHANGED, actor_id, [user_id], members,
+                               name=group.name, role=role)]
+        if role == OWNER:  # the handover: the former owner is an admin now
+            events.append(record_event(session, storage.is_mysql, group_id, ROLE_CHANGED, actor_id, [actor_id],
+                                       members, name=group.name, role=ADMIN))
+    announce(storage, events)
 
 
 def rename_group(storage: Storage, actor_id: int, group_id: int, name) -> None:
@@ -210,9 +241,47 @@ def rename_group(storage: Storage, actor_id: int, group_id: int, name) -> None:
         group = lock_group(session, group_id)
         if require_current_member(session, group_id, actor_id).role not in (OWNER, ADMIN):
             raise Forbidden("only the group owner or a group admin can rename the group")
+        changed = group.name != name
         group.name = name
         members = session.scalars(select(GroupMember.user_id).where(GroupMember.group_id == group_id)).all()
+        events = [record_event(session, storage.is_mysql, group_id, RENAMED, actor_id, [],
+                               _current_members(session, group_id), name=name)] if changed else []
     invalidate_conversation_lists(storage, members)  # former members' lists show the name too
+    announce(storage, events)
+
+
+def delete_group(storage: Storage, actor_id: int, group_id: int) -> None:
+    """The owner deletes the group: every member leaves it (their history of it stays theirs and
+    in their streams), it leaves every list, and sends to it are refused (not_found)."""
+    with storage.session() as session:
+        group = lock_group(session, group_id)
+        if require_current_member(session, group_id, actor_id).role != OWNER:
+            raise Forbidden("only the group owner can delete the group")
+        event, former = _delete_locked(session, storage.is_mysql, group, actor_id)
+    _after_delete(storage, event, former)
+
+
+def _delete_locked(session: Session, is_mysql: bool, group: ChatGroup, actor_id: int):
+    """Close every membership at the group's last message and mark the group deleted (lock held)."""
+    members = _current_members(session, group.id)
+    now = _now_ms()
+    session.execute(update(GroupMember).where(GroupMember.group_id == group.id, GroupMember.left_seq.is_(None))
+                    .values(left_seq=group.msg_seq, left_at=now))
+    group.deleted_at = now
+    event = record_event(session, is_mysql, group.id, DELETED, actor_id, [], members, name=group.name)
+    former = session.scalars(select(Conversation.user_id).where(
+        Conversation.conversation_id == group_conversation_id(group.id))).all()
+    return event, former
+
+
+def _after_delete(storage: Storage, event, former) -> None:
+    invalidate_conversation_lists(storage, former)  # the group leaves every list, former members' too
+    announce(storage, [event])
+
+
+def _current_members(session: Session, group_id: int) -> list[int]:
+    return list(session.scalars(select(GroupMember.user_id).where(
+        GroupMember.group_id == group_id, GroupMember.left_seq.is_(None))).all())
 
 
 def _member_count(session: Session, group_id: int) -> int:
@@ -262,7 +331,7 @@ def my_groups(storage: Storage, user_id: int) -> list[dict]:
             select(ChatGroup, GroupMember.role, counts.c.n)
             .join(GroupMember, GroupMember.group_id == ChatGroup.id)
             .join(counts, counts.c.group_id == ChatGroup.id)
-            .where(GroupMember.user_id == user_id, GroupMember.left_seq.is_(None))
+            .where(GroupMember.user_id == user_id, GroupMember.left_seq.is_(None), ChatGroup.deleted_at.is_(None))
             .order_by(ChatGroup.id)).all()
     return [{"group_id": str(g.id), "conversation_id": group_conversation_id(g.id), "name": g.name, "role": role,
              "member_count": n, "owner_id": str(g.owner_id)} for g, role, n in rows]

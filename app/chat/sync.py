@@ -13,12 +13,15 @@ from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidInput
-from app.wire import recalled_frame, receipt_frame
+from app.wire import group_event_frame, recalled_frame, receipt_frame
 from models import (
-    ENTRY_MESSAGE, ENTRY_RECALL, ENTRY_RECEIPT, RECEIPT_KINDS, Message, OfflineMessageIndex, Receipt, SyncEntry, User,
+    ENTRY_GROUP_EVENT, ENTRY_MESSAGE, ENTRY_RECALL, ENTRY_RECEIPT, RECEIPT_KINDS, GroupEvent, Message,
+    OfflineMessageIndex, Receipt, SyncEntry, User,
 )
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
+# Entries whose message_id points at another table's row (ids of two tables may be equal).
+_NOT_MESSAGES = (ENTRY_RECEIPT, ENTRY_GROUP_EVENT)
 _MESSAGE_COLUMNS = [c for c in Message.__table__.c if c.name != "created_at"]
 
 
@@ -84,6 +87,19 @@ def parse_cursor(cursor) -> int:
     raise InvalidInput("'cursor' must be null or a cursor this server returned")
 
 
+LATEST = "latest"  # the sync cursor meaning "the current end of my stream"
+
+
+def stream_end(storage, user_id: int) -> str:
+    """The cursor after the user's last committed entry: a sync from it gets only newer entries.
+
+    Read on the primary: every entry up to it is committed there (numbers are given
+    under the user row lock), and a lagging replica read from it later just waits for them.
+    """
+    with storage.sessions() as session:
+        return str(session.scalar(select(func.max(SyncEntry.seq)).where(SyncEntry.user_id == user_id)) or 0)
+
+
 def parse_limit(limit) -> int:
     if limit is None:
         return DEFAULT_LIMIT
@@ -106,7 +122,7 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
         # Entries of other kinds point at other rows: no message joins them (ids of two tables may be equal).
         rows = conn.execute(
             select(SyncEntry.seq, SyncEntry.kind, SyncEntry.message_id.label("entry_ref"), *_MESSAGE_COLUMNS)
-            .outerjoin(Message, (Message.id == SyncEntry.message_id) & (SyncEntry.kind != ENTRY_RECEIPT))
+            .outerjoin(Message, (Message.id == SyncEntry.message_id) & SyncEntry.kind.notin_(_NOT_MESSAGES))
             .where(SyncEntry.user_id == user_id, SyncEntry.seq > after)
             .order_by(SyncEntry.seq).limit(limit + 1)).all()
         has_more = len(rows) > limit
@@ -114,6 +130,7 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
         receipt_ids = [row.entry_ref for row in rows if row.kind == ENTRY_RECEIPT]
         receipts = {r.id: r for r in conn.execute(select(Receipt).where(Receipt.id.in_(receipt_ids)))} \
             if receipt_ids else {}
+        events = _group_event_frames(conn, [row.entry_ref for row in rows if row.kind == ENTRY_GROUP_EVENT])
     entries = []
     for row in rows:
         if row.kind == ENTRY_RECEIPT:
@@ -121,6 +138,8 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
             if r is not None:
                 entries.append(receipt_frame(r.conversation_id, r.reader_id, r.msg_id, RECEIPT_KINDS[r.kind],
                                              r.created_at_ms))
+        elif row.kind == ENTRY_GROUP_EVENT:
+            entries.append(events[row.entry_ref])
         elif row.kind == ENTRY_RECALL:
             entries.append(recalled_frame(row.id, row.conversation_id, row.recalled_at, row.recalled_by))
         else:
@@ -128,6 +147,14 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
     position = rows[-1].seq if rows else after
     _mark_offline_index_synced(storage, user_id, position)
     return SyncPage(entries, str(position), has_more)
+
+
+def _group_event_frames(conn, event_ids: list[int]) -> dict[int, dict]:
+    """The `group_event` entries of a page, by event id (app.chat.group_events writes them)."""
+    if not event_ids:
+        return {}
+    return {row.id: group_event_frame(row) for row in conn.execute(
+        select(*GroupEvent.__table__.c).where(GroupEvent.id.in_(sorted(set(event_ids))))).all()}
 
 
 def _mark_offline_index_synced(storage, user_id: int, position: int) -> None:

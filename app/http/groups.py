@@ -6,7 +6,7 @@ from flask import Blueprint, g, jsonify
 from app.http import json_body, storage
 from app.http.chat import require_user
 from app.http.requests import GroupCreation, GroupRename, MemberAddition, RoleChange
-from app.chat.groups import add_members, create_group, members_of, my_groups, remove_member, rename_group, set_role
+from app.chat.groups import add_members, create_group, delete_group, members_of, my_groups, remove_member, rename_group, set_role
 from app.wire import parse_id
 
 bp = Blueprint("groups", __name__, url_prefix="/api")
@@ -32,6 +32,13 @@ def list_groups():
 def change_group(group_id: str):
     group = parse_id(group_id, "group_id")
     rename_group(storage(), g.user_id, group, GroupRename.parse(json_body()).name)
+    return "", 204
+
+
+@bp.delete("/groups/<group_id>")
+@require_user
+def remove_group(group_id: str):
+    delete_group(storage(), g.user_id, parse_id(group_id, "group_id"))
     return "", 204
 
 

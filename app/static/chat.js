@@ -199,6 +199,7 @@ function startApp() {
   client.on("recalled", onRecalled);
   client.on("status", onStatus);
   client.on("read_ok", onReadOk);
+  client.on("group_event", () => scheduleListRefresh(0, { withGroups: true })); // membership, name, deletion
   client.on("synced", () => scheduleListRefresh(0, { withGroups: true })); // after every (re)connect
   client.on("unauthorized", () => logout("Your session has ended: log in again."));
   client.connect();

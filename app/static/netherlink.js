@@ -171,6 +171,7 @@ export class NetherLinkClient extends EventTarget {
     this._confirmTimer = null;
     this._requests = [];            // non-send requests in flight on this socket, oldest first
     this._seen = new Map();         // msg_id -> {status, held}: de-duplication, recalls seen early
+    this._seenEvents = new Set();   // group_event event_ids already reported
     this._cmidPrefix = `web-${randomHex(6)}-${Date.now().toString(36)}`;
     this._cmidCounter = 0;
     this._listeners = new Map();    // type -> Map(fn -> listener), for on()/off()
@@ -382,14 +383,26 @@ export class NetherLinkClient extends EventTarget {
       case "read_ok": return this._onReadOk(frame);
       case "receipt": return this._emit("receipt", frame);
       case "recalled": return this._onRecalled(frame, "live");
+      case "group_event": return this._onGroupEvent(frame, "live");
       default: return;
     }
+  }
+
+  _onGroupEvent(frame, source) {
+    // The same event comes live and in a sync page: report it once.
+    if (this._seenEvents.has(frame.event_id)) return;
+    this._seenEvents.add(frame.event_id);
+    if (this._seenEvents.size > this.options.seenLimit) {
+      this._seenEvents.delete(this._seenEvents.values().next().value); // oldest first
+    }
+    this._emit("group_event", { ...frame, source });
   }
 
   _onHello(ws, hello) {
     ws.__helloSeen = true;
     if (this.userId !== null && this.userId !== hello.user_id) {
       this._seen.clear(); // another account: nothing of the old one applies
+      this._seenEvents.clear();
     }
     this.userId = hello.user_id;
     this.connId = hello.conn_id;
@@ -569,6 +582,7 @@ export class NetherLinkClient extends EventTarget {
       if (entry.type === "message") this._onMessage(entry, "sync");
       else if (entry.type === "recalled") this._onRecalled(entry, "sync");
       else if (entry.type === "receipt") this._emit("receipt", { ...entry, source: "sync" });
+      else if (entry.type === "group_event") this._onGroupEvent(entry, "sync");
     }
     // Stored only once the batch is handled: a crash in between repeats it, never skips it.
     this._cursor = batch.cursor;

@@ -14,7 +14,7 @@ def _history(storage, user_id, conversation_id):
 
 
 def _synced(storage, user_id):
-    return [e["content"] for e in read_stream(storage, user_id, 0, 100, message_frame).entries]
+    return [e["content"] for e in read_stream(storage, user_id, 0, 100, message_frame).entries if e["type"] == "message"]
 
 
 def test_the_creator_owns_the_group_and_everyone_sees_it_in_their_lists(make_user, storage):

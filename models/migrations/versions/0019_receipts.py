@@ -2,14 +2,14 @@
 receipt rows that the peers' `receipt` sync entries point at
 
 Revision ID: 0019
-Revises: 0014
+Revises: 0018
 """
 from alembic import op
 import sqlalchemy as sa
 
 
 revision = '0019'
-down_revision = '0014'
+down_revision = '0018'
 branch_labels = None
 depends_on = None
 
