@@ -348,7 +348,9 @@ class ChatClient:
 class User:
     user_id: str
     username: str
-    token: str
+    token: str  # the access token (JWT_TTL_SECONDS)
+    refresh_token: str = ""
+    password: str = "correct-horse"
 
 
 def register_and_login(base_url: str, username: str | None = None, password: str = "correct-horse") -> User:
@@ -358,4 +360,4 @@ def register_and_login(base_url: str, username: str | None = None, password: str
     r = requests.post(f"{base_url}/api/auth/login", json={"username": username, "password": password}, timeout=10)
     assert r.status_code == 200, r.text
     body = r.json()
-    return User(body["user_id"], username, body["access_token"])
+    return User(body["user_id"], username, body["access_token"], body["refresh_token"], password)

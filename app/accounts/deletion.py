@@ -22,6 +22,7 @@ from sqlalchemy import delete, select, tuple_, update
 
 from app.accounts.audit import ACTOR_OPERATOR, ACTOR_USER, USER_DELETED, record_in
 from app.accounts.auth import authenticate
+from app.accounts.sessions import forget_sessions
 from app.accounts.status import cut_off
 from app.chat.conversations import invalidate_conversation_lists
 from app.chat.unread import forget_unread
@@ -102,6 +103,7 @@ def erase_account(storage: Storage, user_id: int, actor_id: int | None, actor: s
     except Exception as exc:  # nothing there is needed any more; the keys expire
         log.warning("user %s deleted, Redis keys left to expire: %s", user_id, exc.__class__.__name__)
     invalidate_conversation_lists(storage, peers | {user_id})  # their lists name "deleted user" now
+    forget_sessions(storage, user_id)
     cut_off(storage, user_id, "account deleted")
     log.info("user %s deleted (by %s %s)", user_id, actor, actor_id)
 
