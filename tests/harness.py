@@ -283,8 +283,10 @@ class Worker(Process):
 class ChatClient:
     """A WebSocket client that keeps every frame it receives, by type."""
 
-    def __init__(self, url: str, token: str, use_header: bool = False):
-        if use_header:
+    def __init__(self, url: str, token: str, use_header: bool = False, ticket: str | None = None):
+        if ticket is not None:  # a one-time ticket of POST /api/ws-ticket
+            self.ws = websocket.create_connection(f"{url}?ticket={ticket}", timeout=10)
+        elif use_header:
             self.ws = websocket.create_connection(url, header=[f"Authorization: Bearer {token}"], timeout=10)
         else:
             self.ws = websocket.create_connection(f"{url}?token={token}", timeout=10)
