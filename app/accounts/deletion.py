@@ -28,7 +28,7 @@ from app.chat.conversations import invalidate_conversation_lists
 from app.chat.unread import forget_unread
 from app.errors import Forbidden, NotFound, Unauthorized
 from app.storage import Storage
-from models import (ChatGroup, Conversation, Device, GroupMember, Media, Message, OfflineMessageIndex, PushLog,
+from models import (AuthSession, ChatGroup, Conversation, Device, GroupMember, Media, Message, OfflineMessageIndex, PushLog,
                     PushSetting, SyncEntry, User, UserBlock, UsernameReservation)
 
 log = logging.getLogger(__name__)
@@ -195,12 +195,17 @@ def export_account(storage: Storage, user_id: int) -> Iterator[str]:
                   for m, name in session.execute(select(GroupMember, ChatGroup.name)
                                                  .outerjoin(ChatGroup, ChatGroup.id == GroupMember.group_id)
                                                  .where(GroupMember.user_id == user_id).order_by(GroupMember.id))]
+        sessions = [{"session_id": a.id, "created_at": a.created_at_ms, "last_used_at": a.last_used_at_ms,
+                     "revoked_at": a.revoked_at_ms, "revoked_reason": a.revoked_reason, "user_agent": a.user_agent,
+                     "ip": a.ip}  # never a token: only their hashes are stored, and those are not exported
+                    for a in session.scalars(select(AuthSession).where(AuthSession.user_id == user_id)
+                                             .order_by(AuthSession.created_at_ms))]
         media = [{"media_id": str(m.id), "content_type": m.content_type, "size": m.size, "filename": m.filename,
                   "sha256": m.sha256, "created_at": m.created_at_ms}
                  for m in session.scalars(select(Media).where(Media.uploader_id == user_id).order_by(Media.id))]
     head = {"exported_at": _now_ms(), "profile": profile, "privacy": privacy, "devices": devices,
             "push_settings": push_settings, "blocks": blocks, "conversations": conversations, "groups": groups,
-            "media": media}
+            "media": media, "sessions": sessions}
     yield json.dumps(head, ensure_ascii=False)[:-1] + ', "messages_sent": ['
     after, first = 0, True
     while True:
