@@ -275,3 +275,35 @@ def bulk_access_tokens(storage: Storage, settings, user_ids: list[int]) -> list[
                 {"id": sid, "user_id": uid, "created_at_ms": now, "last_used_at_ms": now}
                 for uid, sid in zip(user_ids[start:start + 5000], sids[start:start + 5000])])
     return [issue_token(settings, uid, sid) for uid, sid in zip(user_ids, sids)]
+
+
+def purge_sessions(storage: Storage, max_batches: int = 50, batch: int = 1000, now_ms: int | None = None) -> int:
+    """Beat housekeeping: expired refresh tokens, and sessions that can no longer be used (ended, or
+    idle past REFRESH_TTL_SECONDS + JWT_TTL_SECONDS: every token of theirs has expired). Bounded per
+    run, idempotent; returns the rows removed."""
+    from sqlalchemy import delete, or_
+
+    settings = storage.settings
+    now = _now_ms() if now_ms is None else now_ms
+    cutoff = now - (settings.refresh_ttl_seconds + settings.jwt_ttl_seconds) * 1000
+    removed = 0
+    for _ in range(max_batches):  # sessions first: with them go their refresh rows, expired or not
+        with storage.session() as session:
+            ids = list(session.scalars(select(AuthSession.id).where(or_(
+                AuthSession.revoked_at_ms < cutoff,
+                AuthSession.revoked_at_ms.is_(None) & (AuthSession.last_used_at_ms < cutoff)))
+                .order_by(AuthSession.id).limit(batch)).all())
+            if ids:
+                removed += session.execute(delete(AuthRefresh).where(AuthRefresh.session_id.in_(ids))).rowcount
+                removed += session.execute(delete(AuthSession).where(AuthSession.id.in_(ids))).rowcount
+        if len(ids) < batch:
+            break
+    for _ in range(max_batches):  # a used token stays until it expires: its reuse must still be caught
+        with storage.session() as session:
+            hashes = list(session.scalars(select(AuthRefresh.token_hash).where(AuthRefresh.expires_at_ms < now)
+                                          .order_by(AuthRefresh.token_hash).limit(batch)).all())
+            if hashes:
+                removed += session.execute(delete(AuthRefresh).where(AuthRefresh.token_hash.in_(hashes))).rowcount
+        if len(hashes) < batch:
+            break
+    return removed
