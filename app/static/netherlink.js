@@ -296,6 +296,7 @@ export class NetherLinkClient extends EventTarget {
     }
     this._ws = ws;
     ws.__helloSeen = false;
+    ws.__token = this.token; // the token the socket was opened with (or its ticket asked with)
     ws.onmessage = (event) => { if (ws === this._ws) this._onFrame(ws, event.data); };
     ws.onclose = (event) => { if (ws === this._ws) this._onClose(ws, event.code, event.reason); };
     ws.onerror = () => { /* a close event follows */ };
@@ -318,6 +319,10 @@ export class NetherLinkClient extends EventTarget {
     this._dropSocket();
     this._syncing = false;
     if (code === CLOSE_UNAUTHORIZED) {
+      if (wasOpen && ws.__token !== this.token && String(reason).startsWith("token expired")) {
+        this._scheduleReconnect(code, true); // the socket's token expired, but ours was renewed meanwhile
+        return;
+      }
       this._stopForAuth(reason || "token expired: log in again");
       return;
     }
