@@ -91,6 +91,7 @@ task_routes = {
     "tasks.pipeline.sweep_presence": _MAINTENANCE,
     "tasks.pipeline.purge_synced_offline_index": _MAINTENANCE,
     "tasks.pipeline.purge_push_log": _MAINTENANCE,
+    "tasks.pipeline.purge_sessions": _MAINTENANCE,
     "tasks.pipeline.reconcile_unread": _MAINTENANCE,
 }
 
@@ -99,6 +100,7 @@ beat_schedule = {
     "sweep-presence": {"task": "tasks.pipeline.sweep_presence", "schedule": 60.0},
     "purge-synced-offline-index": {"task": "tasks.pipeline.purge_synced_offline_index", "schedule": 3600.0},
     "purge-push-log": {"task": "tasks.pipeline.purge_push_log", "schedule": 3600.0},
+    "purge-sessions": {"task": "tasks.pipeline.purge_sessions", "schedule": 3600.0},
     "reconcile-unread": {"task": "tasks.pipeline.reconcile_unread", "schedule": 6 * 3600.0},
     "purge-unreferenced-media": {"task": "tasks.pipeline.purge_unreferenced_media", "schedule": 3600.0},
 }

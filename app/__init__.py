@@ -34,7 +34,7 @@ def create_app(test_config: dict | None = None) -> Flask:
                                 x_proto=settings.trusted_proxy_count)
 
     from app.http.account import bp as account_bp
-    from app.http.auth import bp as auth_bp
+    from app.http.auth import bp as auth_bp, tickets as ws_ticket_bp
     from app.http.chat import bp as chat_bp
     from app.http.groups import bp as groups_bp
     from app.http.admin import bp as admin_api_bp
@@ -50,6 +50,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     from ws import init_gateway
 
     app.register_blueprint(auth_bp)
+    app.register_blueprint(ws_ticket_bp)
     app.register_blueprint(chat_bp)
     app.register_blueprint(groups_bp)
     app.register_blueprint(push_bp)

@@ -43,7 +43,12 @@ class Settings:
     # queues replicated over its nodes; celeryconfig.py, docs/operations.md).
     rabbitmq_queue_type: str = "classic"
     jwt_secret: str = field(default=DEV_JWT_SECRET, repr=False)
-    jwt_ttl_seconds: int = 86400
+    # Access tokens live JWT_TTL_SECONDS; a login's session (app.accounts.sessions) lives on through
+    # rotating refresh tokens of REFRESH_TTL_SECONDS each. A token's session is looked up in MySQL at
+    # most once per SESSION_CACHE_SECONDS per session (Redis cache; a revocation overwrites it at once).
+    jwt_ttl_seconds: int = 900
+    refresh_ttl_seconds: int = 30 * 86400
+    session_cache_seconds: int = 10
     gateway_id: str = "gw1"
     gateway_port: int = 8000
     ws_max_frame_bytes: int = 65536
@@ -128,11 +133,16 @@ class Settings:
     # Registrations per client IP.
     register_rate_per_minute: float = 5.0
     register_burst: int = 10
-    # Anti-replay: a frame carrying the client's clock `ts` (ms) is refused when it
-    # is further than this from server time (0: not checked). With FRAME_SIGNING,
-    # hello carries a per-connection key and every send must carry `ts` and `sig`.
+    # Per-username lockout (app.accounts.lockout): after LOGIN_LOCKOUT_THRESHOLD failed logins in a
+    # row, each further failure locks the name for BASE, 2×BASE, 4×BASE … seconds, at most MAX; the
+    # count is forgotten RESET seconds after the last failure (0 threshold: off).
+    login_lockout_threshold: int = 5
+    login_lockout_base_seconds: float = 1.0
+    login_lockout_max_seconds: float = 900.0
+    login_lockout_reset_seconds: int = 3600
+    # A frame carrying the client's clock `ts` (ms) is refused when it is further than
+    # this from server time (0: not checked). (FRAME_SIGNING was removed: docs/security.md.)
     frame_max_clock_skew_seconds: int = 300
-    frame_signing: bool = False
     # How often a gateway re-checks that its connected accounts still exist and are enabled.
     account_check_seconds: int = 30
     # Proxies in front of the app whose X-Forwarded-For is trusted (nginx: 1).
@@ -164,6 +174,10 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
         """Build settings from upper-case environment variables of the same names."""
         environ = os.environ if environ is None else environ
+        if _bool_or_true(environ.get("FRAME_SIGNING", "")):
+            # Removed: its key travelled in hello over the very socket it protected (nothing over TLS).
+            raise ConfigError("FRAME_SIGNING was removed (it added nothing over TLS: docs/security.md, "
+                              "\"Frame signing\"); unset it to start")
         values = {}
         for f in fields(cls):
             key = "NETHERLINK_ENV" if f.name == "env" else f.name.upper()
@@ -182,6 +196,14 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.jwt_ttl_seconds < 30 or self.refresh_ttl_seconds < self.jwt_ttl_seconds:
+            raise ConfigError("JWT_TTL_SECONDS must be at least 30 and REFRESH_TTL_SECONDS at least JWT_TTL_SECONDS")
+        if not 0 <= self.session_cache_seconds <= 60:
+            raise ConfigError("SESSION_CACHE_SECONDS must be from 0 (no cache) to 60")
+        if self.login_lockout_threshold < 0 or not 0 < self.login_lockout_base_seconds <= \
+                self.login_lockout_max_seconds or self.login_lockout_reset_seconds < 1:
+            raise ConfigError("LOGIN_LOCKOUT_THRESHOLD must be 0 (off) or more, 0 < LOGIN_LOCKOUT_BASE_SECONDS <= "
+                              "LOGIN_LOCKOUT_MAX_SECONDS and LOGIN_LOCKOUT_RESET_SECONDS at least 1")
         if self.env not in ENVIRONMENTS:
             raise ConfigError(f"NETHERLINK_ENV must be one of {', '.join(ENVIRONMENTS)}, got {self.env!r}")
         if not 2 <= self.group_max_members <= 100_000:
@@ -278,6 +300,14 @@ def _vapid_problems(settings: Settings) -> list[str]:
     if not settings.vapid_subject or "example." in settings.vapid_subject or "localhost" in settings.vapid_subject:
         problems.append("VAPID_SUBJECT must name a real contact (mailto:ops@your-domain or https://your-domain)")
     return problems
+
+
+def _bool_or_true(raw: str) -> bool:
+    """A set boolean variable (anything not read as false counts as set: refuse rather than guess)."""
+    try:
+        return _bool(raw)
+    except ValueError:
+        return True
 
 
 def _parse(type_name, raw: str):

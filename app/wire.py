@@ -103,9 +103,22 @@ def frame_envelope(conn_ids: list[str], frame_json: str) -> str:
     return json.dumps({"conns": conn_ids, "frame": frame_json})
 
 
-def close_envelope(conn_ids: list[str], code: int, reason: str) -> str:
-    """Ask one gateway to close these connections (an account cut off) after what is queued."""
-    return json.dumps({"conns": conn_ids, "close": code, "reason": reason})
+def close_envelope(conn_ids: list[str], code: int, reason: str, sessions: list[str] | None = None) -> str:
+    """Ask one gateway to close these connections (an account cut off) after what is queued;
+    with `sessions`, only those of them opened with a token of these login sessions."""
+    envelope = {"conns": conn_ids, "close": code, "reason": reason}
+    if sessions is not None:
+        envelope["sessions"] = sessions
+    return json.dumps(envelope)
+
+
+def close_scope(raw: str) -> set[str] | None:
+    """The sessions a close envelope is limited to (None: every connection it names)."""
+    try:
+        sessions = json.loads(raw).get("sessions")
+    except (ValueError, AttributeError):
+        return None
+    return set(map(str, sessions)) if isinstance(sessions, list) else None
 
 
 def parse_envelope(raw: str) -> tuple[list[str], str | None, int | None, str]:

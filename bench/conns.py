@@ -501,7 +501,7 @@ def make_users(storage, settings, prefix: str, count: int) -> list[str]:
     """C users with unusable passwords (inserted in batches) and a token for each."""
     from sqlalchemy import insert, select
 
-    from app.accounts.auth import issue_token
+    from app.accounts.sessions import bulk_access_tokens
     from models import User
 
     with storage.session() as session:
@@ -510,7 +510,7 @@ def make_users(storage, settings, prefix: str, count: int) -> list[str]:
                                            for i in range(start, min(count, start + 5000))])
     with storage.sessions() as session:
         ids = session.scalars(select(User.id).where(User.username.like(f"{prefix}%")).order_by(User.id)).all()
-    return [issue_token(settings, uid) for uid in ids]
+    return bulk_access_tokens(storage, settings, list(ids))
 
 
 class ClientProc:

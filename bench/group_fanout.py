@@ -40,14 +40,14 @@ PING_EVERY = 20.0
 
 def make_members(storage, settings, prefix: str, count: int) -> list[tuple[int, str]]:
     """N users with unusable passwords and fresh tokens: (user id, token)."""
-    from app.accounts.auth import issue_token
+    from app.accounts.sessions import bulk_access_tokens
     from models import User
 
     with storage.session() as session:
         session.execute(insert(User), [{"username": f"{prefix}{i}", "password_hash": "!bench"} for i in range(count)])
     with storage.sessions() as session:
         ids = session.scalars(select(User.id).where(User.username.like(f"{prefix}%")).order_by(User.id)).all()
-    return [(uid, issue_token(settings, uid)) for uid in ids]
+    return list(zip(ids, bulk_access_tokens(storage, settings, list(ids))))
 
 
 class Members:

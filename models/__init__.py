@@ -386,3 +386,33 @@ class AuditEntry(Base):
     target_type: Mapped[str] = mapped_column(String(32))  # user / message / push
     target_id: Mapped[str] = mapped_column(String(64))
     detail: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+
+class AuthSession(Base):
+    """One login (app.accounts.sessions): its access tokens carry `sid` = id; revoked_at_ms set
+    means every token of it is refused and its sockets are closed."""
+
+    __tablename__ = "auth_session"
+    __table_args__ = (Index("idx_auth_session_user", "user_id"), MYSQL_TABLE_ARGS)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    last_used_at_ms: Mapped[int] = mapped_column(BigInteger)
+    revoked_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    revoked_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)  # logout / reuse / password …
+    user_agent: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class AuthRefresh(Base):
+    """A refresh token of a session, by its sha256 (the token itself is never stored); used once."""
+
+    __tablename__ = "auth_refresh"
+    __table_args__ = (Index("idx_auth_refresh_session", "session_id"), MYSQL_TABLE_ARGS)
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(String(32))
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_at_ms: Mapped[int] = mapped_column(BigInteger)
+    used_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # rotated: reuse revokes the session

@@ -23,6 +23,14 @@ def purge_push_log() -> int:
     return push_admin.purge_push_log(s, s.settings.push_log_retention_days)
 
 
+@app.task(name="tasks.pipeline.purge_sessions", acks_late=True, **RETRY)
+def purge_sessions() -> int:
+    """Expired refresh tokens and sessions no token of which can still be used."""
+    from app.accounts.sessions import purge_sessions as purge
+
+    return purge(storage())
+
+
 @app.task(name="tasks.pipeline.reconcile_unread", acks_late=True, **RETRY)
 def reconcile_unread() -> int:
     """Cached unread counters recounted from MySQL."""

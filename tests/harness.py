@@ -283,8 +283,10 @@ class Worker(Process):
 class ChatClient:
     """A WebSocket client that keeps every frame it receives, by type."""
 
-    def __init__(self, url: str, token: str, use_header: bool = False):
-        if use_header:
+    def __init__(self, url: str, token: str, use_header: bool = False, ticket: str | None = None):
+        if ticket is not None:  # a one-time ticket of POST /api/ws-ticket
+            self.ws = websocket.create_connection(f"{url}?ticket={ticket}", timeout=10)
+        elif use_header:
             self.ws = websocket.create_connection(url, header=[f"Authorization: Bearer {token}"], timeout=10)
         else:
             self.ws = websocket.create_connection(f"{url}?token={token}", timeout=10)
@@ -348,7 +350,9 @@ class ChatClient:
 class User:
     user_id: str
     username: str
-    token: str
+    token: str  # the access token (JWT_TTL_SECONDS)
+    refresh_token: str = ""
+    password: str = "correct-horse"
 
 
 def register_and_login(base_url: str, username: str | None = None, password: str = "correct-horse") -> User:
@@ -358,4 +362,4 @@ def register_and_login(base_url: str, username: str | None = None, password: str
     r = requests.post(f"{base_url}/api/auth/login", json={"username": username, "password": password}, timeout=10)
     assert r.status_code == 200, r.text
     body = r.json()
-    return User(body["user_id"], username, body["access_token"])
+    return User(body["user_id"], username, body["access_token"], body["refresh_token"], password)

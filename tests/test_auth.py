@@ -12,7 +12,7 @@ from tests.harness import TEST_JWT_SECRET, ChatClient, register_and_login
 def test_register_then_login_returns_a_working_token(cluster):
     user = register_and_login(cluster.gw1.http)
     claims = jwt.decode(user.token, TEST_JWT_SECRET, algorithms=["HS256"])
-    assert claims["sub"] == user.user_id
+    assert claims["sub"] == user.user_id and claims["sid"]
     assert claims["exp"] > claims["iat"] >= int(time.time()) - 5
     client = ChatClient(cluster.gw1.ws, user.token)
     assert client.hello["user_id"] == user.user_id
@@ -59,7 +59,8 @@ def _none_alg_token(sub):
     return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64({'sub': sub, 'iat': now, 'exp': now + 600})}."
 
 
-@pytest.mark.parametrize("case", ["missing", "malformed", "expired", "wrong_key", "alg_none", "no_exp", "no_such_user"])
+@pytest.mark.parametrize("case", ["missing", "malformed", "expired", "wrong_key", "alg_none", "no_exp", "no_such_user",
+                                  "no_session", "unknown_session"])
 def test_bad_tokens_are_refused_with_401_before_the_upgrade(cluster, case):
     user = register_and_login(cluster.gw1.http)
     now = int(time.time())
@@ -70,7 +71,10 @@ def test_bad_tokens_are_refused_with_401_before_the_upgrade(cluster, case):
         "wrong_key": _forged({"sub": user.user_id, "iat": now, "exp": now + 600}, key="another-secret-0123456789abcdef"),
         "alg_none": _none_alg_token(user.user_id),
         "no_exp": _forged({"sub": user.user_id, "iat": now}),
-        "no_such_user": _forged({"sub": "987654321987", "iat": now, "exp": now + 600}),
+        "no_such_user": _forged({"sub": "987654321987", "sid": "0" * 32, "iat": now, "exp": now + 600}),
+        # Issued before sessions (no sid: it could never be revoked), or naming a session never opened.
+        "no_session": _forged({"sub": user.user_id, "iat": now, "exp": now + 600}),
+        "unknown_session": _forged({"sub": user.user_id, "sid": "f" * 32, "iat": now, "exp": now + 600}),
     }[case]
     url = cluster.gw1.ws + (f"?token={token}" if token else "")
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
@@ -94,7 +98,8 @@ def test_token_in_authorization_header_is_accepted(cluster):
 def test_a_socket_is_closed_with_4401_when_its_token_expires(cluster):
     user = register_and_login(cluster.gw1.http)
     now = int(time.time())
-    client = ChatClient(cluster.gw1.ws, _forged({"sub": user.user_id, "iat": now, "exp": now + 2}))
+    sid = jwt.decode(user.token, TEST_JWT_SECRET, algorithms=["HS256"])["sid"]  # the login's session
+    client = ChatClient(cluster.gw1.ws, _forged({"sub": user.user_id, "sid": sid, "iat": now, "exp": now + 2}))
     client.ws.settimeout(10)
     opcode, data = client.ws.recv_data(control_frame=True)
     assert opcode == websocket.ABNF.OPCODE_CLOSE and int.from_bytes(data[:2], "big") == 4401
@@ -108,8 +113,8 @@ def test_a_small_clock_skew_is_tolerated_and_no_more():
 
     settings = Settings.from_env({}, jwt_ttl_seconds=60)
     now = time.time()
-    just_expired = issue_token(settings, 7, now=now - 60 - JWT_LEEWAY_SECONDS // 2)  # exp a few seconds ago
+    just_expired = issue_token(settings, 7, "s1", now=now - 60 - JWT_LEEWAY_SECONDS // 2)  # exp a few seconds ago
     assert verify_token(settings, just_expired).user_id == 7
-    long_expired = issue_token(settings, 7, now=now - 60 - JWT_LEEWAY_SECONDS * 3)
+    long_expired = issue_token(settings, 7, "s1", now=now - 60 - JWT_LEEWAY_SECONDS * 3)
     with pytest.raises(Unauthorized):
         verify_token(settings, long_expired)

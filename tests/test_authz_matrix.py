@@ -176,11 +176,35 @@ def _doomed_group(w: World, role: str) -> dict:
     return {"path": f"/api/groups/{gid}"}
 
 
+def _another_session(w: World, role: str):
+    """Logout cells end a session of the caller's other than the one the other cells use."""
+    if role in ("anon", "bad_token"):
+        return None
+    r = requests.post(f"{w.base}/api/auth/login", json={"username": w.users[role].username, "password": PASSWORD},
+                      timeout=10)
+    assert r.status_code == 200, r.text
+    return {"headers": {"Authorization": f"Bearer {r.json()['access_token']}"}}
+
+
+def _throwaway_user(w: World, role: str):
+    """logout-all ends every session of the caller: a user of its own stands in for the role's."""
+    if role in ("anon", "bad_token"):
+        return None
+    return {"headers": {"Authorization": f"Bearer {register_and_login(w.base).token}"}}
+
+
 REST = [
     ("POST", "/api/auth/register", "a new account", "201 201 201 201 201 201 201 201",
      lambda w, role: {"json": {"username": f"r{uuid.uuid4().hex[:12]}", "password": PASSWORD}}),
     ("POST", "/api/auth/login", "the party's credentials", "200 200 200 200 200 200 200 200",
      lambda w, role: {"json": {"username": w.users["party"].username, "password": PASSWORD}}),
+    ("POST", "/api/auth/refresh", "a refresh token never issued", "401 401 401 401 401 401 401 401",
+     lambda w, role: {"json": {"refresh_token": "never-issued-" + "x" * 32}}),
+    ("POST", "/api/auth/logout", "another session of mine", "401 401 204 204 204 204 204 204", _another_session),
+    ("POST", "/api/auth/logout-all", "every session of mine", "401 401 204 204 204 204 204 204", _throwaway_user),
+    ("POST", "/api/ws-ticket", "a ticket for my socket", "401 401 201 201 201 201 201 201", None),
+    ("PUT", "/api/account/password", "mine, with a wrong old password", "401 401 403 403 403 403 403 403",
+     lambda w, role: {"json": {"old_password": "not-the-password", "new_password": "another-long-password"}}),
     ("POST", "/api/groups", "a new group", "401 401 201 201 201 201 201 201",
      lambda w, role: {"json": {"name": f"{role}'s group", "members": []}}),
     ("GET", "/api/groups", "my groups", "401 401 200 200 200 200 200 200", None),

@@ -14,7 +14,7 @@ def test_production_refuses_the_default_jwt_secret_and_sqlite():
 def test_production_starts_with_safe_settings():
     s = Settings.from_env({"NETHERLINK_ENV": "production", "JWT_SECRET": "s" * 40, "FLOWER_BASIC_AUTH": "ops:pw",
                            "DATABASE_URL": "mysql+pymysql://u:p@db/netherlink"})
-    assert s.env == "production" and s.jwt_ttl_seconds == 86400
+    assert s.env == "production" and s.jwt_ttl_seconds == 900 and s.refresh_ttl_seconds == 30 * 86400
 
 
 def test_bad_values_name_the_variable():

@@ -6,6 +6,7 @@ from flask_sock import Sock
 from redis.exceptions import RedisError
 
 from app.accounts.auth import verify_token
+from app.accounts.sessions import redeem_ws_ticket, require_session
 from app.accounts.status import require_active
 from app.errors import RateLimited
 from app.chat.presence import Presence
@@ -56,11 +57,16 @@ def init_gateway(app: Flask) -> None:
         # Counted before the token check: guessing tokens costs attempts too.
         take(storage, "connect", request.remote_addr or "unknown",
              Limit.per_minute(settings.connect_rate_per_minute, settings.connect_burst), "connection attempts")
-        token = request.args.get("token")
-        header = request.headers.get("Authorization", "")
-        if not token and header.startswith("Bearer "):
-            token = header[len("Bearer "):].strip()
-        claims = verify_token(app.config["SETTINGS"], token)
+        ticket = request.args.get("ticket")
+        if ticket is not None:  # one use (app.accounts.sessions): browsers keep tokens out of URLs
+            claims = redeem_ws_ticket(storage, ticket)
+        else:
+            token = request.args.get("token")  # deprecated in URLs (logged by proxies): docs/protocol.md §3
+            header = request.headers.get("Authorization", "")
+            if not token and header.startswith("Bearer "):
+                token = header[len("Bearer "):].strip()
+            claims = verify_token(app.config["SETTINGS"], token)
+            require_session(storage, claims.user_id, claims.session_id)
         with storage.sessions() as session:
             require_active(session, claims.user_id)
         limit = settings.max_connections_per_user
@@ -80,4 +86,5 @@ def init_gateway(app: Flask) -> None:
 @sock.route("/ws")
 def gateway_socket(ws):
     claims = g.ws_claims
-    current_app.extensions["netherlink.gateway"].serve(ws, claims.user_id, claims.expires_at, request.remote_addr)
+    current_app.extensions["netherlink.gateway"].serve(ws, claims.user_id, claims.expires_at, request.remote_addr,
+                                                       session_id=claims.session_id)

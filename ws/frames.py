@@ -1,13 +1,11 @@
 """Parsing of client frames into typed requests (docs/protocol.md)."""
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 import re
 
-from app.errors import InvalidInput, TooLarge, Unauthorized
+from app.errors import InvalidInput, TooLarge
 from app.chat.intake import SendRequest
 from app.media.uploads import MEDIA_MESSAGE_TYPES
 from app.wire import CONVERSATION_ID_RE, parse_id
@@ -114,12 +112,11 @@ def parse_read(frame: dict) -> tuple[str, int]:
     return conversation_id, parse_id(frame.get("msg_id"), "msg_id")
 
 
-def check_clock(frame: dict, now_ms: int, max_skew_seconds: int, required: bool = False) -> None:
-    """Refuse a frame whose client timestamp `ts` is too far from server time (a replayed or forged frame)."""
+def check_clock(frame: dict, now_ms: int, max_skew_seconds: int) -> None:
+    """Refuse a frame whose client timestamp `ts` (optional) is too far from server time: a device
+    with a wrong clock is told so (docs/protocol.md)."""
     ts = frame.get("ts")
     if ts is None:
-        if required:
-            raise InvalidInput("'ts' (the client's clock, ms since the epoch) is required on signed frames")
         return
     if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
         raise InvalidInput("'ts' must be the client's clock in ms since the epoch (an integer)")
@@ -128,19 +125,3 @@ def check_clock(frame: dict, now_ms: int, max_skew_seconds: int, required: bool 
         skew = f"{skew_ms // 1000}" if skew_ms < 10**12 else "far too many"
         raise InvalidInput(f"'ts' is {skew} s away from server time (limit {max_skew_seconds} s): "
                            "check the device clock")
-
-
-def signing_payload(frame: dict) -> bytes:
-    """What a signed `send` covers: its identity, its addressee, its content and its time (docs/protocol.md)."""
-    fields = [frame.get("client_msg_id"), frame.get("to"), frame.get("group_id"),
-              frame.get("message_type", "text"), frame.get("content"), frame.get("extra") or {}, frame.get("ts")]
-    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
-
-
-def verify_signature(frame: dict, key: bytes) -> None:
-    sig = frame.get("sig")
-    if not isinstance(sig, str):
-        raise Unauthorized("'sig' is required: this server verifies send frames (key in hello)")
-    expected = hmac.new(key, signing_payload(frame), hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(expected, sig.lower()):
-        raise Unauthorized("'sig' does not match the frame: sign it with this connection's key")

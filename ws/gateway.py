@@ -5,11 +5,9 @@ the code also runs with real threads under a plain WSGI server.
 """
 from __future__ import annotations
 
-import base64
 import collections
 import json
 import logging
-import secrets
 import threading
 import time
 import uuid
@@ -18,6 +16,7 @@ import gevent
 from simple_websocket import ConnectionClosed
 
 from app import metrics
+from app.accounts.sessions import open_sessions
 from app.accounts.status import active_among
 from app.config import Settings
 from app.errors import ChatError, InvalidInput, RateLimited
@@ -32,10 +31,10 @@ from app.ratelimit import Limit, LocalBucket, take
 from app.ids import LeasedIds, NodeLease
 from app.storage import Storage
 from app.wire import (
-    ack_frame, error_frame, message_frame, parse_envelope, read_ok_frame, receipt_frame, recalled_frame,
+    ack_frame, close_scope, error_frame, message_frame, parse_envelope, read_ok_frame, receipt_frame, recalled_frame,
 )
 from ws.frames import (
-    check_clock, client_msg_id_of, parse_frame, parse_id, parse_read, parse_send, verify_signature,
+    check_clock, client_msg_id_of, parse_frame, parse_id, parse_read, parse_send,
 )
 
 log = logging.getLogger(__name__)
@@ -55,10 +54,11 @@ LEASE_RENEW_EVERY = 20
 class Connection:
     """One client socket. Every outgoing frame goes through its outbox and writer."""
 
-    def __init__(self, ws, user_id: int, conn_id: str, gateway_id: str, frame_limit: Limit):
+    def __init__(self, ws, user_id: int, conn_id: str, gateway_id: str, frame_limit: Limit,
+                 session_id: str = ""):
         self.ws = ws
         self.frames = LocalBucket(frame_limit)
-        self.signing_key: bytes | None = None  # FRAME_SIGNING: this connection's HMAC key
+        self.session_id = session_id  # the login session whose token opened it (app.accounts.sessions)
         self.refused_in_a_row = 0
         self.user_id = user_id
         self.conn_id = conn_id
@@ -209,10 +209,13 @@ class Gateway:
         except ValueError:
             log.error("gateway %s: malformed delivery envelope dropped", self.gateway_id)
             return
+        sessions = close_scope(raw) if close_code is not None else None
         for conn_id in conn_ids:
             conn = self.connections.get(conn_id)
             if conn is None:
                 continue
+            if sessions is not None and conn.session_id not in sessions:
+                continue  # a session ended: the user's sockets of other sessions stay
             if close_code is not None:  # an account cut off (app.accounts.status)
                 log.info("conn %s: closed (%s)", conn_id, reason)
                 conn.close_after_queued(close_code, reason)
@@ -244,13 +247,18 @@ class Gateway:
                 log.warning("gateway %s: maintenance failed (%s); retrying", self.gateway_id, exc.__class__.__name__)
 
     def _close_inactive_accounts(self) -> None:
-        """Sockets of accounts deleted or disabled since they connected are closed (4401)."""
+        """Sockets of accounts deleted or disabled, or of sessions ended, since they connected are
+        closed (4401): the backstop of the closes sent through the delivery channel."""
         conns = list(self.connections.values())
         active = active_among(self.storage, [c.user_id for c in conns])
+        live = open_sessions(self.storage, [c.session_id for c in conns if c.session_id])
         for conn in conns:
             if conn.user_id not in active:
                 log.info("conn %s: account %s is gone or disabled; closing", conn.conn_id, conn.user_id)
                 conn.close_after_queued(CLOSE_TOKEN_EXPIRED, "account disabled or deleted")
+            elif conn.session_id and conn.session_id not in live:
+                log.info("conn %s: session %s ended; closing", conn.conn_id, conn.session_id)
+                conn.close_after_queued(CLOSE_TOKEN_EXPIRED, "session ended: log in again")
 
     def _refresh_presence(self) -> None:
         conns = list(self.connections.values())
@@ -275,11 +283,12 @@ class Gateway:
 
     # -- one socket -----------------------------------------------------------
 
-    def serve(self, ws, user_id: int, token_expires_at: int, remote_addr: str | None) -> None:
+    def serve(self, ws, user_id: int, token_expires_at: int, remote_addr: str | None,
+              session_id: str = "") -> None:
         """Run one authenticated connection until it closes."""
         self._ensure_started()
         conn = Connection(ws, user_id, f"{self.gateway_id}-{uuid.uuid4().hex[:16]}", self.gateway_id,
-                          Limit(self.settings.frame_rate_per_second, self.settings.frame_burst))
+                          Limit(self.settings.frame_rate_per_second, self.settings.frame_burst), session_id)
         self.connections[conn.conn_id] = conn  # registered before the check: a drain cannot miss it
         if self.draining:
             self.connections.pop(conn.conn_id, None)
@@ -292,9 +301,6 @@ class Gateway:
             log.info("conn %s opened: user %s from %s", conn.conn_id, user_id, remote_addr)
             hello = {"type": "hello", "user_id": str(user_id), "conn_id": conn.conn_id,
                      "gateway_id": self.gateway_id, "heartbeat_interval": self.settings.heartbeat_interval_seconds}
-            if self.settings.frame_signing:
-                conn.signing_key = secrets.token_bytes(32)
-                hello["signing_key"] = base64.b64encode(conn.signing_key).decode()
             conn.send(hello)
             idle_limit = self.settings.heartbeat_interval_seconds * 3
             while True:
@@ -380,9 +386,6 @@ class Gateway:
 
     def _on_send(self, conn: Connection, frame: dict) -> None:
         req = parse_send(frame, self.settings.message_max_content_bytes)
-        if conn.signing_key is not None:
-            check_clock(frame, now_ms(), self.settings.frame_max_clock_skew_seconds, required=True)
-            verify_signature(frame, conn.signing_key)
         take(self.storage, "send", conn.user_id, self.send_limit, "messages")
         check_attachment(self.storage, conn.user_id, req.message_type, req.extra)  # image/file: the sender's upload
         ack = self.intake.accept(conn.user_id, conn.conn_id, req)

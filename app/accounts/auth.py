@@ -42,6 +42,10 @@ def validate_credentials(username, password) -> tuple[str, str]:
     return username, password
 
 
+def hash_password(settings: Settings, password: str) -> str:
+    return _hasher(settings).hash(password)
+
+
 def register_user(session: Session, settings: Settings, username, password) -> int:
     """Create an account; raises Conflict if the username is taken."""
     username, password = validate_credentials(username, password)
@@ -78,9 +82,10 @@ def authenticate(session: Session, settings: Settings, username: str, password: 
     return user
 
 
-def issue_token(settings: Settings, user_id: int, now: float | None = None) -> str:
+def issue_token(settings: Settings, user_id: int, session_id: str, now: float | None = None) -> str:
+    """An access token of this login session (app.accounts.sessions checks `sid` on every use)."""
     now = int(time.time() if now is None else now)
-    claims = {"sub": str(user_id), "iat": now, "exp": now + settings.jwt_ttl_seconds}
+    claims = {"sub": str(user_id), "sid": session_id, "iat": now, "exp": now + settings.jwt_ttl_seconds}
     return jwt.encode(claims, settings.jwt_secret, algorithm=JWT_ALGORITHM)
 
 
@@ -88,6 +93,7 @@ def issue_token(settings: Settings, user_id: int, now: float | None = None) -> s
 class TokenClaims:
     user_id: int
     expires_at: int  # seconds since the epoch
+    session_id: str = ""  # the login session (app.accounts.sessions)
 
 
 def verify_token(settings: Settings, token: str | None) -> TokenClaims:
@@ -99,7 +105,11 @@ def verify_token(settings: Settings, token: str | None) -> TokenClaims:
             token, settings.jwt_secret, algorithms=[JWT_ALGORITHM],
             options={"require": ["exp", "iat", "sub"]}, leeway=JWT_LEEWAY_SECONDS,
         )
-        return TokenClaims(int(claims["sub"]), int(claims["exp"]))
+        sid = claims.get("sid")
+        if not isinstance(sid, str) or not sid:
+            # Issued before sessions existed (a 24-hour token): it cannot be revoked, so it is refused.
+            raise Unauthorized("token without a session (issued by an older server): log in again")
+        return TokenClaims(int(claims["sub"]), int(claims["exp"]), sid)
     except jwt.ExpiredSignatureError:
         raise Unauthorized("token expired: log in again") from None
     except (jwt.InvalidTokenError, ValueError, TypeError):

@@ -23,13 +23,14 @@ from sqlalchemy import delete, select, tuple_, update
 
 from app.accounts.audit import ACTOR_OPERATOR, ACTOR_USER, USER_DELETED, record_in
 from app.accounts.auth import authenticate
+from app.accounts.sessions import forget_sessions
 from app.accounts.status import cut_off
 from app.chat.conversations import invalidate_conversation_lists
 from app.chat.group_events import DELETED, MEMBER_REMOVED, ROLE_CHANGED, announce, record_event
 from app.chat.unread import forget_unread
 from app.errors import Forbidden, NotFound, Unauthorized
 from app.storage import Storage
-from models import (ChatGroup, Conversation, Device, GroupMember, Media, Message, OfflineMessageIndex, PushLog,
+from models import (AuthSession, ChatGroup, Conversation, Device, GroupMember, Media, Message, OfflineMessageIndex, PushLog,
                     PushSetting, SyncEntry, User, UserBlock, UsernameReservation)
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def erase_account(storage: Storage, user_id: int, actor_id: int | None, actor: s
         log.warning("user %s deleted, Redis keys left to expire: %s", user_id, exc.__class__.__name__)
     invalidate_conversation_lists(storage, peers | stale_lists | {user_id})  # their lists name "deleted user" now
     announce(storage, group_events)  # after the commit, as every group change
+    forget_sessions(storage, user_id)
     cut_off(storage, user_id, "account deleted")
     log.info("user %s deleted (by %s %s)", user_id, actor, actor_id)
 
@@ -214,12 +216,17 @@ def export_account(storage: Storage, user_id: int) -> Iterator[str]:
                   for m, name in session.execute(select(GroupMember, ChatGroup.name)
                                                  .outerjoin(ChatGroup, ChatGroup.id == GroupMember.group_id)
                                                  .where(GroupMember.user_id == user_id).order_by(GroupMember.id))]
+        sessions = [{"session_id": a.id, "created_at": a.created_at_ms, "last_used_at": a.last_used_at_ms,
+                     "revoked_at": a.revoked_at_ms, "revoked_reason": a.revoked_reason, "user_agent": a.user_agent,
+                     "ip": a.ip}  # never a token: only their hashes are stored, and those are not exported
+                    for a in session.scalars(select(AuthSession).where(AuthSession.user_id == user_id)
+                                             .order_by(AuthSession.created_at_ms))]
         media = [{"media_id": str(m.id), "content_type": m.content_type, "size": m.size, "filename": m.filename,
                   "sha256": m.sha256, "created_at": m.created_at_ms}
                  for m in session.scalars(select(Media).where(Media.uploader_id == user_id).order_by(Media.id))]
     head = {"exported_at": _now_ms(), "profile": profile, "privacy": privacy, "devices": devices,
             "push_settings": push_settings, "blocks": blocks, "conversations": conversations, "groups": groups,
-            "media": media}
+            "media": media, "sessions": sessions}
     yield json.dumps(head, ensure_ascii=False)[:-1] + ', "messages_sent": ['
     after, first = 0, True
     while True:

@@ -1,4 +1,5 @@
-"""The account's own safety controls (bearer token): blocks, presence privacy, export, deletion."""
+"""The account's own safety controls (bearer token): blocks, presence privacy, export, deletion,
+password change."""
 from __future__ import annotations
 
 import logging
@@ -8,9 +9,10 @@ from flask import Blueprint, Response, g, jsonify, stream_with_context
 from app.accounts.blocks import block_user, list_blocks, unblock_user
 from app.accounts.deletion import delete_account, export_account
 from app.accounts.privacy import privacy_of, set_privacy
+from app.accounts.sessions import change_password
 from app.http import json_body, storage
 from app.http.chat import require_user
-from app.http.requests import AccountDeletion, PrivacyUpdate
+from app.http.requests import AccountDeletion, PasswordChange, PrivacyUpdate
 from app.ratelimit import Limit, take
 from app.wire import parse_id
 
@@ -69,4 +71,15 @@ def delete():
     take(storage(), "login-user", f"delete:{g.user_id}",  # a password guess: limited like a login
          Limit.per_minute(limits.login_rate_per_minute, limits.login_burst), "account deletion attempts")
     delete_account(storage(), g.user_id, req.password)
+    return "", 204
+
+
+@bp.put("/account/password")
+@require_user
+def password():
+    req = PasswordChange.parse(json_body())
+    limits = storage().settings
+    take(storage(), "login-user", f"password:{g.user_id}",  # a password guess: limited like a login
+         Limit.per_minute(limits.login_rate_per_minute, limits.login_burst), "password change attempts")
+    change_password(storage(), g.user_id, g.claims.session_id, req.old_password, req.new_password)
     return "", 204

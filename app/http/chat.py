@@ -8,6 +8,7 @@ from flask import Blueprint, g, jsonify, request
 from app.http import settings, storage
 from app.accounts.status import require_active
 from app.accounts.auth import verify_token
+from app.accounts.sessions import require_session
 from app.accounts.privacy import PRESENCE_HIDDEN_MESSAGE, may_see_presence
 from app.chat.conversations import history, list_conversations
 from app.chat.presence import Presence
@@ -27,7 +28,9 @@ def require_user(view):
         header = request.headers.get("Authorization", "")
         if not header.startswith("Bearer "):
             raise Unauthorized("missing bearer token (Authorization: Bearer <JWT>)")
-        g.user_id = verify_token(settings(), header[len("Bearer "):].strip()).user_id
+        g.claims = verify_token(settings(), header[len("Bearer "):].strip())
+        g.user_id = g.claims.user_id
+        require_session(storage(), g.user_id, g.claims.session_id)  # logged out: refused at once
         with storage().sessions() as session:  # a deleted or disabled account's tokens stop working at once
             require_active(session, g.user_id)
         return view(*args, **kwargs)

@@ -12,10 +12,10 @@ from functools import wraps
 
 from flask import Blueprint, abort, redirect, render_template, request, session, url_for
 
-from app.http import settings, storage
+from app.http import storage
 from app.accounts.audit import ACTOR_ADMIN, PUSH_RETRIED, PUSHES_RETRIED, list_audit, record
 from app.http.admin import enqueue_deliveries, retry_detail
-from app.accounts.auth import authenticate
+from app.accounts.lockout import authenticate_guarded
 from app.ratelimit import limit_login
 from app.errors import ChatError
 from app.push.admin import PROVIDERS, STATUSES, PushFilter, is_admin, list_pushes, reopen_matching, reopen_push
@@ -61,8 +61,7 @@ def login():
     if request.method == "POST":
         try:
             limit_login(storage(), request.remote_addr, request.form.get("username", ""))
-            with storage().sessions() as db:
-                user = authenticate(db, settings(), request.form.get("username", ""), request.form.get("password", ""))
+            user = authenticate_guarded(storage(), request.form.get("username", ""), request.form.get("password", ""))
             if not user.is_admin:
                 return render_template("admin/message.html", title="Forbidden",
                                        message="This account is not an admin."), 403

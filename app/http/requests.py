@@ -78,6 +78,39 @@ class Login:
         return cls(username, password)
 
 
+@dataclass(frozen=True)
+class Refresh:
+    """POST /api/auth/refresh."""
+
+    refresh_token: str
+
+    @classmethod
+    def parse(cls, body: dict) -> Refresh:
+        _refuse_unknown(body, {"refresh_token"})
+        token = body.get("refresh_token")
+        if not isinstance(token, str) or not token:
+            raise InvalidInput("'refresh_token' must be the refresh token of the last login or refresh")
+        return cls(token)
+
+
+@dataclass(frozen=True)
+class PasswordChange:
+    """PUT /api/account/password (the new one is checked against the registration rules)."""
+
+    old_password: str
+    new_password: str
+
+    @classmethod
+    def parse(cls, body: dict) -> PasswordChange:
+        _refuse_unknown(body, {"old_password", "new_password"})
+        old, new = body.get("old_password"), body.get("new_password")
+        if not isinstance(old, str) or not old:
+            raise InvalidInput("'old_password' must be your current password")
+        if not isinstance(new, str):
+            raise InvalidInput("'new_password' must be a string")
+        return cls(old, new)
+
+
 def _whole_number(args, name: str, default: int | None) -> int | None:
     raw = args.get(name)
     if not raw:

@@ -1,8 +1,8 @@
 // The NetherLink chat page (served at /). Every piece of user data goes into the
 // page through textContent (the el() helper below), never through innerHTML.
 import {
-  ApiError, NetherLinkClient, apiRequest, compareIds, login, mediaObjectUrl, privateConversationId, register,
-  searchMessages, tokenExpiry, uploadMedia,
+  ApiError, NetherLinkClient, apiRequest, compareIds, login, logoutSession, mediaObjectUrl, privateConversationId,
+  refreshTokens, register, searchMessages, tokenExpiry, uploadMedia, wsTicket,
 } from "./netherlink.js";
 
 const BASE = location.origin;
@@ -19,7 +19,9 @@ const $ = (id) => document.getElementById(id);
 
 // ---------------------------------------------------------------- state
 
-let session = null;   // {token, userId, username}
+let session = null;   // {token, refreshToken, userId, username}
+let refreshing = null; // the refresh in flight (one at a time: each refresh token works once)
+let refreshTimer = null;
 let client = null;
 const convs = new Map();      // conversation_id -> conversation (see convFrom)
 const views = new Map();      // conversation_id -> {messages: Map(key -> msg), loaded, loading, hasMore, nextBefore, readSent, needsRead}
@@ -112,7 +114,7 @@ function loadSession() {
     const saved = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
     if (saved && saved.token && saved.userId) {
       const exp = tokenExpiry(saved.token);
-      if (exp === null || exp * 1000 > Date.now() + 5000) return saved;
+      if (saved.refreshToken || exp === null || exp * 1000 > Date.now() + 5000) return saved; // expired: refreshed
     }
   } catch { /* unreadable: log in again */ }
   return null;
@@ -122,6 +124,26 @@ function saveSession(value) {
   session = value;
   if (value) sessionStorage.setItem(SESSION_KEY, JSON.stringify(value));
   else sessionStorage.removeItem(SESSION_KEY);
+  clearTimeout(refreshTimer);
+  const exp = value && value.refreshToken ? tokenExpiry(value.token) : null;
+  if (exp !== null) { // a minute before the access token expires (15 minutes by default): a new one
+    refreshTimer = setTimeout(() => refreshSession().catch(() => {}), Math.max(0, exp * 1000 - Date.now() - 60000));
+  }
+}
+
+/** New tokens for this session (POST /api/auth/refresh); resolves to the new access token. */
+function refreshSession() {
+  if (!session || !session.refreshToken) return Promise.reject(new ApiError(401, "unauthorized", "log in again"));
+  if (!refreshing) {
+    const current = session;
+    refreshing = refreshTokens(BASE, current.refreshToken).then((answer) => {
+      if (session !== current) throw new ApiError(401, "unauthorized", "logged out meanwhile");
+      saveSession({ ...current, token: answer.access_token, refreshToken: answer.refresh_token });
+      if (client) client.token = answer.access_token;
+      return answer.access_token;
+    }).finally(() => { refreshing = null; });
+  }
+  return refreshing;
 }
 
 function setAuthMode(mode) {
@@ -154,7 +176,7 @@ async function onAuthSubmit(event) {
     if (authMode === "register") await register(BASE, username, password);
     const answer = await login(BASE, username, password);
     form.reset();
-    saveSession({ token: answer.access_token, userId: answer.user_id, username });
+    saveSession({ token: answer.access_token, refreshToken: answer.refresh_token, userId: answer.user_id, username });
     startApp();
   } catch (err) {
     showError($("auth-error"), err instanceof ApiError && err.status === 409
@@ -165,7 +187,12 @@ async function onAuthSubmit(event) {
 }
 
 function logout(message) {
-  if (session) forgetSubscription(session.token);
+  if (session && message === undefined) { // the user's own logout: end the session on the server too
+    const token = session.token;
+    Promise.resolve(forgetSubscription(token)).then(() => logoutSession(BASE, token)).catch(() => {});
+  } else if (session) {
+    forgetSubscription(session.token);
+  }
   if (client) client.close();
   client = null;
   clearInterval(recallTimer);
@@ -190,7 +217,8 @@ function startApp() {
   $("me-avatar").replaceWith(Object.assign(avatar(session.username), { id: "me-avatar" }));
   closeConversationView();
 
-  client = new NetherLinkClient({ baseUrl: BASE, token: session.token });
+  client = new NetherLinkClient({ baseUrl: BASE, token: session.token, refresh: refreshSession,
+                                  ticket: (token) => wsTicket(BASE, token) }); // no token in the socket URL
   client.on("state", onState);
   client.on("message", onMessage);
   client.on("ack", onAck);
@@ -262,8 +290,8 @@ async function enablePush() {
 /** At logout: this browser is no longer pushed for the user (the device removed, the subscription
  *  dropped: a push service answers 410 for it from now on, which prunes it if the removal failed). */
 function forgetSubscription(token) {
-  if (!pushRegistration) return;
-  pushRegistration.pushManager.getSubscription().then(async (subscription) => {
+  if (!pushRegistration) return Promise.resolve();
+  return pushRegistration.pushManager.getSubscription().then(async (subscription) => {
     if (!subscription) return;
     try {
       const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(subscription.endpoint));
@@ -285,9 +313,16 @@ function base64UrlBytes(text) {
 }
 
 function api(method, path, options = {}) {
-  return apiRequest(BASE, method, path, { token: session.token, ...options }).catch((err) => {
+  const ended = (err) => {
     if (err instanceof ApiError && err.status === 401) logout("Your session has ended: log in again.");
     throw err;
+  };
+  return apiRequest(BASE, method, path, { token: session.token, ...options }).catch((err) => {
+    if (!(err instanceof ApiError && err.status === 401 && session && session.refreshToken)) return ended(err);
+    // The access token expired (or the session ended): one refresh, then the request once more.
+    return refreshSession().then((token) => apiRequest(BASE, method, path, { token, ...options }), (refreshErr) => {
+      throw refreshErr instanceof ApiError && refreshErr.status > 0 && refreshErr.status < 500 ? err : refreshErr;
+    }).catch(ended);
   });
 }
 

@@ -66,7 +66,23 @@ export async function apiRequest(baseUrl, method, path, { token, body, query } =
   return data;
 }
 
-/** POST /api/auth/login; resolves to {access_token, user_id, expires_in, ...}. */
+/** POST /api/ws-ticket with the bearer token; resolves to the one-time ticket (valid 30 s) for /ws?ticket=. */
+export function wsTicket(baseUrl, token) {
+  return apiRequest(baseUrl, "POST", "/api/ws-ticket", { token }).then((answer) => answer.ticket);
+}
+
+/** POST /api/auth/refresh; resolves to {access_token, refresh_token, user_id, expires_in, ...} (store the new
+ *  refresh_token: the old one is used up). */
+export function refreshTokens(baseUrl, refreshToken) {
+  return apiRequest(baseUrl, "POST", "/api/auth/refresh", { body: { refresh_token: refreshToken } });
+}
+
+/** POST /api/auth/logout: this session's tokens stop working, its sockets are closed. */
+export function logoutSession(baseUrl, token) {
+  return apiRequest(baseUrl, "POST", "/api/auth/logout", { token });
+}
+
+/** POST /api/auth/login; resolves to {access_token, refresh_token, user_id, expires_in, ...}. */
 export function login(baseUrl, username, password) {
   return apiRequest(baseUrl, "POST", "/api/auth/login", { body: { username, password } });
 }
@@ -138,6 +154,10 @@ export class NetherLinkClient extends EventTarget {
    * @param {string} options.token      JWT from login
    * @param {Storage|object|null} [options.storage]  getItem/setItem store for the sync cursor
    *        (default localStorage; null keeps it in memory only)
+   * @param {function} [options.ticket]  async (token) => a one-time ticket of POST /api/ws-ticket:
+   *        the socket opens with ?ticket= instead of the token in the URL (see wsTicket)
+   * @param {function} [options.refresh]  async () => a new access token (POST /api/auth/refresh):
+   *        asked once when the token expired or was refused, before giving up with "unauthorized"
    * Other options (ms unless said): ackTimeout, backoffBase, backoffMax, syncLimit,
    * maxFrameChars, storagePrefix, WebSocket (a constructor, for non-browser use).
    */
@@ -147,6 +167,10 @@ export class NetherLinkClient extends EventTarget {
     this.options = opts;
     this.baseUrl = trimSlash(opts.baseUrl || (typeof location !== "undefined" ? location.origin : ""));
     this.token = opts.token;
+    this._ticket = opts.ticket || null;
+    this._refresh = opts.refresh || null;
+    this._opening = null;           // an open waiting for its ticket, or a refresh in progress
+    this._refreshTried = false;     // since the last hello
     this.storage = opts.storage === undefined ? defaultStorage() : opts.storage;
     this._memoryStore = new Map();
     this._WebSocket = opts.WebSocket || globalThis.WebSocket;
@@ -214,7 +238,7 @@ export class NetherLinkClient extends EventTarget {
   /** Open the connection (and keep it open: reconnects until close() or a 4401). */
   connect() {
     this._wanted = true;
-    if (!this._ws && !this._reconnectTimer) this._open();
+    if (!this._ws && !this._reconnectTimer && !this._opening) this._open();
     return this;
   }
 
@@ -223,6 +247,7 @@ export class NetherLinkClient extends EventTarget {
     this._wanted = false;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
+    this._opening = null;
     this._dropSocket(1000, "client closed");
     this._setState("closed", { code: 1000, reconnecting: false });
   }
@@ -230,28 +255,52 @@ export class NetherLinkClient extends EventTarget {
   /** Use a new token (after logging in again); reconnects if the old one was refused. */
   setToken(token) {
     this.token = token;
-    if (this._wanted && !this._ws && !this._reconnectTimer) this._open();
+    this._refreshTried = false;
+    if (this._wanted && !this._ws && !this._reconnectTimer && !this._opening) this._open();
     else if (!this._wanted) this.connect();
   }
 
-  _wsUrl() {
+  _wsUrl(ticket) {
     const base = this.baseUrl.replace(/^http(s?):/i, (_, s) => `ws${s}:`);
-    return `${base}/ws?token=${encodeURIComponent(this.token || "")}`;
+    if (ticket !== undefined) return `${base}/ws?ticket=${encodeURIComponent(ticket)}`;
+    return `${base}/ws?token=${encodeURIComponent(this.token || "")}`; // deprecated by the server: prefer tickets
   }
 
   _open() {
     this._reconnectTimer = null;
     if (!this._wanted) return;
     this._setState("connecting", { attempt: this._attempt });
+    if (!this._ticket) {
+      this._openUrl(this._wsUrl());
+      return;
+    }
+    // The ticket first (a REST call with the token): the token stays out of the socket's URL.
+    const opening = (this._opening = {});
+    Promise.resolve()
+      .then(() => this._ticket(this.token))
+      .then((ticket) => {
+        if (opening !== this._opening) return; // closed, or opened otherwise, meanwhile
+        this._opening = null;
+        if (this._wanted && !this._ws) this._openUrl(this._wsUrl(ticket));
+      }, (err) => {
+        if (opening !== this._opening) return;
+        this._opening = null;
+        if (err instanceof ApiError && err.status === 401) this._stopForAuth(err.message);
+        else this._scheduleReconnect(null, false);
+      });
+  }
+
+  _openUrl(url) {
     let ws;
     try {
-      ws = new this._WebSocket(this._wsUrl());
+      ws = new this._WebSocket(url);
     } catch (err) {
       this._scheduleReconnect(null, false);
       return;
     }
     this._ws = ws;
     ws.__helloSeen = false;
+    ws.__token = this.token; // the token the socket was opened with (or its ticket asked with)
     ws.onmessage = (event) => { if (ws === this._ws) this._onFrame(ws, event.data); };
     ws.onclose = (event) => { if (ws === this._ws) this._onClose(ws, event.code, event.reason); };
     ws.onerror = () => { /* a close event follows */ };
@@ -274,6 +323,10 @@ export class NetherLinkClient extends EventTarget {
     this._dropSocket();
     this._syncing = false;
     if (code === CLOSE_UNAUTHORIZED) {
+      if (wasOpen && ws.__token !== this.token && String(reason).startsWith("token expired")) {
+        this._scheduleReconnect(code, true); // the socket's token expired, but ours was renewed meanwhile
+        return;
+      }
       this._stopForAuth(reason || "token expired: log in again");
       return;
     }
@@ -287,6 +340,32 @@ export class NetherLinkClient extends EventTarget {
   }
 
   _stopForAuth(message) {
+    if (this._refresh && this._wanted && !this._refreshTried) {
+      // Expired (or refused): ask for a new token once, then reconnect with it.
+      this._refreshTried = true;
+      clearTimeout(this._reconnectTimer);
+      this._reconnectTimer = null;
+      const opening = (this._opening = {});
+      Promise.resolve()
+        .then(() => this._refresh())
+        .then((token) => {
+          if (opening !== this._opening) return;
+          this._opening = null;
+          if (!token) { this._giveUpForAuth(message); return; }
+          this.token = token;
+          if (this._wanted && !this._ws) this._open();
+        }, (err) => {
+          if (opening !== this._opening) return;
+          this._opening = null;
+          if (err instanceof ApiError && err.status > 0 && err.status < 500) this._giveUpForAuth(err.message || message);
+          else { this._refreshTried = false; this._scheduleReconnect(null, false); } // network: try again later
+        });
+      return;
+    }
+    this._giveUpForAuth(message);
+  }
+
+  _giveUpForAuth(message) {
     this._wanted = false;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
@@ -310,7 +389,7 @@ export class NetherLinkClient extends EventTarget {
           return;
         }
       }
-      if (this._ws || this._reconnectTimer) return; // connect()/setToken() opened one meanwhile
+      if (this._ws || this._reconnectTimer || this._opening) return; // connect()/setToken() opened one meanwhile
     }
     this._scheduleReconnect(code, false);
   }
@@ -407,6 +486,7 @@ export class NetherLinkClient extends EventTarget {
     this.userId = hello.user_id;
     this.connId = hello.conn_id;
     this._attempt = 0;
+    this._refreshTried = false;
     if (Number.isInteger(hello.heartbeat_interval) && hello.heartbeat_interval > 0) {
       this._heartbeatInterval = hello.heartbeat_interval;
     }

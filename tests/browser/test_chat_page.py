@@ -158,3 +158,20 @@ def test_a_narrow_window_shows_one_pane_at_a_time(cluster, make_user, connect, o
     page.locator("#back").click()
     expect(page.locator(".sidebar")).to_be_visible()
     expect(conv_item(page, cid).locator(".badge")).to_have_count(0)
+
+
+def test_the_page_opens_its_socket_with_a_ticket_and_logging_out_ends_the_session(cluster, make_user, open_page):
+    user = make_user()
+    urls = []
+    page = open_page(cluster.gw1.http, before=lambda p: p.on("websocket", lambda ws: urls.append(ws.url)))
+    log_in(page, user.username)
+    assert urls and all("/ws?ticket=" in url and "token=" not in url for url in urls), urls
+    saved = page.evaluate("JSON.parse(sessionStorage.getItem('netherlink:session'))")
+    assert saved and saved["refreshToken"] and saved["token"]
+    page.locator("#logout").click()
+    expect(page.locator("#auth")).to_be_visible()
+    wait_until(lambda: requests.get(f"{cluster.gw1.http}/api/unread", timeout=10,
+                                    headers={"Authorization": f"Bearer {saved['token']}"}).status_code == 401,
+               what="the page's session to be ended on the server")
+    r = requests.post(f"{cluster.gw1.http}/api/auth/refresh", json={"refresh_token": saved["refreshToken"]}, timeout=10)
+    assert r.status_code == 401

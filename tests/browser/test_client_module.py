@@ -278,3 +278,45 @@ def test_against_the_real_gateways_two_clients_talk(cluster, make_user, module_p
     assert isinstance(ack["msg_id"], str) and ack["conversation_id"] == got["conversation_id"]
     assert result["receipt"]["reader"] == bob.user_id and result["receipt"]["msg_id"] == ack["msg_id"]
     assert result["recalled"]["msg_id"] == ack["msg_id"]
+
+
+def test_with_tickets_the_token_stays_out_of_the_url_and_an_expired_token_is_refreshed_once(cluster, module_page):
+    result = run(module_page, cluster.gw1.http, """
+      const { make, sockets, until, token, nl } = env;
+      const asked = [];
+      let refreshes = 0, refuse = false;
+      const fresh = token(Math.floor(Date.now() / 1000) + 7200);
+      const { client, events } = make({
+        ticket: async (t) => { asked.push(t); return "T" + asked.length; },
+        refresh: async () => {
+          refreshes += 1;
+          if (refuse) throw new nl.ApiError(401, "unauthorized", "this session was ended: log in again");
+          return fresh;
+        },
+      });
+      client.connect();
+      await until(() => sockets.length === 1, "a socket");
+      sockets[0].hello();
+      sockets[0].serverClose(4401, "token expired: log in again and reconnect");
+      await until(() => sockets.length === 2, "a reconnect with a new ticket");
+      sockets[1].hello();
+      const afterRefresh = { state: client.state, token: client.token === fresh, refreshes };
+      // The page renewed the token on its own meanwhile: the old socket's expiry just reconnects.
+      client.token = token(Math.floor(Date.now() / 1000) + 7300);
+      sockets[1].serverClose(4401, "token expired: log in again and reconnect");
+      await until(() => sockets.length === 3, "a reconnect without a refresh");
+      sockets[2].hello();
+      const refreshesAfterRenewal = refreshes;
+      refuse = true;
+      sockets[2].serverClose(4401, "session ended: log in again");
+      await until(() => events.some(([t]) => t === "unauthorized"), "unauthorized");
+      return { urls: sockets.map((s) => s.url), asked: asked.length, secondTicketWithNewToken: asked[1] === fresh,
+               afterRefresh, refreshesAfterRenewal, refreshes, sockets: sockets.length, state: client.state,
+               message: events.find(([t]) => t === "unauthorized")[1].message };
+    """)
+    assert [u.split("/ws")[1] for u in result["urls"]] == ["?ticket=T1", "?ticket=T2", "?ticket=T3"]  # never ?token=
+    assert result["secondTicketWithNewToken"] and result["afterRefresh"] == {"state": "open", "token": True,
+                                                                            "refreshes": 1}
+    assert result["refreshesAfterRenewal"] == 1
+    assert result["refreshes"] == 2 and result["sockets"] == 3 and result["state"] == "closed"
+    assert "session was ended" in result["message"]

@@ -54,7 +54,7 @@ def test_create_a_group_add_a_member_and_chat_in_it(cluster, make_user, open_pag
 
     def routes(page):
         page.route(re.compile(r".*/api/groups.*"), api.handle)
-        page.route_web_socket(re.compile(r".*/ws\?token=.*"), route_socket)
+        page.route_web_socket(re.compile(r".*/ws\?(token|ticket)=.*"), route_socket)
 
     page = open_page(cluster.gw1.http, before=routes)
     log_in(page, alice.username)

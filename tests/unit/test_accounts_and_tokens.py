@@ -57,19 +57,20 @@ def test_a_disabled_account_cannot_log_in_or_use_its_tokens_until_enabled_again(
 
 
 def test_a_token_names_its_user_and_expires_a_ttl_after_it_was_issued(storage, clock):
-    token = issue_token(storage.settings, 42, now=clock())
+    token = issue_token(storage.settings, 42, "s42", now=clock())
     claims = verify_token(storage.settings, token)
-    assert (claims.user_id, claims.expires_at) == (42, int(clock()) + storage.settings.jwt_ttl_seconds)
+    assert (claims.user_id, claims.expires_at, claims.session_id) == (
+        42, int(clock()) + storage.settings.jwt_ttl_seconds, "s42")
 
 
 def test_a_token_past_its_ttl_is_refused_after_the_leeway_for_clock_skew(storage, clock):
     # The issuing server's clock is set back: the token was made that long ago.
     ttl = storage.settings.jwt_ttl_seconds
     clock.now = time.time() - ttl - JWT_LEEWAY_SECONDS // 2
-    assert verify_token(storage.settings, issue_token(storage.settings, 7, now=clock())).user_id == 7
+    assert verify_token(storage.settings, issue_token(storage.settings, 7, "s7", now=clock())).user_id == 7
     clock.advance(-JWT_LEEWAY_SECONDS)
     with pytest.raises(Unauthorized, match="token expired: log in again"):
-        verify_token(storage.settings, issue_token(storage.settings, 7, now=clock()))
+        verify_token(storage.settings, issue_token(storage.settings, 7, "s7", now=clock()))
 
 
 @pytest.mark.parametrize("forge", [
@@ -77,13 +78,20 @@ def test_a_token_past_its_ttl_is_refused_after_the_leeway_for_clock_skew(storage
                               algorithm="HS256"),
     lambda s, now: jwt.encode({"sub": "7", "iat": now, "exp": now + 60}, None, algorithm="none"),
     lambda s, now: jwt.encode({"sub": "7", "iat": now}, s.jwt_secret, algorithm="HS256"),  # no expiry
-    lambda s, now: jwt.encode({"sub": "seven", "iat": now, "exp": now + 60}, s.jwt_secret, algorithm="HS256"),
-    lambda s, now: issue_token(s, 7, now=now)[:-4] + "AAAA",  # signature tampered with
+    lambda s, now: jwt.encode({"sub": "seven", "sid": "s7", "iat": now, "exp": now + 60}, s.jwt_secret, algorithm="HS256"),
+    lambda s, now: issue_token(s, 7, "s7", now=now)[:-4] + "AAAA",  # signature tampered with
     lambda s, now: "not.a.token",
 ])
 def test_a_forged_or_malformed_token_is_refused(storage, clock, forge):
     with pytest.raises(Unauthorized, match="invalid token"):
         verify_token(storage.settings, forge(storage.settings, int(clock())))
+
+
+def test_a_token_without_a_session_is_refused(storage, clock):
+    now = int(clock())  # as issued before sessions existed: it could not be revoked
+    old = jwt.encode({"sub": "7", "iat": now, "exp": now + 60}, storage.settings.jwt_secret, algorithm="HS256")
+    with pytest.raises(Unauthorized, match="without a session"):
+        verify_token(storage.settings, old)
 
 
 def test_no_token_at_all_says_so(storage):
