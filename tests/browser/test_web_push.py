@@ -72,8 +72,12 @@ def test_the_page_subscribes_and_its_worker_shows_the_pushed_message(cluster, ma
     wait_until(lambda: fake.deliveries_to(sub), timeout=15, what="the push at the push service")
     [push] = fake.deliveries_to(sub)
     assert push.payload["body"] == "see you at 8?" and push.payload["title"] == alice.username
-    with storage.sessions() as session:
-        assert session.scalar(select(PushLog.push_status).where(PushLog.user_id == int(bob.user_id))) == "success"
+
+    def push_status():  # written by the worker once the push service answered, a moment after it got the push
+        with storage.sessions() as session:
+            return session.scalar(select(PushLog.push_status).where(PushLog.user_id == int(bob.user_id)))
+
+    wait_until(lambda: push_status() == "success", timeout=10, what="the push logged as a success")
 
     # What the push service decrypted goes into the worker, as the browser would hand it over.
     cdp = page.context.new_cdp_session(page)
