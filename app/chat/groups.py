@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.accounts.blocks import blockers_among
 from app.chat.conversations import invalidate_conversation_lists
+from app.chat.typing import forget_parties
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.storage import Storage, insert_ignoring_duplicates
 from models import ChatGroup, Conversation, GroupMember, User
@@ -155,6 +156,7 @@ def add_members(storage: Storage, actor_id: int, group_id: int, user_ids: list[i
                     MEMBER, now, group.msg_seq, None, None
         _ensure_conversation_rows(session, storage.is_mysql, group_id, added)
     invalidate_conversation_lists(storage, added)
+    forget_parties(storage, [group_conversation_id(group_id)])  # typing reaches the new members
     return added
 
 
@@ -180,6 +182,7 @@ def remove_member(storage: Storage, actor_id: int, group_id: int, user_id: int) 
             raise Forbidden("only the group owner, or a group admin for plain members, can remove members")
         target.left_seq, target.left_at = group.msg_seq, _now_ms()
     invalidate_conversation_lists(storage, [user_id])
+    forget_parties(storage, [group_conversation_id(group_id)])  # no more typing to or from them
 
 
 def set_role(storage: Storage, actor_id: int, group_id: int, user_id: int, role) -> None:

@@ -1,0 +1,117 @@
+"""Typing indicators: relayed live to the other parties, never stored, synced or pushed.
+
+A `typing` frame goes to every online connection of the conversation's other
+parties (all their devices, on every gateway) through the per-gateway delivery
+channels, like live messages. One Redis script per frame answers both "is the
+typist a party?" (the parties are cached in `typing:parties:{conversation}`) and
+"may this frame be relayed now?" (`typing:last:{user}:{conversation}`): at most
+one `start` per second per user and conversation; a `stop` right after a relayed
+`start` still goes out, so an indicator does not linger. Dropped frames get no
+answer. A `start` expires on the clients 6 s after it arrives (they repeat it
+every 5 s while typing): no server timer.
+"""
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+
+from app.accounts.blocks import has_blocked
+from app.chat.delivery import deliver_to_users
+from app.errors import Forbidden, InvalidInput, NotFound
+from app.storage import Storage
+from app.wire import typing_frame
+from models import ChatGroup, GroupMember, User
+
+log = logging.getLogger(__name__)
+
+TYPING_STATES = ("start", "stop")
+PARTIES_KEY = "typing:parties:{}"  # conversation id -> its parties' ids, and "-" once loaded
+THROTTLE_KEY = "typing:last:{}:{}"  # user, conversation -> the state relayed last, for RELAY_WINDOW_MS
+LOADED = "-"
+# Short: a membership change drops the entry (forget_parties), and a load that raced
+# with that change is wrong for at most this long.
+PARTIES_CACHE_SECONDS = 10
+RELAY_WINDOW_MS = 1000
+
+# KEYS: parties, throttle. ARGV: user id, state, window ms.
+# Returns {-1} (parties not cached), {0} (not a party), {2} (dropped) or {1, parties...}.
+_RELAY_SCRIPT = """
+if redis.call('SISMEMBER', KEYS[1], '-') == 0 then return {-1} end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return {0} end
+local last = redis.call('GET', KEYS[2])
+if last and not (last == 'start' and ARGV[2] == 'stop') then return {2} end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+local parties = redis.call('SMEMBERS', KEYS[1])
+table.insert(parties, 1, 1)
+return parties
+"""
+
+
+def parse_conversation(conversation_id: str) -> tuple[str, tuple[int, ...]]:
+    """("p", (low, high)) or ("g", (group id,)) from a conversation id; InvalidInput otherwise."""
+    kind, _, rest = conversation_id.partition("_")
+    parts = rest.split("_")
+    if kind == "p" and len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1]):
+        return "p", (int(parts[0]), int(parts[1]))
+    if kind == "g" and len(parts) == 1 and parts[0].isdigit() and int(parts[0]) > 0:
+        return "g", (int(parts[0]),)
+    raise InvalidInput("'conversation_id' must name a conversation: 'p_<low id>_<high id>' or 'g_<group id>'")
+
+
+def relay_typing(storage: Storage, user_id: int, conversation_id: str, state: str) -> int:
+    """Relay a typing state to the other parties' live connections; returns how many were reached
+    (0 when the frame was dropped by the relay limit). NotFound / Forbidden as for a send."""
+    kind, ids = parse_conversation(conversation_id)
+    if kind == "p" and user_id not in ids:
+        raise Forbidden(f"you are not a party of conversation {conversation_id!r}")
+    keys = [PARTIES_KEY.format(conversation_id), THROTTLE_KEY.format(user_id, conversation_id)]
+    args = [user_id, state, RELAY_WINDOW_MS]
+    answer = storage.script(_RELAY_SCRIPT)(keys=keys, args=args)
+    if int(answer[0]) == -1:
+        _cache_parties(storage, conversation_id, _load_parties(storage, kind, ids))
+        answer = storage.script(_RELAY_SCRIPT)(keys=keys, args=args)
+    verdict = int(answer[0])
+    if verdict == 0:
+        raise Forbidden(f"you are not a member of conversation {conversation_id!r}")
+    if verdict != 1:
+        return 0
+    others = [int(p) for p in answer[1:] if p not in (LOADED, LOADED.encode()) and int(p) != user_id]
+    if kind == "p" and others and has_blocked(storage, others[0], user_id):
+        return 0  # the peer blocked the typist: nothing shown, nothing said
+    live = deliver_to_users(storage, typing_frame(conversation_id, user_id, state), others)
+    return sum(len(conns) for conns in live.values())
+
+
+def forget_parties(storage: Storage, conversation_ids) -> None:
+    """Drop cached parties after a membership change (the next typing frame reloads them)."""
+    keys = [PARTIES_KEY.format(cid) for cid in conversation_ids]
+    if keys:
+        try:
+            storage.redis.delete(*keys)
+        except Exception as exc:  # the entry expires within PARTIES_CACHE_SECONDS anyway
+            log.warning("typing parties of %s not dropped: %s", keys[0], exc.__class__.__name__)
+
+
+def _load_parties(storage: Storage, kind: str, ids: tuple[int, ...]) -> list[int]:
+    with storage.sessions() as session:
+        if kind == "g":
+            group_id = ids[0]
+            if session.get(ChatGroup, group_id) is None:
+                raise NotFound(f"group {group_id} does not exist")
+            return list(session.scalars(select(GroupMember.user_id).where(
+                GroupMember.group_id == group_id, GroupMember.left_seq.is_(None))))
+        found = set(session.scalars(select(User.id).where(User.id.in_(ids), User.deleted_at.is_(None))))
+    missing = [uid for uid in ids if uid not in found]
+    if missing:
+        raise NotFound(f"user {missing[0]} does not exist")
+    return list(ids)
+
+
+def _cache_parties(storage: Storage, conversation_id: str, parties: list[int]) -> None:
+    key = PARTIES_KEY.format(conversation_id)
+    pipe = storage.redis.pipeline(transaction=True)
+    pipe.delete(key)
+    pipe.sadd(key, LOADED, *parties)
+    pipe.expire(key, PARTIES_CACHE_SECONDS)
+    pipe.execute()
