@@ -160,6 +160,8 @@ def signing_payload(frame: dict) -> bytes:
     """What a signed `send` covers: its identity, its addressee, its content and its time (docs/protocol.md)."""
     fields = [frame.get("client_msg_id"), frame.get("to"), frame.get("group_id"),
               frame.get("message_type", "text"), frame.get("content"), frame.get("extra") or {}, frame.get("ts")]
+    if frame.get("reply_to") is not None or frame.get("mentions") is not None:
+        fields += [frame.get("reply_to"), frame.get("mentions")]  # only then: older clients' signatures hold
     return json.dumps(fields, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
