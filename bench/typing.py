@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import json
 import os
 import signal
@@ -114,15 +115,16 @@ async def run(ports: tuple[int, int], users: list[tuple[int, str]], rate: float,
     interval = 1.0 / rate
     ticks0, t0 = [cpu_ticks(pid) for pid in pids], time.monotonic()
     offered, start = 0, loop.time()
-    due = [start + interval * i / len(clients) for i in range(len(clients))]  # staggered evenly
+    # (due time, client index), staggered evenly; one interval for all keeps it in due order.
+    schedule = collections.deque((start + interval * i / len(clients), i) for i in range(len(clients)))
     end = start + seconds
     while loop.time() < end:
         now = loop.time()
-        for i, client in enumerate(clients):
-            if due[i] <= now:
-                if client.typing(frames[i]):
-                    offered += 1
-                due[i] += interval
+        while schedule and schedule[0][0] <= now:
+            due, i = schedule.popleft()
+            if clients[i].typing(frames[i]):
+                offered += 1
+            schedule.append((due + interval, i))
         await asyncio.sleep(0.005)
     await asyncio.sleep(1.0)  # relays still on the wire
     elapsed = time.monotonic() - t0

@@ -248,3 +248,17 @@ def test_a_mention_is_pushed_through_a_muted_group_with_the_mention_in_the_text_
     wait_until(lambda: unread_counts(storage, int(bob.user_id)) == {cid: 2}, what="bob's unread")
     settled(storage, bob)
     assert len(pushes_to(cluster, bob_phone)) == 1
+
+
+def test_typing_to_someone_who_blocked_you_is_not_relayed_and_not_answered(cluster, make_user, connect, api):
+    alice, bob = make_user(), make_user()
+    assert api(bob)("PUT", f"/api/blocks/{alice.user_id}").status_code in (200, 204)
+    a, b = connect(alice, cluster.gw1), connect(bob, cluster.gw2)
+    typing(a, pid(alice, bob))
+    still_open(a)  # answered in order: no error came before the pong
+    assert [f for f in a.frames if f["type"] == "error"] == []
+    typing(b, pid(alice, bob))  # the other way round is fine
+    a.next_frame(lambda f: f["type"] == "typing" and f["user_id"] == bob.user_id)
+    ack = send(b, {"to": alice.user_id, "content": "I blocked you"})
+    a.wait_message(ack["msg_id"])
+    assert typings(b) == []

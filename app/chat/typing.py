@@ -16,7 +16,7 @@ import logging
 
 from sqlalchemy import select
 
-from app.accounts.blocks import has_blocked
+from app.accounts.blocks import BLOCKS_KEY, has_blocked
 from app.chat.delivery import deliver_to_users
 from app.errors import Forbidden, InvalidInput, NotFound
 from app.storage import Storage
@@ -34,17 +34,23 @@ LOADED = "-"
 PARTIES_CACHE_SECONDS = 10
 RELAY_WINDOW_MS = 1000
 
-# KEYS: parties, throttle. ARGV: user id, state, window ms.
-# Returns {-1} (parties not cached), {0} (not a party), {2} (dropped) or {1, parties...}.
+# KEYS: parties, throttle, and in a private chat the peer's block list (app.accounts.blocks).
+# ARGV: user id, state, window ms. Returns {-1} (parties not cached), {0} (not a party),
+# {2} (dropped) or {1, blocked by the peer (0/1), block list complete (0/1), parties...}.
 _RELAY_SCRIPT = """
 if redis.call('SISMEMBER', KEYS[1], '-') == 0 then return {-1} end
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then return {0} end
 local last = redis.call('GET', KEYS[2])
 if last and not (last == 'start' and ARGV[2] == 'stop') then return {2} end
 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-local parties = redis.call('SMEMBERS', KEYS[1])
-table.insert(parties, 1, 1)
-return parties
+local blocked, loaded = 0, 1
+if #KEYS > 2 then
+  blocked = redis.call('SISMEMBER', KEYS[3], ARGV[1])
+  loaded = redis.call('SISMEMBER', KEYS[3], '-')
+end
+local answer = {1, blocked, loaded}
+for _, party in ipairs(redis.call('SMEMBERS', KEYS[1])) do table.insert(answer, party) end
+return answer
 """
 
 
@@ -66,6 +72,9 @@ def relay_typing(storage: Storage, user_id: int, conversation_id: str, state: st
     if kind == "p" and user_id not in ids:
         raise Forbidden(f"you are not a party of conversation {conversation_id!r}")
     keys = [PARTIES_KEY.format(conversation_id), THROTTLE_KEY.format(user_id, conversation_id)]
+    peer = next((uid for uid in ids if uid != user_id), None) if kind == "p" else None
+    if peer is not None:  # the block lookup rides along: one round trip decides the frame
+        keys.append(BLOCKS_KEY.format(peer))
     args = [user_id, state, RELAY_WINDOW_MS]
     answer = storage.script(_RELAY_SCRIPT)(keys=keys, args=args)
     if int(answer[0]) == -1:
@@ -76,8 +85,8 @@ def relay_typing(storage: Storage, user_id: int, conversation_id: str, state: st
         raise Forbidden(f"you are not a member of conversation {conversation_id!r}")
     if verdict != 1:
         return 0
-    others = [int(p) for p in answer[1:] if p not in (LOADED, LOADED.encode()) and int(p) != user_id]
-    if kind == "p" and others and has_blocked(storage, others[0], user_id):
+    others = [int(p) for p in answer[3:] if p not in (LOADED, LOADED.encode()) and int(p) != user_id]
+    if peer is not None and has_blocked(storage, peer, user_id, [int(answer[1]), int(answer[2])]):
         return 0  # the peer blocked the typist: nothing shown, nothing said
     live = deliver_to_users(storage, typing_frame(conversation_id, user_id, state), others)
     return sum(len(conns) for conns in live.values())
