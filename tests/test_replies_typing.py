@@ -84,14 +84,17 @@ def test_typing_reaches_every_device_of_the_peer_on_both_gateways_but_not_the_ty
 def test_two_starts_within_a_second_relay_once_and_a_stop_right_after_still_goes_out(
         cluster, make_user, connect, storage):
     alice, bob = make_user(), make_user()
-    a, b = connect(alice, cluster.gw1), connect(bob, cluster.gw2)
+    a, a_laptop, b = connect(alice, cluster.gw1), connect(alice, cluster.gw2), connect(bob, cluster.gw2)
     cid = pid(alice, bob)
     typing(a, cid, "start")
-    typing(a, cid, "start")
+    typing(a, cid, "start")  # dropped by the gateway itself
+    still_open(a)
+    typing(a_laptop, cid, "start")  # another device, another gateway: dropped by the shared limit
+    still_open(a_laptop)
     typing(a, cid, "stop")
     b.next_frame(lambda f: f["type"] == "typing" and f["state"] == "stop")
-    assert [f["state"] for f in typings(b)] == ["start", "stop"]  # the second start was dropped, unanswered
-    assert [f for f in a.frames if f["type"] == "error"] == []
+    assert [f["state"] for f in typings(b)] == ["start", "stop"]  # the other starts were dropped, unanswered
+    assert [f for f in a.frames + a_laptop.frames if f["type"] == "error"] == []
     # Once the second is over, a start goes out again.
     wait_until(lambda: not storage.redis.exists(THROTTLE_KEY.format(alice.user_id, cid)), what="the relay window")
     typing(a, cid, "start")

@@ -26,7 +26,7 @@ from app.chat.intake import MessageIntake
 from app.media.uploads import check_attachment
 from app.chat.receipts import mark_read
 from app.chat.recall import recall_message
-from app.chat.typing import relay_typing
+from app.chat.typing import RecentTyping, relay_typing
 from app.chat.sync import parse_cursor, parse_limit, read_stream
 from app.chat.presence import DELIVERY_CHANNEL, Presence, now_ms
 from app.ratelimit import Limit, LocalBucket, take
@@ -62,6 +62,7 @@ class Connection:
         self.frames = LocalBucket(frame_limit)
         self.signing_key: bytes | None = None  # FRAME_SIGNING: this connection's HMAC key
         self.refused_in_a_row = 0
+        self.recent_typing: RecentTyping | None = None  # made at its first typing frame
         self.user_id = user_id
         self.conn_id = conn_id
         self.gateway_id = gateway_id
@@ -417,7 +418,11 @@ class Gateway:
     def _on_typing(self, conn: Connection, frame: dict) -> None:
         # No answer: a relayed or dropped typing frame is invisible to its sender (docs/protocol.md §19).
         conversation_id, state = parse_typing(frame)
-        relay_typing(self.storage, conn.user_id, conversation_id, state)
+        if conn.recent_typing is None:
+            conn.recent_typing = RecentTyping()
+        if conn.recent_typing.may_relay(conversation_id, state):
+            relay_typing(self.storage, conn.user_id, conversation_id, state)
+            conn.recent_typing.relayed(conversation_id, state)
 
     def _sync_badges(self, user_ids: list[int], msg_id: int, conn: Connection) -> None:
         """Badge sync and withdrawal on the users' devices that show a notification (docs/push.md §4.4).

@@ -13,6 +13,7 @@ every 5 s while typing): no server timer.
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import select
 
@@ -90,6 +91,31 @@ def relay_typing(storage: Storage, user_id: int, conversation_id: str, state: st
         return 0  # the peer blocked the typist: nothing shown, nothing said
     live = deliver_to_users(storage, typing_frame(conversation_id, user_id, state), others)
     return sum(len(conns) for conns in live.values())
+
+
+class RecentTyping:
+    """One connection's view of the relay limit, kept in the gateway's memory: a frame the Redis
+    check would drop anyway is dropped here without a round trip (a flooding client costs its
+    gateway a dict lookup per frame). Redis stays the judge for everything this lets through
+    (several devices, several gateways)."""
+
+    MAX_CONVERSATIONS = 64  # beyond this the memory is dropped: it only saves round trips
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._last: dict[str, tuple[str, float]] = {}
+
+    def may_relay(self, conversation_id: str, state: str) -> bool:
+        """False for a frame the relay limit drops for sure (this connection relayed within the second)."""
+        last = self._last.get(conversation_id)
+        return last is None or self.clock() - last[1] >= RELAY_WINDOW_MS / 1000 or (
+            last[0] == "start" and state == "stop")
+
+    def relayed(self, conversation_id: str, state: str) -> None:
+        """After a frame went to Redis without an error (a refused one is checked again next time)."""
+        if len(self._last) >= self.MAX_CONVERSATIONS:
+            self._last.clear()
+        self._last[conversation_id] = (state, self.clock())
 
 
 def forget_parties(storage: Storage, conversation_ids) -> None:
