@@ -59,10 +59,14 @@ def parse_conversation(conversation_id: str) -> tuple[str, tuple[int, ...]]:
     """("p", (low, high)) or ("g", (group id,)) from a conversation id; InvalidInput otherwise."""
     kind, _, rest = conversation_id.partition("_")
     parts = rest.split("_")
-    if kind == "p" and len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1]):
-        return "p", (int(parts[0]), int(parts[1]))
-    if kind == "g" and len(parts) == 1 and parts[0].isdigit() and int(parts[0]) > 0:
-        return "g", (int(parts[0]),)
+    # Ids as the server writes them (no leading zero, signed 64-bit): one conversation, one spelling.
+    ids = tuple(int(p) for p in parts if p.isdigit() and p == str(int(p)) and 0 < int(p) < 2**63)
+    if len(ids) != len(parts):
+        ids = ()
+    if kind == "p" and len(ids) == 2 and ids[0] < ids[1]:
+        return "p", ids
+    if kind == "g" and len(ids) == 1:
+        return "g", ids
     raise InvalidInput("'conversation_id' must name a conversation: 'p_<low id>_<high id>' or 'g_<group id>'")
 
 

@@ -1,5 +1,9 @@
-"""The gateway's in-memory pre-filter of typing frames mirrors the Redis relay limit."""
-from app.chat.typing import RecentTyping
+"""Typing (app.chat.typing): the gateway's in-memory pre-filter mirrors the Redis relay limit;
+conversation ids are read as the server writes them."""
+import pytest
+
+from app.chat.typing import RecentTyping, parse_conversation
+from app.errors import InvalidInput
 
 
 class Clock:
@@ -29,3 +33,11 @@ def test_a_refused_frame_is_not_remembered():
     recent = RecentTyping(Clock())
     assert recent.may_relay("g_7", "start")  # (the gateway then gets forbidden and records nothing)
     assert recent.may_relay("g_7", "start")
+
+
+def test_conversation_ids_are_read_as_the_server_writes_them():
+    assert parse_conversation("p_3_12") == ("p", (3, 12))
+    assert parse_conversation("g_7") == ("g", (7,))
+    for bad in ("p_12_3", "p_3_3", "p_03_12", "g_0", "g_07", "g_7_8", "p_3", f"g_{2**63}", "x_1", "p__3"):
+        with pytest.raises(InvalidInput):
+            parse_conversation(bad)
