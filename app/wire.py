@@ -40,7 +40,14 @@ def message_frame(msg) -> dict:
         "group_id": str(msg.group_id) if msg.group_id is not None else None,
         "message_type": msg.message_type, "content": msg.content if msg.status != STATUS_RECALLED else "",
         "extra": msg.extra or {}, "timestamp": msg.timestamp, "status": msg.status,
+        "reply_to": str(msg.reply_to_msg_id) if msg.reply_to_msg_id is not None else None,
+        "mentions": list(msg.mentions or []),
     }
+
+
+def typing_frame(conversation_id: str, user_id: int, state: str) -> dict:
+    """`typing`: live only, to the other parties' connections (never stored, synced or pushed)."""
+    return {"type": "typing", "conversation_id": conversation_id, "user_id": str(user_id), "state": state}
 
 
 def recalled_frame(msg_id: int, conversation_id: str, recalled_at: int | None = None, by: str | None = None) -> dict:

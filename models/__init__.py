@@ -103,6 +103,10 @@ class Message(Base):
     # Group messages: the group's sequence number, taken under the group row lock in
     # commit order; membership bounds (joined_seq, left_seq] say who may see it.
     group_seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The message this one answers (same conversation, visible to the sender when sent; 0016).
+    reply_to_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Group messages: the mentioned members' ids as strings, deduplicated; NULL when none (0016).
+    mentions: Mapped[list | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 

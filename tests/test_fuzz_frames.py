@@ -30,7 +30,7 @@ CMID = re.compile(r"[\x21-\x7e]{1,64}")
 DIGITS = re.compile(r"[0-9]{1,19}")
 MESSAGE_TYPE = re.compile(r"[a-z][a-z0-9_]{0,19}")
 KNOWN_FIELDS = ("type", "client_msg_id", "to", "group_id", "content", "message_type", "extra", "cursor", "limit",
-                "conversation_id", "msg_id", "ts")
+                "conversation_id", "msg_id", "ts", "reply_to", "mentions", "state")
 
 # --- strategies ------------------------------------------------------------------
 
@@ -397,7 +397,7 @@ def malformed_frames(draw, peer_id: str):
     base = {"type": "send", "client_msg_id": draw(valid_cmids), "to": peer_id, "content": "hi"}
     kind = draw(st.sampled_from([
         "text", "not_object", "no_type", "unknown_type", "send_field", "send_both", "too_large", "extra_large",
-        "sync", "read", "recall", "nested", "non_finite", "ts", "binary"]))
+        "sync", "read", "recall", "typing", "nested", "non_finite", "ts", "binary"]))
     if kind == "text":
         text = draw(clean_text)
         try:
@@ -413,7 +413,7 @@ def malformed_frames(draw, peer_id: str):
                            "type": draw(strict_scalars.filter(lambda v: not isinstance(v, str)))})
     if kind == "unknown_type":
         return json.dumps({"type": draw(clean_text.filter(
-            lambda t: t not in ("ping", "send", "sync", "read", "recall")))})
+            lambda t: t not in ("ping", "send", "sync", "read", "recall", "typing")))})
     if kind == "send_field":
         field, bad = draw(st.sampled_from([
             ("client_msg_id", strict_scalars.filter(lambda v: not (isinstance(v, str) and CMID.fullmatch(v)))
@@ -422,6 +422,8 @@ def malformed_frames(draw, peer_id: str):
             ("content", st.just("") | st.integers() | st.lists(clean_text, max_size=2)),
             ("message_type", st.sampled_from(["Text!", None, "", "1abc", "a" * 21, "émoji", "text\n", 7])),
             ("extra", st.lists(st.integers(), max_size=2) | clean_text | st.integers() | st.booleans()),
+            ("reply_to", st.sampled_from(["abc", "0", "-3", "1.5", True, {}, []])),
+            ("mentions", st.sampled_from(["x", 5, {}, ["abc"], [peer_id]])),  # any mention in a private send too
         ]))
         return json.dumps({**base, field: draw(bad)})
     if kind == "send_both":
@@ -441,6 +443,11 @@ def malformed_frames(draw, peer_id: str):
                            "msg_id": "1"})
     if kind == "recall":
         return json.dumps({"type": "recall", "msg_id": draw(st.sampled_from(["", "x", "-5", None, 0, 1.5]))})
+    if kind == "typing":
+        return json.dumps({"type": "typing", **draw(st.sampled_from([
+            {"conversation_id": "p_1_2", "state": "typing"}, {"conversation_id": "p_1_2"}, {"state": "start"},
+            {"conversation_id": "p_2_1", "state": "start"}, {"conversation_id": 7, "state": "stop"},
+            {"conversation_id": "q_1", "state": "start"}]))})
     if kind == "nested":
         depth = draw(st.integers(900, 30_000))
         return '{"type": "send", "client_msg_id": "n1", "to": "%s", "content": "hi", "extra": {"a": %s1%s}}' % (

@@ -7,6 +7,7 @@ import re
 
 from app.errors import InvalidInput, TooLarge
 from app.chat.intake import SendRequest
+from app.chat.typing import TYPING_STATES
 from app.media.uploads import MEDIA_MESSAGE_TYPES
 from app.wire import CONVERSATION_ID_RE, parse_id
 
@@ -17,6 +18,7 @@ MAX_EXTRA_BYTES = 4096
 # store must take whatever is acked: MariaDB refuses JSON nested more than 31 levels,
 # and at ~700 the persist worker's pickling recursed until the worker died.
 MAX_EXTRA_DEPTH = 16
+MAX_MENTIONS = 50
 
 
 def _not_json(literal: str):
@@ -82,8 +84,22 @@ def parse_send(frame: dict, max_content_bytes: int) -> SendRequest:
         raise TooLarge(f"'extra' is larger than {MAX_EXTRA_BYTES} bytes")
     if message_type in MEDIA_MESSAGE_TYPES:  # whose upload it is, the gateway asks the store (check_attachment)
         parse_id(extra.get("media_id"), "extra.media_id")
+    reply_to = parse_id(frame["reply_to"], "reply_to") if frame.get("reply_to") is not None else None
+    mentions = parse_mentions(frame.get("mentions"), group_id is not None)
     return SendRequest(client_msg_id=cmid, to=to, group_id=group_id, content=content, message_type=message_type,
-                       extra=extra)
+                       extra=extra, reply_to=reply_to, mentions=mentions)
+
+
+def parse_mentions(value, in_group: bool) -> tuple[int, ...]:
+    """A send's `mentions`: at most MAX_MENTIONS user ids, duplicates dropped (first one kept);
+    only group messages mention anyone (whether each is a member, the intake checks)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_MENTIONS:
+        raise InvalidInput(f"'mentions' must be a list of at most {MAX_MENTIONS} user id strings")
+    if value and not in_group:
+        raise InvalidInput("'mentions' are for group messages: a private send mentions nobody")
+    return tuple(dict.fromkeys(parse_id(uid, "mentions[]") for uid in value))
 
 
 def _deeper_than(value, limit: int) -> bool:
@@ -110,6 +126,16 @@ def parse_read(frame: dict) -> tuple[str, int]:
     if not isinstance(conversation_id, str) or not CONVERSATION_ID_RE.fullmatch(conversation_id):
         raise InvalidInput("'conversation_id' must be a conversation id string such as 'p_1_2'")
     return conversation_id, parse_id(frame.get("msg_id"), "msg_id")
+
+
+def parse_typing(frame: dict) -> tuple[str, str]:
+    conversation_id = frame.get("conversation_id")
+    if not isinstance(conversation_id, str) or not CONVERSATION_ID_RE.fullmatch(conversation_id):
+        raise InvalidInput("'conversation_id' must be a conversation id string such as 'p_1_2'")
+    state = frame.get("state")
+    if state not in TYPING_STATES:
+        raise InvalidInput("'state' must be 'start' or 'stop'")
+    return conversation_id, state
 
 
 def check_clock(frame: dict, now_ms: int, max_skew_seconds: int) -> None:

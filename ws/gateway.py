@@ -25,6 +25,7 @@ from app.chat.intake import MessageIntake
 from app.media.uploads import check_attachment
 from app.chat.receipts import mark_read, mark_received
 from app.chat.recall import recall_message
+from app.chat.typing import RecentTyping, relay_typing
 from app.chat.sync import LATEST, parse_cursor, parse_limit, read_stream, stream_end
 from app.chat.presence import DELIVERY_CHANNEL, Presence, now_ms
 from app.ratelimit import Limit, LocalBucket, take
@@ -34,7 +35,7 @@ from app.wire import (
     ack_frame, close_scope, error_frame, message_frame, parse_envelope, read_ok_frame, receipt_frame, recalled_frame,
 )
 from ws.frames import (
-    check_clock, client_msg_id_of, parse_frame, parse_id, parse_read, parse_send,
+    check_clock, client_msg_id_of, parse_frame, parse_id, parse_read, parse_send, parse_typing,
 )
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Connection:
         self.frames = LocalBucket(frame_limit)
         self.session_id = session_id  # the login session whose token opened it (app.accounts.sessions)
         self.refused_in_a_row = 0
+        self.recent_typing: RecentTyping | None = None  # made at its first typing frame
         self.user_id = user_id
         self.conn_id = conn_id
         self.gateway_id = gateway_id
@@ -150,7 +152,8 @@ class Gateway:
         self.intake: MessageIntake | None = None
         self.send_limit = Limit(settings.send_rate_per_second, settings.send_burst)
         self._handlers = {"ping": self._on_ping, "send": self._on_send, "sync": self._on_sync,
-                          "read": self._on_read, "received": self._on_received, "recall": self._on_recall}
+                          "read": self._on_read, "received": self._on_received, "recall": self._on_recall,
+                          "typing": self._on_typing}
         metrics.serve_frame_types(self._handlers)
 
     # -- lifecycle ------------------------------------------------------------
@@ -429,6 +432,15 @@ class Gateway:
         deliver_to_users(self.storage, recalled, outcome.parties, skip_conn=conn.conn_id)
         self._sync_badges([uid for uid in outcome.parties if uid != conn.user_id], outcome.msg_id, conn)
         log.info("conn %s: msg %s recalled", conn.conn_id, outcome.msg_id)
+
+    def _on_typing(self, conn: Connection, frame: dict) -> None:
+        # No answer: a relayed or dropped typing frame is invisible to its sender (docs/protocol.md §20).
+        conversation_id, state = parse_typing(frame)
+        if conn.recent_typing is None:
+            conn.recent_typing = RecentTyping()
+        if conn.recent_typing.may_relay(conversation_id, state):
+            relay_typing(self.storage, conn.user_id, conversation_id, state)
+            conn.recent_typing.relayed(conversation_id, state)
 
     def _sync_badges(self, user_ids: list[int], msg_id: int, conn: Connection) -> None:
         """Badge sync and withdrawal on the users' devices that show a notification (docs/push.md §4.4).

@@ -24,7 +24,7 @@ from app.chat.conversations import invalidate_conversation_lists
 from app.chat.delivery import deliver_to_users
 from app.chat.groups import next_group_seq, recipients_of
 from app.chat.conversations import message_preview
-from app.chat.persist import stored_copy, upsert_conversations
+from app.chat.persist import reference_columns, stored_copy, upsert_conversations
 from app.wire import message_frame
 from app.chat.recall import RECALLED_PREVIEW
 from app.chat.search import IndexedMessage, index_messages
@@ -64,7 +64,7 @@ def persist_group_message(storage: Storage, payload: dict) -> GroupPersistOutcom
                 id=msg_id, conversation_id=payload["conversation_id"], sender_id=sender, receiver_id=None,
                 group_id=group_id, client_msg_id=payload["client_msg_id"], message_type=payload["message_type"],
                 content=payload["content"], extra=payload.get("extra") or None, is_group=True,
-                timestamp=int(payload["timestamp"]), group_seq=group_seq,
+                timestamp=int(payload["timestamp"]), group_seq=group_seq, **reference_columns(payload),
             ))
             session.flush()
             index_messages(session, [IndexedMessage(msg_id, payload["content"], sender, None, group_id)])

@@ -25,6 +25,7 @@ from app.chat.conversations import invalidate_conversation_lists
 from app.chat.group_events import (
     CREATED, DELETED, MEMBER_ADDED, MEMBER_REMOVED, RENAMED, ROLE_CHANGED, announce, record_event,
 )
+from app.chat.typing import forget_parties
 from app.errors import Conflict, Forbidden, InvalidInput, NotFound
 from app.storage import Storage, insert_ignoring_duplicates
 from models import ChatGroup, Conversation, GroupMember, User
@@ -168,6 +169,7 @@ def add_members(storage: Storage, actor_id: int, group_id: int, user_ids: list[i
                                _current_members(session, group_id), name=group.name)] if added else []
     invalidate_conversation_lists(storage, added)
     announce(storage, events)
+    forget_parties(storage, [group_conversation_id(group_id)])  # typing reaches the new members
     return added
 
 
@@ -202,6 +204,7 @@ def remove_member(storage: Storage, actor_id: int, group_id: int, user_id: int) 
         return
     invalidate_conversation_lists(storage, [user_id])
     announce(storage, [event])
+    forget_parties(storage, [group_conversation_id(group_id)])  # no more typing to or from them
 
 
 def set_role(storage: Storage, actor_id: int, group_id: int, user_id: int, role) -> None:
@@ -277,6 +280,7 @@ def _delete_locked(session: Session, is_mysql: bool, group: ChatGroup, actor_id:
 def _after_delete(storage: Storage, event, former) -> None:
     invalidate_conversation_lists(storage, former)  # the group leaves every list, former members' too
     announce(storage, [event])
+    forget_parties(storage, [event.frame["conversation_id"]])  # no more typing in it
 
 
 def _current_members(session: Session, group_id: int) -> list[int]:

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from app.accounts.blocks import blocks_lookup, require_not_blocked
 from app.chat.conversations import private_conversation_id
 from app.chat.groups import group_conversation_id, require_sender
+from app.chat.references import check_references
 from app.chat.recovery import (DEDUPE_SINCE_KEY, OLD_RECORDS_KEY, RECOVERED_KEY, REBUILT_KEY, KNOWN_FOR_MS, RecoveryWatch, StoredAcks, grace_ms,
                                rebuild_sender)
 from app.errors import ChatError, InvalidInput, NotFound, Unavailable
@@ -76,6 +77,8 @@ class SendRequest:
     group_id: int | None = None
     message_type: str = "text"
     extra: dict = field(default_factory=dict)
+    reply_to: int | None = None  # the msg_id this send answers (app.chat.references checks it)
+    mentions: tuple[int, ...] = ()  # group sends: mentioned members, deduplicated
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ class MessageIntake:
             if req.group_id is not None:  # never acked: only a member may send it, checked in MySQL
                 try:
                     require_sender(self.storage, sender_id, req.group_id)
+                    check_references(self.storage, sender_id, conversation_id, req.group_id, req.reply_to,
+                                     req.mentions)
                 except ChatError:
                     # A retry of a send acked before the loss, by a sender who left since.
                     stored = self._lookup_stored(sender_id, req.client_msg_id) if wait_for_storage else None
@@ -187,6 +192,7 @@ class MessageIntake:
             else:  # never acked: a recipient who blocked the sender refuses it (every client_msg_id)
                 try:
                     require_not_blocked(self.storage, req.to, sender_id, blocks)
+                    check_references(self.storage, sender_id, conversation_id, None, req.reply_to, ())
                 except ChatError:
                     if fresh_record:
                         self.storage.script(_FORGET_SCRIPT)(keys=[key], args=[value])
@@ -216,6 +222,8 @@ class MessageIntake:
             "to": req.to, "group_id": req.group_id, "client_msg_id": req.client_msg_id,
             "message_type": req.message_type, "content": req.content, "extra": req.extra,
             "timestamp": ack.timestamp, "origin_conn": origin_conn,
+            "reply_to": str(req.reply_to) if req.reply_to is not None else None,
+            "mentions": [str(uid) for uid in req.mentions],
         }, now, since))
         if refused is not None:
             raise refused

@@ -116,7 +116,14 @@ def _message_row(payload: dict) -> dict:
             "sender_id": int(payload["sender_id"]), "receiver_id": int(payload["to"]), "group_id": None,
             "client_msg_id": payload["client_msg_id"], "message_type": payload["message_type"],
             "content": payload["content"], "extra": payload.get("extra") or None, "is_group": False,
-            "timestamp": int(payload["timestamp"])}
+            "timestamp": int(payload["timestamp"]), **reference_columns(payload)}
+
+
+def reference_columns(payload: dict) -> dict:
+    """The reply target and mentions of an accepted send; absent in tasks queued before 0016."""
+    reply_to = payload.get("reply_to")
+    return {"reply_to_msg_id": int(reply_to) if reply_to is not None else None,
+            "mentions": [str(uid) for uid in payload.get("mentions") or []] or None}
 
 
 def stored_copy(storage: Storage, msg_id: int, sender: int, client_msg_id: str) -> tuple[Message | None, int | None]:

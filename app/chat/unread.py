@@ -112,6 +112,27 @@ def latest_unread_ids(session, muted_by_user: dict[int, list[str]]) -> dict[int,
     return newest
 
 
+MENTION_SCAN_LIMIT = 200  # newest unread messages with mentions looked at per user and planning
+
+
+def latest_unread_mentions(session, muted_by_user: dict[int, list[str]]) -> dict[int, int]:
+    """Per user, the id of their newest unread group message that mentions them in a conversation
+    they muted (a mention overrides the mute, docs/push.md §4.2); users with none left out.
+    One query per user who muted a group; the JSON list is matched here, not in SQL (portable)."""
+    newest: dict[int, int] = {}
+    for user_id, muted in muted_by_user.items():
+        groups = [cid for cid in muted if cid.startswith("g_")]
+        if not groups:
+            continue
+        query = _unread_in_groups([user_id], Message.id, Message.mentions).where(
+            Message.conversation_id.in_(groups), Message.mentions.is_not(None))
+        for _, msg_id, mentions in session.execute(query.order_by(Message.id.desc()).limit(MENTION_SCAN_LIMIT)):
+            if str(user_id) in (mentions or []):
+                newest[user_id] = msg_id
+                break
+    return newest
+
+
 def unread_states(session, wanted) -> dict[tuple[int, int], str | None]:
     """For (user id, msg id) pairs, in two queries: None while the message is unread by
     that user, else why not ("read", or "recalled").

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from app.chat.conversations import message_preview
 from app.media.uploads import push_text
-from app.chat.unread import latest_unread, latest_unread_ids, unread_totals
+from app.chat.unread import latest_unread, latest_unread_ids, latest_unread_mentions, unread_totals
 from app.push.settings import load_preferences
 from app.storage import Storage, insert_ignoring_duplicates
 from models import ChatGroup, Device, Message, PushLog, User, USER_DISPLAY_NAME
@@ -78,6 +78,9 @@ def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list
     with storage.sessions() as session:
         prefs = load_preferences(session, user_ids)
         newest = latest_unread_ids(session, {uid: prefs[uid].muted_conversations for uid in user_ids})
+        for user_id, msg_id in latest_unread_mentions(
+                session, {uid: prefs[uid].muted_conversations for uid in user_ids}).items():
+            newest[user_id] = max(newest.get(user_id, 0), msg_id)  # a mention overrides the mute
         messages = {m.id: m for m in session.scalars(select(Message).where(Message.id.in_(set(newest.values()))))} \
             if newest else {}
         devices: dict[int, list] = {}
@@ -109,7 +112,8 @@ def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list
             or message_preview(latest.message_type, latest.content, PREVIEW_CHARS)
         title = sender
         if latest.is_group and latest.group_id in groups:  # a group push: the group's name, and who wrote
-            title, body = groups[latest.group_id], f"{sender}: {body}"
+            said = " mentioned you" if str(plan.user_id) in (latest.mentions or []) else ""
+            title, body = groups[latest.group_id], f"{sender}{said}: {body}"
         payload = {"title": title if p.preview else "NetherLink", "body": body if p.preview else GENERIC_BODY,
                    "badge": badges[plan.user_id], "conversation_id": latest.conversation_id,
                    "msg_id": str(latest.id), "preview": p.preview}

@@ -5,6 +5,7 @@ import threading
 import pytest
 from sqlalchemy import func, select
 
+from app.chat.conversations import private_conversation_id
 from app.chat.persist import persist_private_messages
 from app.chat.presence import DELIVERY_CHANNEL, Presence
 from app.chat.recall import recall_message
@@ -204,3 +205,21 @@ def test_connections_written_back_after_a_redis_flush_are_routable_at_once(stora
     live = presence.live_connections([1, 2])
     assert [c.conn_id for c in live[1]] == ["bob-phone"] and [c.conn_id for c in live[2]] == ["carol-laptop"]
     assert [c.conn_id for c in presence.live_connections([1])[1]] == ["bob-phone"]  # not pruned by the read
+
+
+def test_a_persist_task_from_before_replies_stores_the_message_with_no_reply_and_no_mentions(make_user, storage):
+    """Tasks queued by a gateway of before revision 0016 carry neither `reply_to` nor `mentions`."""
+    alice, bob = make_user(), make_user()
+
+    def payload(msg_id, content, **fields):
+        return {"msg_id": str(msg_id), "conversation_id": private_conversation_id(alice, bob), "sender_id": alice,
+                "to": bob, "group_id": None, "client_msg_id": f"c{msg_id}", "message_type": "text",
+                "content": content, "extra": {}, "timestamp": 1_700_000_000_000 + msg_id, "origin_conn": None,
+                **fields}
+
+    old = payload(9_001, "queued before the upgrade")
+    new = payload(9_002, "a reply", reply_to="9001", mentions=[])
+    persist_private_messages(storage, [old, new])
+    frames = {f["msg_id"]: f for f in _everything(storage, bob)}
+    assert (frames["9001"]["reply_to"], frames["9001"]["mentions"]) == (None, [])
+    assert (frames["9002"]["reply_to"], frames["9002"]["mentions"]) == ("9001", [])
