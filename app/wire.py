@@ -40,6 +40,7 @@ def message_frame(msg) -> dict:
         "group_id": str(msg.group_id) if msg.group_id is not None else None,
         "message_type": msg.message_type, "content": msg.content if msg.status != STATUS_RECALLED else "",
         "extra": msg.extra or {}, "timestamp": msg.timestamp, "status": msg.status,
+        "edited_at": msg.edited_at, "reactions": (msg.reactions or {}) if msg.status != STATUS_RECALLED else {},
     }
 
 
@@ -50,6 +51,18 @@ def recalled_frame(msg_id: int, conversation_id: str, recalled_at: int | None = 
     if recalled_at is not None:
         frame["timestamp"] = recalled_at
     return frame
+
+
+def edited_frame(msg_id: int, conversation_id: str, content: str, edited_at: int) -> dict:
+    """`edited`: live to every party, and as a sync entry (the content that edit set)."""
+    return {"type": "edited", "msg_id": str(msg_id), "conversation_id": conversation_id, "content": content,
+            "edited_at": edited_at}
+
+
+def reaction_frame(msg_id: int, conversation_id: str, user_id: int, emoji: str, op: str) -> dict:
+    """`reaction`: live to every party, and as a sync entry; `op` is "add" or "remove"."""
+    return {"type": "reaction", "msg_id": str(msg_id), "conversation_id": conversation_id,
+            "user_id": str(user_id), "emoji": emoji, "op": op}
 
 
 def ack_frame(client_msg_id: str, msg_id: int, conversation_id: str, timestamp: int) -> dict:

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 
 from app.errors import InvalidInput
 from app.wire import recalled_frame
-from models import ENTRY_MESSAGE, ENTRY_RECALL, Message, OfflineMessageIndex, SyncEntry, User
+from app.chat.versions import version_entries
+from models import ENTRY_EDIT, ENTRY_MESSAGE, ENTRY_REACTION, ENTRY_RECALL, Message, OfflineMessageIndex, SyncEntry, User
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
 _MESSAGE_COLUMNS = [c for c in Message.__table__.c if c.name != "created_at"]
@@ -42,10 +43,12 @@ def next_stream_seqs(session: Session, is_mysql: bool, counts) -> dict[int, int]
         select(User.id, User.inbox_seq).where(User.id.in_(ids)).with_for_update()).all()}
 
 
-def append_entries(session: Session, is_mysql: bool, items, kind: int = ENTRY_MESSAGE) -> list[dict[int, int]]:
+def append_entries(session: Session, is_mysql: bool, items, kind: int = ENTRY_MESSAGE,
+                   ref_id: int = 0) -> list[dict[int, int]]:
     """Stream entries of messages, (user ids, msg id, conversation id) each, in this order
     in every stream, with one sequence bump per user; returns each message's positions
-    (deleted users, who have no stream, left out)."""
+    (deleted users, who have no stream, left out). `ref_id`: the edit or reaction event
+    an ENTRY_EDIT / ENTRY_REACTION entry stands for."""
     items = [(sorted(set(user_ids)), msg_id, conversation_id) for user_ids, msg_id, conversation_id in items]
     counts = Counter(uid for user_ids, _, _ in items for uid in user_ids)
     tops = next_stream_seqs(session, is_mysql, dict(counts))
@@ -58,16 +61,18 @@ def append_entries(session: Session, is_mysql: bool, items, kind: int = ENTRY_ME
                 seqs[uid] = following[uid]
                 following[uid] += 1
                 rows.append({"user_id": uid, "seq": seqs[uid], "message_id": msg_id,
-                             "conversation_id": conversation_id, "kind": kind})
+                             "conversation_id": conversation_id, "kind": kind, "ref_id": ref_id})
         positions.append(seqs)
     if rows:
         session.execute(insert(SyncEntry), rows)
     return positions
 
 
-def entries_of(session: Session, msg_id: int, kind: int, user_ids=None) -> dict[int, int]:
+def entries_of(session: Session, msg_id: int, kind: int, user_ids=None, ref_id: int | None = None) -> dict[int, int]:
     """Users whose stream holds this entry, with its position."""
     query = select(SyncEntry.user_id, SyncEntry.seq).where(SyncEntry.message_id == msg_id, SyncEntry.kind == kind)
+    if ref_id is not None:
+        query = query.where(SyncEntry.ref_id == ref_id)
     if user_ids is not None:
         query = query.where(SyncEntry.user_id.in_(list(user_ids)))
     return {uid: seq for uid, seq in session.execute(query).all()}
@@ -102,16 +107,21 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
     # Plain rows, not ORM objects: a 500-entry page is the hot path of a reconnect.
     with storage.reader(user_id).connect() as conn:
         rows = conn.execute(
-            select(SyncEntry.seq, SyncEntry.kind, *_MESSAGE_COLUMNS)
+            select(SyncEntry.seq, SyncEntry.kind, SyncEntry.ref_id, *_MESSAGE_COLUMNS)
             .join(Message, Message.id == SyncEntry.message_id)
             .where(SyncEntry.user_id == user_id, SyncEntry.seq > after)
             .order_by(SyncEntry.seq).limit(limit + 1)).all()
+        edits, reactions = version_entries(conn, rows[:limit])  # the edits and reaction events the page names
     has_more = len(rows) > limit
     rows = rows[:limit]
     entries = []
     for row in rows:
         if row.kind == ENTRY_RECALL:
             entries.append(recalled_frame(row.id, row.conversation_id, row.recalled_at, row.recalled_by))
+        elif row.kind == ENTRY_EDIT:
+            entries.append(edits[row.ref_id])
+        elif row.kind == ENTRY_REACTION:
+            entries.append(reactions[row.ref_id])
         else:
             entries.append(frame_of(row))
     position = rows[-1].seq if rows else after
