@@ -15,6 +15,7 @@ from app.chat.groups import current_membership
 from app.chat.recall import await_persisted, parties_of
 from app.chat.search import IndexedMessage, index_messages, unindex_message
 from app.chat.sync import append_entries, entries_of
+from app.push.planning import refresh_unsent_payloads
 from app.errors import EditExpired, Forbidden, InvalidInput, NotFound
 from app.storage import Storage
 from models import ENTRY_EDIT, STATUS_RECALLED, Conversation, Message, MessageEdit, User
@@ -69,6 +70,7 @@ def edit_message(storage: Storage, user_id: int, msg_id: int, content: str, wind
                            kind=ENTRY_EDIT, ref_id=edit_id)
     storage.fence_writes([user_id])  # the editor reads their edit back at once
     invalidate_conversation_lists(storage, parties)
+    refresh_unsent_payloads(storage, msg.id)  # a push planned but not sent yet shows the new text
     return EditOutcome(msg.id, msg.conversation_id, parties, content, edited_at, edit_id)
 
 

@@ -3,6 +3,7 @@ every party's history and stream show afterwards (the clock decides the window).
 import threading
 
 import pytest
+from sqlalchemy import select
 
 from app.chat.conversations import history, list_conversations
 from app.chat.edits import edit_message, message_versions
@@ -13,7 +14,7 @@ from app.chat.search import search_messages
 from app.chat.sync import read_stream
 from app.errors import EditExpired, Forbidden, InvalidInput, NotFound
 from app.wire import message_frame
-from models import SyncEntry
+from models import PushLog, SyncEntry
 
 WINDOW = 900
 
@@ -193,3 +194,20 @@ def test_concurrent_edits_and_reactions_leave_every_stream_gap_free_with_each_en
         assert len(keys) == len(set(keys))  # nothing twice
         assert sum(e["type"] == "reaction" for e in entries) == 6 * len(acks)  # 3 users x 2 emoji x 4 messages
         assert sum(e["type"] == "edited" for e in entries) == 2 * 4  # 2 threads each: alice 2 msgs, bob 1, carol 1
+
+
+def test_a_push_not_sent_yet_shows_the_new_text_and_a_sent_one_keeps_its_own(chat, make_user, storage, clock):
+    alice, bob = make_user(), make_user()
+    ack = chat.message(alice, bob, "call me at 5")
+    payload = {"title": "alice", "body": "call me at 5", "badge": 1, "conversation_id": ack.conversation_id,
+               "msg_id": str(ack.msg_id), "preview": True}
+    with storage.session() as session:
+        for target, status in (("device:1", "pending"), ("device:2", "success")):
+            session.add(PushLog(user_id=bob, message_id=ack.msg_id, push_type="apns", push_status=status,
+                                target=target, payload=payload))
+    edit_message(storage, alice, ack.msg_id, "call me at 6", WINDOW, now_ms=clock.ms())
+    with storage.sessions() as session:
+        bodies = dict(session.execute(select(PushLog.target, PushLog.payload).where(
+            PushLog.message_id == ack.msg_id)).all())
+    assert bodies["device:1"] == {**payload, "body": "call me at 6"}
+    assert bodies["device:2"] == payload
