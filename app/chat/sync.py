@@ -118,10 +118,10 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
     for row in rows:
         if row.kind == ENTRY_RECALL:
             entries.append(recalled_frame(row.id, row.conversation_id, row.recalled_at, row.recalled_by))
-        elif row.kind == ENTRY_EDIT:
-            entries.append(edits[row.ref_id])
-        elif row.kind == ENTRY_REACTION:
-            entries.append(reactions[row.ref_id])
+        elif row.kind in (ENTRY_EDIT, ENTRY_REACTION):
+            entry = (edits if row.kind == ENTRY_EDIT else reactions).get(row.ref_id)
+            if entry is not None:  # (its row is never deleted; a page must not fail if one were)
+                entries.append(entry)
         else:
             entries.append(frame_of(row))
     position = rows[-1].seq if rows else after
