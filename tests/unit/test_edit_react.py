@@ -211,3 +211,23 @@ def test_a_push_not_sent_yet_shows_the_new_text_and_a_sent_one_keeps_its_own(cha
             PushLog.message_id == ack.msg_id)).all())
     assert bodies["device:1"] == {**payload, "body": "call me at 6"}
     assert bodies["device:2"] == payload
+
+
+def test_a_fan_out_chunk_that_loaded_the_message_before_an_edit_shows_the_new_text(chat, make_user, storage, clock):
+    from app.chat.group_messages import _write_streams, persist_group_message
+    from models import Message
+
+    owner, bob = make_user(), make_user()
+    group = create_group(storage, owner, "race", [bob])
+    ack = chat.send(owner, group_id=group.group_id, content="draft")
+    payload, = chat._queued
+    persist_group_message(storage, payload)  # stored; no member's chunk has run yet
+    with storage.sessions() as session:
+        stale = session.get(Message, ack.msg_id)  # what a chunk loaded just before the edit
+    edit_message(storage, owner, ack.msg_id, "final", WINDOW, now_ms=clock.ms())
+
+    _write_streams(storage, stale, [owner, bob], "someone: draft")
+    assert (stale.content, stale.edited_at) == ("final", clock.ms())  # the live frame is built from it
+    assert message_frame(stale)["content"] == "final"
+    assert list_conversations(storage, bob)[0]["last_message"] == "someone: final"
+    assert [(e["type"], e["content"]) for e in _stream(storage, bob)] == [("message", "final")]
