@@ -12,6 +12,7 @@ from sqlalchemy import insert, select, update
 
 from app.chat.conversations import invalidate_conversation_lists, message_preview
 from app.chat.groups import current_membership
+from app.chat.reactions import require_not_blocked_by_peer
 from app.chat.recall import await_persisted, parties_of
 from app.chat.search import IndexedMessage, index_messages, unindex_message
 from app.chat.sync import append_entries, entries_of
@@ -49,6 +50,7 @@ def edit_message(storage: Storage, user_id: int, msg_id: int, content: str, wind
             raise Forbidden("you are no longer a member of this group")
         if msg.status == STATUS_RECALLED:
             raise Forbidden("a recalled message cannot be edited")
+        require_not_blocked_by_peer(session, msg, user_id)
         latest = session.scalar(select(MessageEdit).where(MessageEdit.message_id == msg.id)
                                 .order_by(MessageEdit.id.desc()).limit(1))
         if latest is not None and content == msg.content == latest.content:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select
 
+from app.accounts.blocks import BLOCKED_SEND_MESSAGE, blocked_by_sql
 from app.chat.groups import current_membership
 from app.chat.recall import await_persisted, parties_of
 from app.chat.sync import append_entries, entries_of
@@ -82,6 +83,7 @@ def react(storage: Storage, user_id: int, msg_id: int, emoji: str, op: str,
             raise Forbidden("you are no longer a member of this group")
         if msg.status == STATUS_RECALLED:
             raise Forbidden("a recalled message takes no reactions")
+        require_not_blocked_by_peer(session, msg, user_id)
         key = (MessageReaction.message_id == msg.id, MessageReaction.user_id == user_id,
                MessageReaction.emoji == emoji)
         present = session.scalar(select(MessageReaction.user_id).where(*key)) is not None
@@ -126,6 +128,15 @@ def _apply(session, msg: Message, user_id: int, emoji: str, op: str, now_ms: int
     msg.reactions = summary or None  # a new object: the JSON column sees the change
     return session.execute(insert(MessageReactionEvent).values(
         message_id=msg.id, user_id=user_id, emoji=emoji, op=op, at_ms=now_ms)).inserted_primary_key[0]
+
+
+def require_not_blocked_by_peer(session, msg: Message, user_id: int) -> None:
+    """Private chats: a user the peer blocked cannot send them edits or reactions either (as sends)."""
+    if msg.is_group:
+        return
+    peer = msg.receiver_id if msg.sender_id == user_id else msg.sender_id
+    if blocked_by_sql(session, peer, [user_id]):
+        raise Forbidden(BLOCKED_SEND_MESSAGE)
 
 
 def _without_entry(session, msg_id: int, event_id: int, user_ids: list[int]) -> list[int]:

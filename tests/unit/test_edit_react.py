@@ -231,3 +231,17 @@ def test_a_fan_out_chunk_that_loaded_the_message_before_an_edit_shows_the_new_te
     assert message_frame(stale)["content"] == "final"
     assert list_conversations(storage, bob)[0]["last_message"] == "someone: final"
     assert [(e["type"], e["content"]) for e in _stream(storage, bob)] == [("message", "final")]
+
+
+def test_a_user_the_peer_blocked_can_neither_edit_nor_react_in_that_chat(chat, make_user, storage, clock):
+    from app.accounts.blocks import block_user
+
+    alice, bob = make_user(), make_user()
+    mine, theirs = chat.message(alice, bob, "hi bob"), chat.message(bob, alice, "hi alice")
+    block_user(storage, bob, alice)
+    with pytest.raises(Forbidden, match="cannot message"):
+        edit_message(storage, alice, mine.msg_id, "hi bob!!", WINDOW, now_ms=clock.ms())
+    with pytest.raises(Forbidden, match="cannot message"):
+        react(storage, alice, theirs.msg_id, "👍", "add", now_ms=clock.ms())
+    assert react(storage, bob, mine.msg_id, "👎", "add", now_ms=clock.ms()).changed  # the blocker still may
+    assert [e["type"] for e in _stream(storage, bob)] == ["message", "message", "reaction"]
