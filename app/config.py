@@ -57,6 +57,8 @@ class Settings:
     # (docs/benchmarks.md). Off: the offer is ignored and frames go uncompressed.
     ws_permessage_deflate: bool = True
     message_max_content_bytes: int = 16384
+    # How long after sending its sender may edit a message (`edit`; `edit_expired` after).
+    message_edit_window_seconds: int = 900
     heartbeat_interval_seconds: int = 30
     presence_ttl_seconds: int = 300
     dedupe_ttl_seconds: int = 86400
@@ -210,6 +212,8 @@ class Settings:
             raise ConfigError("GROUP_MAX_MEMBERS must be from 2 to 100000")
         if not 0 <= self.username_reuse_days <= 3650:
             raise ConfigError("USERNAME_REUSE_DAYS must be from 0 to 3650")
+        if not 0 <= self.message_edit_window_seconds <= 10 * 365 * 86400:
+            raise ConfigError("MESSAGE_EDIT_WINDOW_SECONDS must be from 0 (no edits) to 315360000 (ten years)")
         if not 1 <= self.group_fanout_chunk <= 5000:
             raise ConfigError("GROUP_FANOUT_CHUNK must be from 1 to 5000")
         for rate, burst in (("send_rate_per_second", "send_burst"), ("frame_rate_per_second", "frame_burst"),

@@ -52,3 +52,7 @@ class Unavailable(ChatError):
 
 class RecallExpired(ChatError):
     code, http_status = "recall_expired", 409
+
+
+class EditExpired(ChatError):
+    code, http_status = "edit_expired", 409

@@ -42,6 +42,7 @@ def message_frame(msg) -> dict:
         "extra": msg.extra or {}, "timestamp": msg.timestamp, "status": msg.status,
         "reply_to": str(msg.reply_to_msg_id) if msg.reply_to_msg_id is not None else None,
         "mentions": list(msg.mentions or []),
+        "edited_at": msg.edited_at, "reactions": (msg.reactions or {}) if msg.status != STATUS_RECALLED else {},
     }
 
 
@@ -69,6 +70,18 @@ def group_event_frame(event) -> dict:
         "user_ids": [str(uid) for uid in event.user_ids or []], "name": event.name, "role": event.role,
         "timestamp": event.timestamp,
     }
+
+
+def edited_frame(msg_id: int, conversation_id: str, content: str, edited_at: int) -> dict:
+    """`edited`: live to every party, and as a sync entry (the content that edit set)."""
+    return {"type": "edited", "msg_id": str(msg_id), "conversation_id": conversation_id, "content": content,
+            "edited_at": edited_at}
+
+
+def reaction_frame(msg_id: int, conversation_id: str, user_id: int, emoji: str, op: str) -> dict:
+    """`reaction`: live to every party, and as a sync entry; `op` is "add" or "remove"."""
+    return {"type": "reaction", "msg_id": str(msg_id), "conversation_id": conversation_id,
+            "user_id": str(user_id), "emoji": emoji, "op": op}
 
 
 def ack_frame(client_msg_id: str, msg_id: int, conversation_id: str, timestamp: int) -> dict:

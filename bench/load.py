@@ -30,6 +30,13 @@ the end, and from the end of `after_flush` to the end), `after_flush` (the 5 s
 before the flush, whose sends' acks may come after it, and the --phase-seconds
 after it).
 
+`--mix FRACTION` adds edits and reactions to the load: after each send, with
+that probability, the sender also edits one of its messages already delivered
+(odd sends) or adds or removes a 👍/🎉 on the latest message it received (even
+sends); the summary counts them (`mix_sent`, `mix_frames`: the `edited` and
+`reaction` frames received, `mix_errors`), so sends with and without a mix
+can be compared (docs/benchmarks.md).
+
 Prints a progress line every 5 s and ends with a one-line JSON summary. Exit
 status 1 when a message was lost (acked, but neither delivered live nor in
 the recipient's sync stream), duplicated (twice in a sync stream, or stored
@@ -41,6 +48,7 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -94,13 +102,20 @@ class Run:
         self.misrouted = 0
         self.foreign_frames = 0
         self.unexpected: Counter = Counter()
+        # --mix: edits and reactions sent between the sends, and the frames they caused.
+        self.mix_sent: Counter = Counter()
+        self.mix_frames: Counter = Counter()
+        self.mix_errors: Counter = Counter()
 
 
 class Conn:
     """One user's connection: a reader thread, a sender thread, a send lock."""
 
-    def __init__(self, run: Run, index: int, user, gateway, peer: int, peer_user_id: str, max_inflight: int):
+    def __init__(self, run: Run, index: int, user, gateway, peer: int, peer_user_id: str, max_inflight: int,
+                 mix: float = 0.0):
         self.run, self.index, self.user, self.gateway, self.peer = run, index, user, gateway, peer
+        self.mix, self.random = mix, random.Random(index)
+        self.received: list[str] = []  # msg_ids delivered to this user live: what it may react to
         self.peer_user_id = peer_user_id
         self.ws = websocket.create_connection(f"{gateway.ws}?token={user.token}", timeout=10)
         hello = json.loads(self.ws.recv())
@@ -159,6 +174,30 @@ class Conn:
             if not self.send_one(seq):
                 return
             seq += 1
+            if self.mix and self.random.random() < self.mix:
+                self.send_mixed(seq)
+
+    def send_mixed(self, seq: int) -> None:
+        """An edit of one of this user's delivered messages, or a reaction to one it received
+        (delivered ones only: stored, so the gateway never waits for them)."""
+        run = self.run
+        if seq % 2:
+            with run.lock:
+                mine = [r for r in list(run.records.values())[-200:] if r.sender == self.index and r.delivered_at]
+            if not mine:
+                return
+            frame = {"type": "edit", "msg_id": mine[-1].msg_id, "content": f"edited {seq} by user {self.index}"}
+        elif self.received:
+            frame = {"type": "react", "msg_id": self.received[-1], "emoji": "👍🎉"[seq // 2 % 2],
+                     "op": self.random.choice(["add", "remove"])}
+        else:
+            return
+        try:
+            self.send_frame(frame)
+            with run.lock:
+                run.mix_sent[frame["type"]] += 1
+        except Exception as exc:
+            self.closed = self.closed or f"send failed: {exc!r}"
 
     # -- receiving
     def _read_loop(self) -> None:
@@ -187,6 +226,14 @@ class Conn:
 
     def _handle(self, frame: dict, now: float) -> None:
         run, kind = self.run, frame.get("type")
+        if kind == "error" and not frame.get("client_msg_id"):  # an edit or react refused (--mix)
+            with run.lock:
+                run.mix_errors[frame.get("code", "?")] += 1
+            return
+        if kind in ("edited", "reaction"):
+            with run.lock:
+                run.mix_frames[kind] += 1
+            return
         if kind in ("ack", "error"):
             rec = run.records.get(frame.get("client_msg_id") or "")
             if rec is None or rec.sender != self.index:
@@ -219,6 +266,8 @@ class Conn:
                     sent_at = (frame.get("extra") or {}).get("bench_sent_at", rec.sent_at)
                     rec.delivered_at, rec.live_msg_id, rec.delivery_latency = now, frame.get("msg_id"), now - sent_at
                     run.delivered += 1
+                    if self.mix:
+                        self.received = self.received[-20:] + [frame.get("msg_id")]
                     run.last_delivery_at = max(run.last_delivery_at, now)
         elif kind == "pong":
             pass
@@ -279,8 +328,8 @@ def db_counts(database_url: str, prefix: str) -> dict:
                 "SELECT COUNT(*), COUNT(DISTINCT client_msg_id) FROM message WHERE client_msg_id LIKE :p"),
                 {"p": prefix + "%"}).one()
             dup_entries = c.execute(text(
-                "SELECT COUNT(*) FROM (SELECT user_id, message_id, kind, COUNT(*) AS n FROM sync_entry "
-                "GROUP BY user_id, message_id, kind HAVING COUNT(*) > 1) d")).scalar()
+                "SELECT COUNT(*) FROM (SELECT user_id, message_id, kind, ref_id, COUNT(*) AS n FROM sync_entry "
+                "GROUP BY user_id, message_id, kind, ref_id HAVING COUNT(*) > 1) d")).scalar()
             cmids = {r[0] for r in c.execute(text(
                 "SELECT client_msg_id FROM message WHERE client_msg_id LIKE :p"), {"p": prefix + "%"})}
         return {"rows": int(rows), "distinct": int(distinct), "dup_sync_entries": int(dup_entries), "cmids": cmids}
@@ -453,6 +502,9 @@ def main() -> int:
                         help="flush the run's Redis db this many seconds into the send phase (a Redis restart)")
     parser.add_argument("--phase-seconds", type=float, default=30,
                         help="length of the new_deployment and after_flush phases compared to warm (default 30)")
+    parser.add_argument("--mix", type=float, default=0.0, metavar="FRACTION",
+                        help="after each send, with this probability, also an edit of one of the user's delivered "
+                             "messages or a reaction (add/remove) to one it received (docs/benchmarks.md)")
     args = parser.parse_args()
     if args.users < 2 or args.gateways < 1 or args.seconds <= 0 or args.rate < 0 or args.max_inflight < 1:
         parser.error("need --users >= 2, --gateways >= 1, --seconds > 0, --rate >= 0, --max-inflight >= 1")
@@ -499,7 +551,7 @@ def main() -> int:
         for i, user in enumerate(users):
             peer = (i + 1) % args.users
             conns.append(Conn(run, i, user, gateways[i % len(gateways)], peer, users[peer].user_id,
-                              args.max_inflight))
+                              args.max_inflight, args.mix))
         print(f"{len(conns)} connections open; sending for {args.seconds:g} s at "
               f"{'max rate' if not args.rate else f'{args.rate:g} msg/s'}...", flush=True)
 
@@ -680,6 +732,8 @@ def main() -> int:
             "live_duplicates": live_dups, "live_msg_id_differs_from_ack": msgid_mismatch,
             "misrouted": run.misrouted, "unexpected_frames": dict(run.unexpected),
             "connections_closed": len(closed), "queued_at_end": queued_at_end,
+            "mix": args.mix, "mix_sent": dict(run.mix_sent), "mix_frames": dict(run.mix_frames),
+            "mix_errors": dict(run.mix_errors),
         }
         if closed:
             print(f"connections that stopped early: {closed}", flush=True)

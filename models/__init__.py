@@ -107,6 +107,10 @@ class Message(Base):
     reply_to_msg_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     # Group messages: the mentioned members' ids as strings, deduplicated; NULL when none (0016).
     mentions: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    edited_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # ms of the latest edit; NULL: never
+    # {emoji: [user id string, …]} in order of reacting: a summary of message_reaction kept in the
+    # same transaction (app.chat.reactions), so frames, sync and history need no second query.
+    reactions: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
@@ -184,6 +188,7 @@ class Conversation(Base):
 
 
 ENTRY_MESSAGE, ENTRY_RECALL = 0, 1
+ENTRY_EDIT, ENTRY_REACTION = 2, 3  # ref_id: the message_edit / message_reaction_event row
 ENTRY_GROUP_EVENT = 4  # sync_entry.message_id is a group_event id
 ENTRY_RECEIPT = 5  # message_id holds a Receipt's id
 RECEIPT_DELIVERED, RECEIPT_READ = 1, 2
@@ -210,7 +215,7 @@ class SyncEntry(Base):
 
     __tablename__ = "sync_entry"
     __table_args__ = (
-        UniqueConstraint("user_id", "message_id", "kind"),
+        UniqueConstraint("user_id", "message_id", "kind", "ref_id"),
         Index("idx_sync_message", "message_id"),
         MYSQL_TABLE_ARGS,
     )
@@ -219,7 +224,9 @@ class SyncEntry(Base):
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     message_id: Mapped[int] = mapped_column(BigInteger)
     conversation_id: Mapped[str] = mapped_column(String(100))
-    kind: Mapped[int] = mapped_column(SmallInteger, default=ENTRY_MESSAGE, server_default="0")  # 0 message, 1 recall
+    kind: Mapped[int] = mapped_column(SmallInteger, default=ENTRY_MESSAGE, server_default="0")  # ENTRY_*
+    # Which edit or reaction event (a message has several of each); 0 for messages and recalls.
+    ref_id: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
 
@@ -420,3 +427,48 @@ class AuthRefresh(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     expires_at_ms: Mapped[int] = mapped_column(BigInteger)
     used_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # rotated: reuse revokes the session
+
+
+# Emoji compared byte for byte: utf8mb4_unicode_ci holds many different emoji equal.
+EmojiString = String(32).with_variant(mysql.VARCHAR(32, collation="utf8mb4_bin"), "mysql")
+
+
+class MessageEdit(Base):
+    """One edit of a message (app.chat.edits): the content it set and the one it replaced,
+    kept for the sender and admins; an `edited` sync entry points at it."""
+
+    __tablename__ = "message_edit"
+    __table_args__ = (Index("idx_edit_message", "message_id", "id"), MYSQL_TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(BigInteger)
+    editor_id: Mapped[int] = mapped_column(BigInteger)
+    edited_at: Mapped[int] = mapped_column(BigInteger)  # ms
+    content: Mapped[str] = mapped_column(Text)
+    previous_content: Mapped[str] = mapped_column(Text)
+
+
+class MessageReaction(Base):
+    """A user's reaction with one emoji to one message (app.chat.reactions)."""
+
+    __tablename__ = "message_reaction"
+    __table_args__ = (MYSQL_TABLE_ARGS,)
+
+    message_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    emoji: Mapped[str] = mapped_column(EmojiString, primary_key=True)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class MessageReactionEvent(Base):
+    """One reaction added or removed: what a `reaction` sync entry shows."""
+
+    __tablename__ = "message_reaction_event"
+    __table_args__ = (Index("idx_reaction_event_message", "message_id"), MYSQL_TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(AutoId, primary_key=True, autoincrement=True)
+    message_id: Mapped[int] = mapped_column(BigInteger)
+    user_id: Mapped[int] = mapped_column(BigInteger)
+    emoji: Mapped[str] = mapped_column(EmojiString)
+    op: Mapped[str] = mapped_column(String(8))  # add / remove
+    at_ms: Mapped[int] = mapped_column(BigInteger)

@@ -1,6 +1,6 @@
 """Who may do what: every REST operation of docs/openapi.yaml and every WebSocket
 frame, for every kind of caller, answered as docs/openapi.yaml and
-docs/protocol.md (§6, §15, §16, §17) say.
+docs/protocol.md (§6, §15, §16, §17, §19, §20) say.
 
 The callers (columns):
   anon         no token at all
@@ -341,6 +341,11 @@ WS = [
     ("sync", "401 401 sync_batch sync_batch sync_batch sync_batch sync_batch sync_batch"),
     ("read private", "401 401 forbidden read_ok read_ok forbidden forbidden forbidden"),
     ("read group", "401 401 forbidden read_ok forbidden read_ok read_ok forbidden"),
+    # Before the recall rows: a recalled message takes no edit or reaction (docs/protocol.md §19, §20).
+    ("edit private (party's)", "401 401 not_found edited forbidden not_found not_found not_found"),
+    ("edit group (party's)", "401 401 not_found edited not_found forbidden forbidden not_found"),
+    ("react private", "401 401 not_found reaction reaction not_found not_found not_found"),
+    ("react group", "401 401 not_found reaction not_found reaction reaction not_found"),
     ("recall private (party's)", "401 401 not_found recalled forbidden not_found not_found not_found"),
     ("recall group (party's)", "401 401 not_found recalled not_found forbidden recalled not_found"),
 ]
@@ -355,12 +360,17 @@ def _frame(w: World, messages: dict, kind: str) -> dict:
         "sync": {"type": "sync", "cursor": None, "limit": 10},
         "read private": {"type": "read", "conversation_id": private["conversation_id"], "msg_id": private["msg_id"]},
         "read group": {"type": "read", "conversation_id": group["conversation_id"], "msg_id": group["msg_id"]},
+        "edit private (party's)": {"type": "edit", "msg_id": private["msg_id"], "content": "a private hello, edited"},
+        "edit group (party's)": {"type": "edit", "msg_id": group["msg_id"], "content": "group hello, edited"},
+        "react private": {"type": "react", "msg_id": private["msg_id"], "emoji": "👍", "op": "add"},
+        "react group": {"type": "react", "msg_id": group["msg_id"], "emoji": "👍", "op": "add"},
         "recall private (party's)": {"type": "recall", "msg_id": private["msg_id"]},
         "recall group (party's)": {"type": "recall", "msg_id": group["msg_id"]},
     }[kind]
 
 
-REPLIES = {"ping": "pong", "send": "ack", "sync": "sync_batch", "read": "read_ok", "recall": "recalled"}
+REPLIES = {"ping": "pong", "send": "ack", "sync": "sync_batch", "read": "read_ok", "recall": "recalled",
+           "edit": "edited", "react": "reaction"}
 
 
 @pytest.mark.parametrize("role", ROLES)

@@ -397,7 +397,7 @@ def malformed_frames(draw, peer_id: str):
     base = {"type": "send", "client_msg_id": draw(valid_cmids), "to": peer_id, "content": "hi"}
     kind = draw(st.sampled_from([
         "text", "not_object", "no_type", "unknown_type", "send_field", "send_both", "too_large", "extra_large",
-        "sync", "read", "recall", "typing", "nested", "non_finite", "ts", "binary"]))
+        "sync", "read", "recall", "typing", "edit", "react", "nested", "non_finite", "ts", "binary"]))
     if kind == "text":
         text = draw(clean_text)
         try:
@@ -413,7 +413,7 @@ def malformed_frames(draw, peer_id: str):
                            "type": draw(strict_scalars.filter(lambda v: not isinstance(v, str)))})
     if kind == "unknown_type":
         return json.dumps({"type": draw(clean_text.filter(
-            lambda t: t not in ("ping", "send", "sync", "read", "recall", "typing")))})
+            lambda t: t not in ("ping", "send", "sync", "read", "recall", "typing", "edit", "react")))})
     if kind == "send_field":
         field, bad = draw(st.sampled_from([
             ("client_msg_id", strict_scalars.filter(lambda v: not (isinstance(v, str) and CMID.fullmatch(v)))
@@ -448,6 +448,18 @@ def malformed_frames(draw, peer_id: str):
             {"conversation_id": "p_1_2", "state": "typing"}, {"conversation_id": "p_1_2"}, {"state": "start"},
             {"conversation_id": "p_2_1", "state": "start"}, {"conversation_id": 7, "state": "stop"},
             {"conversation_id": "q_1", "state": "start"}]))})
+    if kind == "edit":  # docs/protocol.md §22: the field checks come before any lookup
+        bad = draw(st.sampled_from([{"msg_id": "x", "content": "hi"}, {"msg_id": None, "content": "hi"},
+                                    {"msg_id": "1", "content": ""}, {"msg_id": "1", "content": 7},
+                                    {"msg_id": "1"}, {"msg_id": "1", "content": "é" * 8193}]))
+        return json.dumps({"type": "edit", **bad})
+    if kind == "react":  # §23
+        emoji = draw(st.sampled_from(["", "ok", "👍 ", "\u0007", "👍" * 9, 3, None]) | clean_text.filter(
+            lambda t: any(c.isascii() or c.isspace() for c in t)))
+        good = {"msg_id": "1", "emoji": "👍", "op": "add"}
+        bad = draw(st.sampled_from([{"emoji": emoji}, {"op": draw(st.sampled_from(["toggle", "", None, 1]))},
+                                    {"msg_id": draw(st.sampled_from(["", "-1", 1.5, None]))}]))
+        return json.dumps({"type": "react", **good, **bad})
     if kind == "nested":
         depth = draw(st.integers(900, 30_000))
         return '{"type": "send", "client_msg_id": "n1", "to": "%s", "content": "hi", "extra": {"a": %s1%s}}' % (

@@ -8,6 +8,7 @@ import re
 from app.errors import InvalidInput, TooLarge
 from app.chat.intake import SendRequest
 from app.chat.typing import TYPING_STATES
+from app.chat.reactions import clean_emoji, parse_op
 from app.media.uploads import MEDIA_MESSAGE_TYPES
 from app.wire import CONVERSATION_ID_RE, parse_id
 
@@ -119,6 +120,22 @@ def _utf8_size(text: str, name: str) -> int:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError:  # a lone surrogate such as "\ud800" from a JSON escape
         raise InvalidInput(f"'{name}' is not valid Unicode text") from None
+
+
+def parse_edit(frame: dict, max_content_bytes: int) -> tuple[int, str]:
+    """`edit`: (msg_id, content), with the content limits of a send."""
+    msg_id = parse_id(frame.get("msg_id"), "msg_id")
+    content = frame.get("content")
+    if not isinstance(content, str) or not content:
+        raise InvalidInput("'content' must be a non-empty string")
+    if _utf8_size(content, "content") > max_content_bytes:
+        raise TooLarge(f"'content' is larger than {max_content_bytes} bytes")
+    return msg_id, content
+
+
+def parse_react(frame: dict) -> tuple[int, str, str]:
+    """`react`: (msg_id, emoji, op), each checked (app.chat.reactions)."""
+    return parse_id(frame.get("msg_id"), "msg_id"), clean_emoji(frame.get("emoji")), parse_op(frame.get("op"))
 
 
 def parse_read(frame: dict) -> tuple[str, int]:

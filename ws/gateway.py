@@ -25,6 +25,8 @@ from app.chat.intake import MessageIntake
 from app.media.uploads import check_attachment
 from app.chat.receipts import mark_read, mark_received
 from app.chat.recall import recall_message
+from app.chat.edits import edit_message
+from app.chat.reactions import react
 from app.chat.typing import RecentTyping, relay_typing
 from app.chat.sync import LATEST, parse_cursor, parse_limit, read_stream, stream_end
 from app.chat.presence import DELIVERY_CHANNEL, Presence, now_ms
@@ -33,9 +35,11 @@ from app.ids import LeasedIds, NodeLease
 from app.storage import Storage
 from app.wire import (
     ack_frame, close_scope, error_frame, message_frame, parse_envelope, read_ok_frame, receipt_frame, recalled_frame,
+    edited_frame, reaction_frame,
 )
 from ws.frames import (
     check_clock, client_msg_id_of, parse_frame, parse_id, parse_read, parse_send, parse_typing,
+    parse_edit, parse_react,
 )
 
 log = logging.getLogger(__name__)
@@ -153,7 +157,7 @@ class Gateway:
         self.send_limit = Limit(settings.send_rate_per_second, settings.send_burst)
         self._handlers = {"ping": self._on_ping, "send": self._on_send, "sync": self._on_sync,
                           "read": self._on_read, "received": self._on_received, "recall": self._on_recall,
-                          "typing": self._on_typing}
+                          "typing": self._on_typing, "edit": self._on_edit, "react": self._on_react}
         metrics.serve_frame_types(self._handlers)
 
     # -- lifecycle ------------------------------------------------------------
@@ -441,6 +445,27 @@ class Gateway:
         if conn.recent_typing.may_relay(conversation_id, state):
             relay_typing(self.storage, conn.user_id, conversation_id, state)
             conn.recent_typing.relayed(conversation_id, state)
+
+
+    def _on_edit(self, conn: Connection, frame: dict) -> None:
+        msg_id, content = parse_edit(frame, self.settings.message_max_content_bytes)
+        take(self.storage, "edit", conn.user_id, self.send_limit, "edits")  # its own budget: sends are not slowed
+        outcome = edit_message(self.storage, conn.user_id, msg_id, content, self.settings.message_edit_window_seconds)
+        edited = edited_frame(outcome.msg_id, outcome.conversation_id, outcome.content, outcome.edited_at)
+        conn.send(edited)  # the answer: the same frame every party gets
+        deliver_to_users(self.storage, edited, outcome.parties, skip_conn=conn.conn_id)
+        log.info("conn %s: msg %s edited (edit %s)", conn.conn_id, outcome.msg_id, outcome.edit_id)
+
+    def _on_react(self, conn: Connection, frame: dict) -> None:
+        msg_id, emoji, op = parse_react(frame)
+        take(self.storage, "react", conn.user_id, self.send_limit, "reactions")
+        outcome = react(self.storage, conn.user_id, msg_id, emoji, op)
+        reaction = reaction_frame(outcome.msg_id, outcome.conversation_id, conn.user_id, outcome.emoji, outcome.op)
+        conn.send(reaction)  # the answer, also when nothing changed
+        if outcome.changed:
+            deliver_to_users(self.storage, reaction, outcome.parties, skip_conn=conn.conn_id)
+        log.info("conn %s: reaction %s on msg %s (%s)", conn.conn_id, op,
+                 outcome.msg_id, "changed" if outcome.changed else "unchanged")
 
     def _sync_badges(self, user_ids: list[int], msg_id: int, conn: Connection) -> None:
         """Badge sync and withdrawal on the users' devices that show a notification (docs/push.md §4.4).

@@ -135,10 +135,15 @@ def _write_streams(storage: Storage, msg: Message, user_ids: list[int], preview:
     (and, for a message recalled meanwhile, its recall entry right after)."""
     with storage.session() as session:
         # A shared lock on the message: a recall either sees these entries or is seen here.
-        recalled = session.scalar(select(Message.status).where(Message.id == msg.id)
-                                  .with_for_update(read=True)) == STATUS_RECALLED
+        status, content, edited_at = session.execute(select(Message.status, Message.content, Message.edited_at)
+                                                     .where(Message.id == msg.id).with_for_update(read=True)).one()
+        recalled = status == STATUS_RECALLED
         if recalled:
             preview = RECALLED_PREVIEW
+        elif edited_at != msg.edited_at:  # edited since it was loaded: lists and live frames show the new text
+            preview = preview.removesuffix(message_preview(msg.message_type, msg.content)) \
+                + message_preview(msg.message_type, content)
+            msg.content, msg.edited_at = content, edited_at
         have = entries_of(session, msg.id, ENTRY_MESSAGE, user_ids)
         missing = [uid for uid in user_ids if uid not in have]
         # Conversation rows first, then user rows: the private path's lock order.

@@ -14,6 +14,7 @@ from app.storage import Storage
 from app.chat.search import unindex_message
 from app.media.uploads import unlink_media
 from app.chat.sync import append_entries, entries_of
+from app.chat.versions import forget_versions
 from app.chat.unread import forget_unread, rebuild_unread
 from models import ENTRY_MESSAGE, ENTRY_RECALL, STATUS_RECALLED, ChatGroup, Conversation, Message
 
@@ -94,6 +95,7 @@ def _without_recall_entry(session, msg_id: int, user_ids: list[int]) -> list[int
 def _mark_recalled(session, msg: Message, now_ms: int, by: str) -> None:
     msg.status, msg.content, msg.extra, msg.recalled_at, msg.recalled_by = STATUS_RECALLED, "", None, now_ms, by
     unindex_message(session, msg.id)  # recalled content is never found
+    forget_versions(session, msg.id)  # nor read back from its earlier versions
     unlink_media(session, msg.id)  # nor its image or file served to the other parties
     session.execute(update(Conversation).where(  # the conversation_id index: every member's row
         Conversation.conversation_id == msg.conversation_id, Conversation.last_msg_id == msg.id)
@@ -110,3 +112,7 @@ def _await_persisted(storage: Storage, msg_id: int, now_ms: int) -> None:
             if session.get(Message, msg_id) is not None:
                 return
         time.sleep(0.05)
+
+
+# Edits and reactions (app.chat.edits, app.chat.reactions) follow the same rules.
+parties_of, await_persisted = _parties, _await_persisted

@@ -13,10 +13,11 @@ from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from app.errors import InvalidInput
+from app.chat.versions import version_entries
 from app.wire import group_event_frame, recalled_frame, receipt_frame
 from models import (
-    ENTRY_GROUP_EVENT, ENTRY_MESSAGE, ENTRY_RECALL, ENTRY_RECEIPT, RECEIPT_KINDS, GroupEvent, Message,
-    OfflineMessageIndex, Receipt, SyncEntry, User,
+    ENTRY_EDIT, ENTRY_GROUP_EVENT, ENTRY_MESSAGE, ENTRY_REACTION, ENTRY_RECALL, ENTRY_RECEIPT, RECEIPT_KINDS,
+    GroupEvent, Message, OfflineMessageIndex, Receipt, SyncEntry, User,
 )
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 500
@@ -47,10 +48,12 @@ def next_stream_seqs(session: Session, is_mysql: bool, counts) -> dict[int, int]
         select(User.id, User.inbox_seq).where(User.id.in_(ids)).with_for_update()).all()}
 
 
-def append_entries(session: Session, is_mysql: bool, items, kind: int = ENTRY_MESSAGE) -> list[dict[int, int]]:
+def append_entries(session: Session, is_mysql: bool, items, kind: int = ENTRY_MESSAGE,
+                   ref_id: int = 0) -> list[dict[int, int]]:
     """Stream entries of messages, (user ids, msg id, conversation id) each, in this order
     in every stream, with one sequence bump per user; returns each message's positions
-    (deleted users, who have no stream, left out)."""
+    (deleted users, who have no stream, left out). `ref_id`: the edit or reaction event
+    an ENTRY_EDIT / ENTRY_REACTION entry stands for."""
     items = [(sorted(set(user_ids)), msg_id, conversation_id) for user_ids, msg_id, conversation_id in items]
     counts = Counter(uid for user_ids, _, _ in items for uid in user_ids)
     tops = next_stream_seqs(session, is_mysql, dict(counts))
@@ -63,16 +66,18 @@ def append_entries(session: Session, is_mysql: bool, items, kind: int = ENTRY_ME
                 seqs[uid] = following[uid]
                 following[uid] += 1
                 rows.append({"user_id": uid, "seq": seqs[uid], "message_id": msg_id,
-                             "conversation_id": conversation_id, "kind": kind})
+                             "conversation_id": conversation_id, "kind": kind, "ref_id": ref_id})
         positions.append(seqs)
     if rows:
         session.execute(insert(SyncEntry), rows)
     return positions
 
 
-def entries_of(session: Session, msg_id: int, kind: int, user_ids=None) -> dict[int, int]:
+def entries_of(session: Session, msg_id: int, kind: int, user_ids=None, ref_id: int | None = None) -> dict[int, int]:
     """Users whose stream holds this entry, with its position."""
     query = select(SyncEntry.user_id, SyncEntry.seq).where(SyncEntry.message_id == msg_id, SyncEntry.kind == kind)
+    if ref_id is not None:
+        query = query.where(SyncEntry.ref_id == ref_id)
     if user_ids is not None:
         query = query.where(SyncEntry.user_id.in_(list(user_ids)))
     return {uid: seq for uid, seq in session.execute(query).all()}
@@ -121,7 +126,8 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
     with storage.reader(user_id).connect() as conn:
         # Entries of other kinds point at other rows: no message joins them (ids of two tables may be equal).
         rows = conn.execute(
-            select(SyncEntry.seq, SyncEntry.kind, SyncEntry.message_id.label("entry_ref"), *_MESSAGE_COLUMNS)
+            select(SyncEntry.seq, SyncEntry.kind, SyncEntry.message_id.label("entry_ref"), SyncEntry.ref_id,
+                   *_MESSAGE_COLUMNS)
             .outerjoin(Message, (Message.id == SyncEntry.message_id) & SyncEntry.kind.notin_(_NOT_MESSAGES))
             .where(SyncEntry.user_id == user_id, SyncEntry.seq > after)
             .order_by(SyncEntry.seq).limit(limit + 1)).all()
@@ -131,6 +137,7 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
         receipts = {r.id: r for r in conn.execute(select(Receipt).where(Receipt.id.in_(receipt_ids)))} \
             if receipt_ids else {}
         events = _group_event_frames(conn, [row.entry_ref for row in rows if row.kind == ENTRY_GROUP_EVENT])
+        edits, reactions = version_entries(conn, rows)  # the edits and reaction events the page names
     entries = []
     for row in rows:
         if row.kind == ENTRY_RECEIPT:
@@ -142,6 +149,10 @@ def read_stream(storage, user_id: int, after: int, limit: int, frame_of) -> Sync
             entries.append(events[row.entry_ref])
         elif row.kind == ENTRY_RECALL:
             entries.append(recalled_frame(row.id, row.conversation_id, row.recalled_at, row.recalled_by))
+        elif row.kind in (ENTRY_EDIT, ENTRY_REACTION):
+            entry = (edits if row.kind == ENTRY_EDIT else reactions).get(row.ref_id)
+            if entry is not None:  # (its row is never deleted; a page must not fail if one were)
+                entries.append(entry)
         else:
             entries.append(frame_of(row))
     position = rows[-1].seq if rows else after

@@ -131,6 +131,26 @@ def plan_pushes(storage: Storage, user_ids, now: datetime | None = None) -> list
     return [plans[user_id] for user_id in user_ids]
 
 
+def refresh_unsent_payloads(storage: Storage, msg_id: int) -> int:
+    """After an edit: the message's pushes planned but not sent yet (pending) show its new text;
+    a sent one cannot change. Returns how many were rewritten."""
+    with storage.session() as session:
+        msg = session.get(Message, msg_id)
+        rows = session.scalars(select(PushLog).where(
+            PushLog.message_id == msg_id, PushLog.push_status == PENDING).with_for_update()).all() if msg else []
+        rows = [r for r in rows if r.push_status == PENDING and r.payload and r.payload.get("preview")
+                and "body" in r.payload and not r.payload.get("kind")]  # badge syncs and hidden previews keep theirs
+        if not rows:
+            return 0
+        body = push_text(storage, msg.message_type, msg.extra) \
+            or message_preview(msg.message_type, msg.content, PREVIEW_CHARS)
+        if msg.is_group:  # as planned: the author, then the text
+            body = f"{session.scalar(select(USER_DISPLAY_NAME).where(User.id == msg.sender_id))}: {body}"
+        for row in rows:
+            row.payload = {**row.payload, "body": body}  # a new object: the JSON column sees the change
+    return len(rows)
+
+
 def pending_rows(storage: Storage, rows: list[dict]) -> dict[tuple[int, int, str], int]:
     """Create these pending push_log rows (a row that exists is kept as it is); the ids of those
     to deliver now: new, or left pending untried by a planner run that died (a redelivered send_push).
