@@ -673,7 +673,7 @@ def main() -> int:
         stream_cmids: dict[int, set[str]] = {}
         dup_in_sync = 0
         for i, entries in streams.items():
-            ids = [e["msg_id"] for e in entries]
+            ids = [e["msg_id"] for e in entries if e["type"] == "message"]  # (edits and reactions name theirs again)
             dup_in_sync += len(ids) - len(set(ids))
             stream_cmids[i] = {e.get("client_msg_id") for e in entries}  # unique per run: sender index inside
         delivered_by_sync = lost = 0

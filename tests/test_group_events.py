@@ -164,9 +164,8 @@ def test_the_owner_cannot_leave_others_behind_and_leaving_alone_deletes_the_grou
 
 def test_sync_from_latest_starts_a_new_device_at_the_end_of_the_stream(cluster, make_user, connect, storage):
     alice, bob = make_user(), make_user()
-    a = connect(alice, cluster.gw1)
+    a, b_phone = connect(alice, cluster.gw1), connect(bob, cluster.gw1)
     old = [a.send_message(bob.user_id, f"old {i}")["msg_id"] for i in range(3)]
-    b_phone = connect(bob, cluster.gw1)
     for msg_id in old:
         b_phone.wait_message(msg_id)
     wait_until(lambda: len(_stream_seqs(storage, bob)) == 3, what="bob's three entries")

@@ -211,7 +211,7 @@ def test_mentions_are_validated_deduplicated_and_carried_live_in_sync_and_in_his
     assert ack["type"] == "ack", ack
     assert b.wait_message(ack["msg_id"])["mentions"] == [bob.user_id, carol.user_id]
     entries, _, _ = sync_all(b)
-    assert [e["mentions"] for e in entries if e["msg_id"] == ack["msg_id"]] == [[bob.user_id, carol.user_id]]
+    assert [e["mentions"] for e in entries if e.get("msg_id") == ack["msg_id"]] == [[bob.user_id, carol.user_id]]
     assert history(api, carol, cid)[ack["msg_id"]]["mentions"] == [bob.user_id, carol.user_id]
 
     assert send(a, {"group_id": gid, "mentions": [outsider.user_id]})["code"] == "not_found"

@@ -24,7 +24,8 @@ def _history(storage, user_id, conversation_id):
 
 
 def _stream(storage, user_id):
-    return read_stream(storage, user_id, 0, 500, message_frame).entries
+    """The user's stream without group changes (tests/test_group_events.py covers those)."""
+    return [e for e in read_stream(storage, user_id, 0, 500, message_frame).entries if e["type"] != "group_event"]
 
 
 def test_the_sender_edits_and_both_sides_see_the_latest_text_and_an_edited_entry(chat, make_user, storage, clock):
