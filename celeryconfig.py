@@ -85,6 +85,7 @@ task_routes = {
     "tasks.pipeline.dispatch_message": {"queue": "offline_messages", "routing_key": "offline.private"},
     "tasks.pipeline.dispatch_messages": {"queue": "offline_messages", "routing_key": "offline.private"},
     "tasks.pipeline.dispatch_group_message": {"queue": "offline_messages", "routing_key": "offline.group"},
+    "tasks.pipeline.confirm_live_deliveries": {"queue": "offline_messages", "routing_key": "offline.confirm"},
     "tasks.pipeline.send_push": _PUSH,
     "tasks.pipeline.deliver_push": _PUSH,
     "tasks.pipeline.send_digest": _PUSH,

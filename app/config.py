@@ -111,6 +111,9 @@ class Settings:
     push_coalesce_seconds: float = 2.0
     # Badge sync / withdrawal after a read or recall: at most one silent push per user per this window.
     push_badge_coalesce_seconds: float = 3.0
+    # A live message a device does not confirm (`received`, `read`) within this many seconds is treated
+    # as undelivered: offline index and a push, as for an offline user (a socket that died silently). 0: off.
+    live_confirm_seconds: float = 10.0
     email_digest_delay_seconds: float = 300.0
     offline_index_retention_days: int = 7
     push_log_retention_days: int = 30
@@ -208,6 +211,8 @@ class Settings:
                               "LOGIN_LOCKOUT_MAX_SECONDS and LOGIN_LOCKOUT_RESET_SECONDS at least 1")
         if self.env not in ENVIRONMENTS:
             raise ConfigError(f"NETHERLINK_ENV must be one of {', '.join(ENVIRONMENTS)}, got {self.env!r}")
+        if not 0 <= self.live_confirm_seconds <= 3600:
+            raise ConfigError("LIVE_CONFIRM_SECONDS must be from 0 (off) to 3600")
         if not 2 <= self.group_max_members <= 100_000:
             raise ConfigError("GROUP_MAX_MEMBERS must be from 2 to 100000")
         if not 0 <= self.username_reuse_days <= 3650:

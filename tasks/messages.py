@@ -8,8 +8,10 @@ after its commit. Each is idempotent and safe to redeliver; task names are stabl
 from __future__ import annotations
 
 import logging
+import time
 
 from app import metrics
+from app.chat.confirm import await_confirmation, rearm_sweep, settle_due
 from app.chat.dispatch import dispatch_private_messages
 from app.chat.group_messages import fan_out_group_message, persist_group_message
 from app.chat.persist import persist_private_message, persist_private_messages
@@ -161,7 +163,30 @@ def _dispatch(request, batch: list[list]) -> list:
         metrics.message_dispatched(outcome)
         for user_id in outcome.offline_users:
             schedule_push(str(outcome.msg_id), user_id, PRIORITY_PRIVATE, redelivered)
+    _await_confirmations([(uid, o.msg_id, o.conversation_id, PRIORITY_PRIVATE) for o in outcomes for uid in o.live_users])
     return outcomes
+
+
+def _await_confirmations(items: list) -> None:
+    """Live deliveries a device must confirm within LIVE_CONFIRM_SECONDS (app.chat.confirm)."""
+    if items and await_confirmation(storage(), items, int(time.time() * 1000)):
+        confirm_live_deliveries.apply_async(countdown=settings().live_confirm_seconds)
+
+
+@app.task(name="tasks.pipeline.confirm_live_deliveries", bind=True, acks_late=True, **RETRY)
+def confirm_live_deliveries(self) -> dict:
+    """Live deliveries past their deadline with no device confirming: offline index and a push each."""
+    s, now = storage(), int(time.time() * 1000)
+    outcome = settle_due(s, now)
+    for user_id, msg_id, priority in outcome.unconfirmed:
+        schedule_push(str(msg_id), user_id, priority, _redelivered(self.request))
+    if outcome.unconfirmed:
+        log.info("%d live deliveries not confirmed within %ss: offline path (msgs %s …)", len(outcome.unconfirmed),
+                 s.settings.live_confirm_seconds, outcome.unconfirmed[0][1])
+    countdown = rearm_sweep(s, outcome, int(time.time() * 1000))
+    if countdown is not None:
+        confirm_live_deliveries.apply_async(countdown=countdown)
+    return {"confirmed": outcome.confirmed, "unconfirmed": len(outcome.unconfirmed)}
 
 
 @app.task(name="tasks.pipeline.dispatch_message", bind=True, acks_late=True, **RETRY)
@@ -190,6 +215,7 @@ def dispatch_group_message(self, msg_id: str, origin_conn: str | None, member_id
     redelivered = _redelivered(self.request)
     for user_id in outcome.offline_users:
         schedule_push(msg_id, user_id, PRIORITY_GROUP, redelivered)
+    _await_confirmations([(uid, int(msg_id), outcome.conversation_id, PRIORITY_GROUP) for uid in outcome.live_users])
     log.info("msg %s dispatched to %d group members: %d live connections, %d offline", msg_id,
              len(member_ids), outcome.live_connections, len(outcome.offline_users))
     return {"msg_id": msg_id, "live": outcome.live_connections, "offline": len(outcome.offline_users)}

@@ -23,6 +23,8 @@ class DispatchOutcome:
     msg_id: int
     live_connections: int = 0
     offline_users: list[int] = field(default_factory=list)
+    live_users: list[int] = field(default_factory=list)  # recipients handed the message live (to confirm)
+    conversation_id: str = ""
 
 
 def dispatch_private_messages(storage: Storage, items: list[tuple[int, str | None]]) -> list[DispatchOutcome]:
@@ -45,13 +47,15 @@ def dispatch_private_messages(storage: Storage, items: list[tuple[int, str | Non
         uid for mid in ids for uid in (messages[mid].receiver_id, messages[mid].sender_id))
     deliveries, outcomes, offline = [], [], []
     for msg_id, origin_conn in items:
-        msg, outcome = messages[msg_id], DispatchOutcome(msg_id)
+        msg, outcome = messages[msg_id], DispatchOutcome(msg_id, conversation_id=messages[msg_id].conversation_id)
         targets = by_gateway(live[msg.receiver_id] + live[msg.sender_id], origin_conn)
         outcome.live_connections = sum(map(len, targets.values()))
         deliveries.append((message_frame(msg), targets))
         if not live[msg.receiver_id]:
             offline.append({"user_id": msg.receiver_id, "message_id": msg_id, "conversation_id": msg.conversation_id})
             outcome.offline_users.append(msg.receiver_id)
+        elif msg.receiver_id != msg.sender_id:
+            outcome.live_users.append(msg.receiver_id)
         outcomes.append(outcome)
     deliver_frames(storage.redis, deliveries)
     if offline:

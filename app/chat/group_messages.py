@@ -92,6 +92,8 @@ class FanoutOutcome:
     msg_id: int
     live_connections: int = 0
     offline_users: list[int] = field(default_factory=list)
+    live_users: list[int] = field(default_factory=list)  # members handed the message live (to confirm)
+    conversation_id: str = ""
 
 
 def fan_out_group_message(storage: Storage, msg_id: int, user_ids: list[int],
@@ -111,7 +113,7 @@ def fan_out_group_message(storage: Storage, msg_id: int, user_ids: list[int],
         except IntegrityError:  # another copy of this chunk committed first: take its entries
             if attempt == FANOUT_ATTEMPTS - 1:
                 raise
-    outcome = FanoutOutcome(msg_id)
+    outcome = FanoutOutcome(msg_id, conversation_id=msg.conversation_id)
     if recalled:  # recalled before this chunk ran: streamed as recalled, nothing to show or count
         invalidate_conversation_lists(storage, seqs.keys())
         return outcome
@@ -121,6 +123,7 @@ def fan_out_group_message(storage: Storage, msg_id: int, user_ids: list[int],
     live = deliver_to_users(storage, message_frame(msg), seqs.keys(), skip_conn=origin_conn)
     outcome.live_connections = sum(1 for conns in live.values() for c in conns if c.conn_id != origin_conn)
     outcome.offline_users = [uid for uid in seqs if uid != msg.sender_id and not live.get(uid)]
+    outcome.live_users = [uid for uid in seqs if uid != msg.sender_id and live.get(uid)]
     _index_offline(storage, msg, outcome.offline_users)
     # Counted last (a visible sign the chunk ran); not for the sender, nor for a
     # member who already read past this message (a read that committed first).
