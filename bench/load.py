@@ -112,9 +112,11 @@ class Conn:
     """One user's connection: a reader thread, a sender thread, a send lock."""
 
     def __init__(self, run: Run, index: int, user, gateway, peer: int, peer_user_id: str, max_inflight: int,
-                 mix: float = 0.0):
+                 mix: float = 0.0, confirm: bool = True):
         self.run, self.index, self.user, self.gateway, self.peer = run, index, user, gateway, peer
         self.mix, self.random = mix, random.Random(index)
+        # As the web client: `received` for what arrived, one frame per conversation per second.
+        self.confirm, self.to_confirm, self.confirmed_at = confirm, {}, 0.0
         self.received: list[str] = []  # msg_ids delivered to this user live: what it may react to
         self.peer_user_id = peer_user_id
         self.ws = websocket.create_connection(f"{gateway.ws}?token={user.token}", timeout=10)
@@ -207,6 +209,7 @@ class Conn:
             try:
                 opcode, data = self.ws.recv_data()
             except websocket.WebSocketTimeoutException:
+                self._confirm_received(time.time())
                 continue
             except Exception as exc:
                 if not run.stop_reading.is_set():
@@ -223,6 +226,20 @@ class Conn:
                 run.unexpected["non-json"] += 1
                 continue
             self._handle(frame, now)
+            self._confirm_received(now)
+
+    def _confirm_received(self, now: float) -> None:
+        if not self.to_confirm or now - self.confirmed_at < CONFIRM_EVERY:
+            return
+        pending, self.to_confirm, self.confirmed_at = self.to_confirm, {}, now
+        try:
+            for conversation_id, msg_id in pending.items():
+                self.send_frame({"type": "received", "conversation_id": conversation_id, "msg_id": str(msg_id)})
+        except Exception as exc:
+            self.closed = self.closed or f"send failed: {exc!r}"
+            return
+        with self.run.lock:
+            self.run.mix_sent["received"] += len(pending)
 
     def _handle(self, frame: dict, now: float) -> None:
         run, kind = self.run, frame.get("type")
@@ -230,7 +247,7 @@ class Conn:
             with run.lock:
                 run.mix_errors[frame.get("code", "?")] += 1
             return
-        if kind in ("edited", "reaction"):
+        if kind in ("edited", "reaction", "receipt"):
             with run.lock:
                 run.mix_frames[kind] += 1
             return
@@ -268,6 +285,9 @@ class Conn:
                     run.delivered += 1
                     if self.mix:
                         self.received = self.received[-20:] + [frame.get("msg_id")]
+                    if self.confirm and frame.get("msg_id"):
+                        cid, mid = frame["conversation_id"], int(frame["msg_id"])
+                        self.to_confirm[cid] = max(mid, self.to_confirm.get(cid, 0))
                     run.last_delivery_at = max(run.last_delivery_at, now)
         elif kind == "pong":
             pass
@@ -357,6 +377,7 @@ def queue_depths(services) -> dict | None:
 
 
 WINDOW = 5.0
+CONFIRM_EVERY = 1.0  # s: a recipient's `received` frames, at most one per conversation this often (as netherlink.js)
 
 
 def _window(records, wall0: float, start: float, end: float) -> dict:
@@ -502,6 +523,9 @@ def main() -> int:
                         help="flush the run's Redis db this many seconds into the send phase (a Redis restart)")
     parser.add_argument("--phase-seconds", type=float, default=30,
                         help="length of the new_deployment and after_flush phases compared to warm (default 30)")
+    parser.add_argument("--no-confirm", action="store_true",
+                        help="recipients send no `received` frames (an old client): every live message is then "
+                             "settled as unconfirmed after LIVE_CONFIRM_SECONDS")
     parser.add_argument("--mix", type=float, default=0.0, metavar="FRACTION",
                         help="after each send, with this probability, also an edit of one of the user's delivered "
                              "messages or a reaction (add/remove) to one it received (docs/benchmarks.md)")
@@ -551,7 +575,7 @@ def main() -> int:
         for i, user in enumerate(users):
             peer = (i + 1) % args.users
             conns.append(Conn(run, i, user, gateways[i % len(gateways)], peer, users[peer].user_id,
-                              args.max_inflight, args.mix))
+                              args.max_inflight, args.mix, confirm=not args.no_confirm))
         print(f"{len(conns)} connections open; sending for {args.seconds:g} s at "
               f"{'max rate' if not args.rate else f'{args.rate:g} msg/s'}...", flush=True)
 

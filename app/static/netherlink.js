@@ -555,7 +555,7 @@ export class NetherLinkClient extends EventTarget {
   }
 
   /** Tell the server this device holds the messages up to msgId (`received`): the sender sees
-   * "delivered". One frame per conversation for whatever arrived within a tenth of a second. */
+   * "delivered". One frame per conversation for whatever arrived within a second (each costs the server a write). */
   _confirmReceived(conversationId, msgId) {
     const known = this._toConfirm.get(conversationId);
     if (known && compareIds(msgId, known) <= 0) return;
@@ -569,7 +569,7 @@ export class NetherLinkClient extends EventTarget {
         if (this._sendRaw({ type: "received", conversation_id: cid, msg_id: upTo })) this._confirmed.set(cid, upTo);
       }
       this._toConfirm.clear();
-    }, 100);
+    }, 1000);
   }
 
   _dropRequest(match) {
