@@ -67,9 +67,7 @@ def export():
 @require_user
 def delete():
     req = AccountDeletion.parse(json_body())
-    limits = storage().settings
-    take(storage(), "login-user", f"delete:{g.user_id}",  # a password guess: limited like a login
-         Limit.per_minute(limits.login_rate_per_minute, limits.login_burst), "account deletion attempts")
+    _limit_password_guesses("delete", "account deletion attempts")
     delete_account(storage(), g.user_id, req.password)
     return "", 204
 
@@ -78,8 +76,13 @@ def delete():
 @require_user
 def password():
     req = PasswordChange.parse(json_body())
-    limits = storage().settings
-    take(storage(), "login-user", f"password:{g.user_id}",  # a password guess: limited like a login
-         Limit.per_minute(limits.login_rate_per_minute, limits.login_burst), "password change attempts")
+    _limit_password_guesses("password", "password change attempts")
     change_password(storage(), g.user_id, g.claims.session_id, req.old_password, req.new_password)
     return "", 204
+
+
+def _limit_password_guesses(kind: str, what: str) -> None:
+    """A request that checks the password is a password guess: limited like a login."""
+    limits = storage().settings
+    take(storage(), "login-user", f"{kind}:{g.user_id}",
+         Limit.per_minute(limits.login_rate_per_minute, limits.login_burst), what)
