@@ -4,11 +4,13 @@ import re
 import time
 import uuid
 
+import pytest
 import requests
 from playwright.sync_api import expect
 
 from app.chat.conversations import private_conversation_id
 from tests.browser.conftest import bubbles, conv_item, log_in, send, start_chat
+from tests.browser.test_client_module import run
 
 TYPING_SHOWN_S = 6  # TYPING_SHOWN_MS in app/static/chat.js: "… is typing" after the last start
 
@@ -264,3 +266,91 @@ def test_a_mention_is_offered_inserted_and_highlighted_for_the_member(cluster, m
     send(carol_page, "no names here")
     expect(bubbles(bob_page, "no names here")).not_to_have_class(re.compile(r"\bmentions-me\b"))
     _no_page_errors(alice_page, bob_page, carol_page)
+
+
+# -- the module alone, against the scripted socket of test_client_module.py ---------------------------
+
+@pytest.fixture(scope="module")
+def module_page(cluster, browser):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(cluster.gw1.http + "/healthz")
+    yield page
+    context.close()
+
+
+def test_the_module_applies_edits_and_reactions_once_in_either_order(cluster, module_page):
+    result = run(module_page, cluster.gw1.http, """
+      const { make, sockets, until } = env;
+      const { client, events } = make();
+      for (const t of ["edited", "reaction", "typing"]) client.on(t, (d) => events.push([t, d]));
+      client.connect();
+      await until(() => sockets.length === 1, "a socket");
+      const ws = sockets[0];
+      ws.hello();
+      const msg = (id, fields = {}) => ({ type: "message", msg_id: id, client_msg_id: "c" + id, conversation_id: "p_7_42",
+        from: "7", to: "42", group_id: null, message_type: "text", content: "v1", extra: {}, timestamp: 1, status: 0,
+        reply_to: null, mentions: [], edited_at: null, reactions: {}, ...fields });
+      const edited = (id, content, at) => ({ type: "edited", msg_id: id, conversation_id: "p_7_42", content, edited_at: at });
+      const reaction = (id, user, emoji, op) => ({ type: "reaction", msg_id: id, conversation_id: "p_7_42", user_id: user, emoji, op });
+      ws.serverSend(msg("100"));
+      // A later edit live, then the sync page with the earlier and the later edit: one event each, newest wins.
+      ws.serverSend(edited("100", "v3", 30));
+      ws.serverSend({ type: "sync_batch", cursor: "9", has_more: false, messages: [
+        { ...msg("100"), content: "v3", edited_at: 30 }, edited("100", "v2", 20), edited("100", "v3", 30),
+        reaction("100", "7", "👍", "add") ] });
+      ws.serverSend(reaction("100", "7", "👍", "add"));     // the same reaction live: a duplicate
+      ws.serverSend(reaction("100", "42", "👍", "add"));
+      ws.serverSend(reaction("100", "7", "👍", "remove"));
+      // An edit and a reaction seen before their message: its (older) copy shows both.
+      ws.serverSend(edited("200", "new text", 50));
+      ws.serverSend(reaction("200", "7", "🎉", "add"));
+      ws.serverSend(msg("200", { content: "old text" }));
+      ws.serverSend({ type: "typing", conversation_id: "p_7_42", user_id: "7", state: "start" });
+      const of = (t) => events.filter(([type]) => type === t).map(([, d]) => d);
+      return { edited: of("edited"), reactions: of("reaction"), messages: of("message"), typing: of("typing") };
+    """)
+    assert [(e["msg_id"], e["content"], e["source"]) for e in result["edited"]] == [
+        ("100", "v3", "live"), ("200", "new text", "live")]
+    assert [(r["user_id"], r["op"], r["source"]) for r in result["reactions"] if r["msg_id"] == "100"] == [
+        ("7", "add", "sync"), ("42", "add", "live"), ("7", "remove", "live")]
+    assert result["reactions"][2]["reactions"] == {"👍": ["42"]}
+    late = next(m for m in result["messages"] if m["msg_id"] == "200")
+    assert late["content"] == "new text" and late["edited_at"] == 50 and late["reactions"] == {"🎉": ["7"]}
+    assert result["typing"] == [{"type": "typing", "conversation_id": "p_7_42", "user_id": "7", "state": "start",
+                                 "source": "live"}]
+
+
+def test_the_module_matches_edit_and_react_answers_and_errors_in_order(cluster, module_page):
+    result = run(module_page, cluster.gw1.http, """
+      const { make, sockets, until } = env;
+      const { client, events } = make();
+      client.connect();
+      await until(() => sockets.length === 1, "a socket");
+      const ws = sockets[0];
+      ws.hello();
+      const sent = client.send({ groupId: "5", content: "@bob look", replyTo: "90", mentions: ["2"] });
+      const typed = client.typing("g_5", "start");
+      client.read("p_7_42", "100");
+      const edit = client.edit("100", "fixed").then((f) => ["ok", f.content], (e) => ["err", e.code]);
+      const like = client.react("100", "👍", "add").then((f) => ["ok", f.op], (e) => ["err", e.code]);
+      const late = client.edit("101", "too late").then((f) => ["ok", f], (e) => ["err", e.code]);
+      const typingFrame = ws.frames("typing")[0];
+      // The typing frame is refused (its error names its client_msg_id): no request loses its answer.
+      ws.serverSend({ type: "error", code: "forbidden", message: "you are not a member of conversation 'g_5'",
+                      client_msg_id: typingFrame.client_msg_id });
+      ws.serverSend({ type: "read_ok", conversation_id: "p_7_42", msg_id: "100" });
+      ws.serverSend({ type: "edited", msg_id: "100", conversation_id: "p_7_42", content: "fixed", edited_at: 9 });
+      ws.serverSend({ type: "reaction", msg_id: "100", conversation_id: "p_7_42", user_id: "42", emoji: "👍", op: "add" });
+      ws.serverSend({ type: "error", code: "edit_expired", message: "messages can be edited for 900 s after sending" });
+      const errors = events.filter(([t]) => t === "error").map(([, d]) => [d.code, d.request && d.request.type]);
+      return { send: ws.frames("send")[0], typingFrame, typed, edit: await edit, like: await like, late: await late,
+               frames: ws.sent.map((f) => f.type), errors };
+    """)
+    assert result["send"]["reply_to"] == "90" and result["send"]["mentions"] == ["2"]
+    assert result["typed"] is True and result["typingFrame"]["state"] == "start"
+    assert result["typingFrame"]["conversation_id"] == "g_5" and result["typingFrame"]["client_msg_id"]
+    assert result["edit"] == ["ok", "fixed"] and result["like"] == ["ok", "add"]
+    assert result["late"] == ["err", "edit_expired"]
+    assert result["errors"] == [["forbidden", "typing"], ["edit_expired", "edit"]]
+    assert result["frames"][-3:] == ["edit", "react", "edit"]
