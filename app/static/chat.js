@@ -1538,7 +1538,12 @@ async function loadMemberNames(conv, { throttle = false } = {}) {
     const group = groups.get(conv.groupId);
     if (group) group.member_count = (answer.members || []).length;
     renderList();
-    if (openId === conv.id) { renderHeader(); renderMessages({ keepScroll: true }); }
+    if (openId === conv.id) {
+      renderHeader();
+      renderMessages({ keepScroll: true });
+      renderTyping();
+      if (document.activeElement === $("composer").elements.content) updateMentions(); // an "@" typed meanwhile
+    }
   } catch (err) {
     // names fall back to "User <id>"; a 403 means we are no longer a member: the list says so
     if (err instanceof ApiError && err.status === 403) scheduleListRefresh(0, { withGroups: true });
