@@ -257,7 +257,7 @@ def test_a_mention_is_offered_inserted_and_highlighted_for_the_member(cluster, m
     expect(other).to_have_count(1)
     expect(other).not_to_have_class(re.compile(r"\bmentions-me\b"))
     expect(other.locator(".mention")).to_have_text(f"@{bob.username}")
-    expect(bubbles(alice_page, text).locator(".msg-state")).to_have_text("Sent")
+    expect(bubbles(alice_page, text)).not_to_have_class(re.compile(r"\bmentions-me\b"))  # her own
     shot(bob_page, "mentioned")
     [stored] = [m for m in _history(cluster.gw1, alice, cid) if m["content"] == text]
     assert stored["mentions"] == [bob.user_id]
