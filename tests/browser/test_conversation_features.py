@@ -11,6 +11,7 @@ from playwright.sync_api import expect
 from app.chat.conversations import private_conversation_id
 from tests.browser.conftest import bubbles, conv_item, log_in, send, start_chat
 from tests.browser.test_client_module import run
+from tests.harness import Gateway
 
 TYPING_SHOWN_S = 6  # TYPING_SHOWN_MS in app/static/chat.js: "… is typing" after the last start
 
@@ -354,3 +355,23 @@ def test_the_module_matches_edit_and_react_answers_and_errors_in_order(cluster, 
     assert result["late"] == ["err", "edit_expired"]
     assert result["errors"] == [["forbidden", "typing"], ["edit_expired", "edit"]]
     assert result["frames"][-3:] == ["edit", "react", "edit"]
+
+
+def test_edit_is_offered_only_within_the_servers_edit_window(services, log_dir, cluster, make_user, open_page):
+    gateway = Gateway("gw-page-edit-window", services, log_dir, MESSAGE_EDIT_WINDOW_SECONDS="4")
+    try:
+        alice, bob = _named(make_user, "alice"), _named(make_user, "bob")
+        page = open_page(gateway.http)
+        assert page.locator("body").get_attribute("data-edit-window") == "4"
+        log_in(page, alice.username)
+        start_chat(page, bob.username)
+        send(page, "quick one")
+        mine = bubbles(page, "quick one")
+        expect(mine.locator(".msg-state")).to_have_text("Sent")
+        expect(mine.locator(".edit")).to_have_count(1)
+        # The window passes: the button goes (the page looks every 5 s), Recall (2 minutes) stays.
+        expect(mine.locator(".edit")).to_have_count(0, timeout=15_000)
+        expect(mine.locator(".recall")).to_have_count(1)
+        assert page.errors.errors == []
+    finally:
+        gateway.stop()
