@@ -774,7 +774,7 @@ function textWithMentions(msg) {
     if (match.index > at) parts.push(content.slice(at, match.index));
     const name = match[0].slice(1);
     const isMe = name === session.username;
-    parts.push(el("span", { class: isMe ? "mention me" : "mention" }, match[0]));
+    parts.push(el("span", { class: isMe ? "mention you" : "mention" }, match[0]));
     at = match.index + match[0].length;
   }
   parts.push(content.slice(at));

@@ -253,7 +253,7 @@ def test_a_mention_is_offered_inserted_and_highlighted_for_the_member(cluster, m
 
     mentioned = bubbles(bob_page, text)
     expect(mentioned).to_have_class(re.compile(r"\bmentions-me\b"))
-    expect(mentioned.locator(".mention.me")).to_have_text(f"@{bob.username}")
+    expect(mentioned.locator(".mention.you")).to_have_text(f"@{bob.username}")
     other = bubbles(carol_page, text)
     expect(other).to_have_count(1)
     expect(other).not_to_have_class(re.compile(r"\bmentions-me\b"))
