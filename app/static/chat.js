@@ -1056,7 +1056,7 @@ function renderMentions() {
     class: i === mention.index ? "mention-option active" : "mention-option", role: "option",
     "aria-selected": String(i === mention.index), dataset: { userId: m.user_id },
     onmousedown: (e) => { e.preventDefault(); chooseMention(i); }, // keep the composer's focus
-  }, avatar(m.username), el("span", {}, m.username))));
+  }, avatar(m.username), el("span", { class: "mention-name" }, m.username))));
   list.hidden = false;
 }
 
