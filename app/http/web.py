@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, make_response, render_template, send_from_directory
 
+from app.http import settings
+
 bp = Blueprint("web", __name__)
 
 # img-src blob:: pictures are fetched with the bearer token and shown from object URLs
@@ -21,7 +23,9 @@ CONTENT_SECURITY_POLICY = (
 
 @bp.get("/")
 def chat_page():
-    resp = make_response(render_template("chat.html"))
+    # The page offers Edit for as long as the server accepts it (docs/protocol.md §22).
+    resp = make_response(render_template("chat.html",
+                                         edit_window_seconds=settings().message_edit_window_seconds))
     resp.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     resp.headers["X-Content-Type-Options"] = "nosniff"
     resp.headers["Referrer-Policy"] = "no-referrer"

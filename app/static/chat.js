@@ -1,7 +1,7 @@
 // The NetherLink chat page (served at /). Every piece of user data goes into the
 // page through textContent (the el() helper below), never through innerHTML.
 import {
-  ApiError, NetherLinkClient, apiRequest, compareIds, login, logoutSession, mediaObjectUrl, privateConversationId,
+  ApiError, NetherLinkClient, apiRequest, applyReaction, compareIds, login, logoutSession, mediaObjectUrl, privateConversationId,
   refreshTokens, register, searchMessages, tokenExpiry, uploadMedia, wsTicket,
 } from "./netherlink.js";
 
@@ -14,6 +14,13 @@ const PRESENCE_EVERY_MS = 30000;
 // reconnect, when a message names a conversation we do not know, and when a group send is refused.
 const LIST_EVERY_MS = 30000;
 const READERS_SHOWN = 3;      // "Read by a, b, c and 2 more"
+// MESSAGE_EDIT_WINDOW_SECONDS of the server (the page's <body data-edit-window>); 0: no editing.
+const EDIT_WINDOW_MS = (Number.isFinite(Number.parseInt(document.body.dataset.editWindow, 10))
+  ? Number.parseInt(document.body.dataset.editWindow, 10) : 900) * 1000;
+const TYPING_EVERY_MS = 3000; // a `start` at most this often while the composer has input (the server wants ≤ 5 s)
+const TYPING_SHOWN_MS = 6000; // "… is typing" after the last `start` (protocol.md §20)
+const REACTIONS = ["👍", "❤️", "😂", "😮", "😢", "🎉"];
+const MENTIONS_SHOWN = 8;
 
 const $ = (id) => document.getElementById(id);
 
@@ -35,6 +42,13 @@ let listSeq = 0;              // answers to older list requests are dropped
 let recallTimer = null;
 let authMode = "login";
 let listLoaded = false;       // the conversation list has been fetched once
+let editing = null;           // {conversationId, msgId, draft, error, saving}: the inline editor
+let replyingTo = null;        // {conversationId, msgId}: the quote over the composer
+let pickerFor = null;         // msg_id whose reaction picker is open
+let myTyping = { conversationId: null, lastStart: 0, active: false }; // what we told the others
+const typers = new Map();     // conversation_id -> Map(user_id -> expiry ms): who is typing there
+let typingTimer = null;
+let mention = null;           // {start, end, items: [{user_id, username}], index}: the open autocomplete
 
 // ---------------------------------------------------------------- DOM helpers
 
@@ -198,7 +212,9 @@ function logout(message) {
   clearInterval(recallTimer);
   clearTimeout(listRefresh);
   listSeq += 1;
-  convs.clear(); views.clear(); groups.clear(); usernames.clear();
+  convs.clear(); views.clear(); groups.clear(); usernames.clear(); typers.clear();
+  editing = replyingTo = pickerFor = mention = null;
+  myTyping = { conversationId: null, lastStart: 0, active: false };
   openId = null;
   listLoaded = false;
   saveSession(null);
@@ -227,6 +243,9 @@ function startApp() {
   client.on("recalled", onRecalled);
   client.on("status", onStatus);
   client.on("read_ok", onReadOk);
+  client.on("edited", onEdited);
+  client.on("reaction", onReaction);
+  client.on("typing", onTyping);
   client.on("group_event", () => scheduleListRefresh(0, { withGroups: true })); // membership, name, deletion
   client.on("synced", () => scheduleListRefresh(0, { withGroups: true })); // after every (re)connect
   client.on("unauthorized", () => logout("Your session has ended: log in again."));
@@ -535,11 +554,18 @@ function closeConversationView() {
   $("messages").hidden = true;
   $("composer").hidden = true;
   $("left-notice").hidden = true;
+  $("typing").hidden = true;
+  $("reply-bar").hidden = true;
   $("app").classList.remove("show-conversation");
 }
 
 async function openConversation(conversationId) {
   const conv = ensureConv(conversationId);
+  if (openId !== conversationId) {
+    stopTyping();
+    pickerFor = null;
+    closeMentions();
+  }
   openId = conversationId;
   conv.unread = 0;
   $("placeholder").hidden = true;
@@ -549,6 +575,8 @@ async function openConversation(conversationId) {
   renderHeader(); // also shows the composer, or the notice of a group we left
   renderList();
   renderMessages();
+  renderTyping();
+  renderReplyBar();
   $("composer").elements.content.focus();
   if (!conv.isGroup && conv.peer) refreshPresence(conv);
   if (conv.isGroup) loadMemberNames(conv);
@@ -575,6 +603,7 @@ function renderHeader() {
   $("members").hidden = !conv.isGroup || left;
   $("composer").hidden = left;
   $("left-notice").hidden = !left;
+  renderReplyBar();
 }
 
 async function loadHistory(conversationId, older = false) {
@@ -615,6 +644,10 @@ function addMessage(conversationId, msg) {
   const existing = v.messages.get(key);
   if (existing) {
     if ((msg.status || 0) > (existing.status || 0)) Object.assign(existing, { status: msg.status, content: msg.status === 2 ? "" : existing.content });
+    if (msg.edited_at && existing.status !== 2 && !(existing.edited_at >= msg.edited_at)) {
+      Object.assign(existing, { content: msg.content, edited_at: msg.edited_at }); // a later edit wins
+    }
+    if (!existing.reactions && msg.reactions) existing.reactions = { ...msg.reactions };
     return existing;
   }
   const stored = { ...msg, state: msg.from === session.userId ? "sent" : undefined };
@@ -669,7 +702,14 @@ function renderMessages({ keepScroll = false } = {}) {
     nodes.push(renderMessage(conv, v, msg, msg.from === lastSender));
     lastSender = msg.from;
   }
+  const active = document.activeElement;
+  const editorFocus = active && active.classList.contains("edit-input")
+    ? [active.selectionStart, active.selectionEnd] : null;
   $("message-list").replaceChildren(...nodes);
+  if (editorFocus) { // a re-render (a message arriving) must not take the editor away from the user
+    const input = $("message-list").querySelector(".edit-input");
+    if (input) { input.focus(); input.setSelectionRange(...editorFocus); }
+  }
   $("load-older").hidden = !v.hasMore;
   if (!keepScroll || nearBottom) box.scrollTop = box.scrollHeight;
   else box.scrollTop = previousTop;
@@ -681,25 +721,373 @@ function renderMessage(conv, v, msg, sameSender) {
   const classes = ["msg", mine ? "mine" : "theirs"];
   if (recalled) classes.push("recalled");
   if (sameSender) classes.push("same-sender");
+  if (!mine && !recalled && (msg.mentions || []).includes(session.userId)) classes.push("mentions-me");
   const state = messageState(conv, v, msg);
   const meta = el("div", { class: "meta" },
     el("time", { datetime: new Date(msg.timestamp || Date.now()).toISOString() }, timeFmt.format(new Date(msg.timestamp || Date.now()))),
+    msg.edited_at && !recalled
+      ? el("span", { class: "edited", title: `edited ${shortTime(msg.edited_at)} ${timeFmt.format(new Date(msg.edited_at))}` }, "edited")
+      : null,
     state && !recalled ? el("span", { class: "msg-state", dataset: { state: state[0] } }, state[1]) : null);
+  const canAct = msg.msg_id && !recalled && !hasLeft(conv);
+  if (canAct) {
+    meta.append(el("button", { type: "button", class: "action reply", title: "Reply", onclick: () => startReply(msg) }, "Reply"));
+    meta.append(el("button", { type: "button", class: "action react-btn", title: "React", "aria-label": "React",
+                               "aria-expanded": String(pickerFor === msg.msg_id),
+                               onclick: () => togglePicker(msg) }, "☺+"));
+  }
+  if (mine && canAct && canEdit(msg)) {
+    meta.append(el("button", { type: "button", class: "action edit", onclick: () => startEdit(msg) }, "Edit"));
+  }
   if (mine && msg.msg_id && !recalled && Date.now() - msg.timestamp < RECALL_WINDOW_MS) {
     meta.append(el("button", { type: "button", class: "recall", onclick: () => recallMessage(msg) }, "Recall"));
   }
   if (msg.recallError) meta.append(el("span", { class: "msg-error" }, msg.recallError));
+  if (msg.actionError) meta.append(el("span", { class: "msg-error" }, msg.actionError));
+  const isEditing = editing && editing.msgId === msg.msg_id && editing.conversationId === conv.id && !recalled;
   const body = recalled
     ? el("div", { class: "text" }, mine ? "You recalled a message" : "Message recalled")
-    : (msg.message_type === "image" || msg.message_type === "file") && msg.extra && msg.extra.media_id
-      ? mediaBody(msg)
-      : msg.message_type && msg.message_type !== "text"
-      ? el("div", { class: "text" }, `[${msg.message_type}] `, msg.content)
-      : el("div", { class: "text" }, msg.content);
+    : isEditing
+      ? editorNode(msg)
+      : (msg.message_type === "image" || msg.message_type === "file") && msg.extra && msg.extra.media_id
+        ? mediaBody(msg)
+        : msg.message_type && msg.message_type !== "text"
+          ? el("div", { class: "text" }, `[${msg.message_type}] `, msg.content)
+          : el("div", { class: "text" }, textWithMentions(msg));
   return el("li", { class: classes.join(" "), dataset: { msgId: msg.msg_id || "", clientMsgId: msg.client_msg_id || "" } },
     conv.isGroup && !mine && !sameSender ? el("div", { class: "sender" }, usernames.get(msg.from) || `User ${msg.from}`) : null,
-    el("div", { class: "bubble" }, body),
+    el("div", { class: "bubble" }, msg.reply_to && !recalled ? quoteNode(v, msg.reply_to) : null, body),
+    !recalled ? reactionsNode(msg) : null,
+    pickerFor === msg.msg_id && canAct ? pickerNode(msg) : null,
     meta);
+}
+
+/** The message's text, with the "@name" of each member it mentions marked (as text nodes, never HTML). */
+function textWithMentions(msg) {
+  const content = String(msg.content || "");
+  const names = (msg.mentions || []).map((id) => usernames.get(id)).filter(Boolean);
+  if (!names.length) return content;
+  const pattern = new RegExp(`@(?:${names.map(escapeRegExp).sort((a, b) => b.length - a.length).join("|")})(?![\\p{L}\\p{N}_-])`, "gu");
+  const parts = [];
+  let at = 0;
+  for (const match of content.matchAll(pattern)) {
+    if (match.index > at) parts.push(content.slice(at, match.index));
+    const name = match[0].slice(1);
+    const isMe = name === session.username;
+    parts.push(el("span", { class: isMe ? "mention you" : "mention" }, match[0]));
+    at = match.index + match[0].length;
+  }
+  parts.push(content.slice(at));
+  return parts;
+}
+
+function escapeRegExp(text) {
+  return String(text).replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+}
+
+// ---------------------------------------------------------------- replies
+
+function authorName(msg) {
+  return msg.from === session.userId ? "You" : usernames.get(msg.from) || `User ${msg.from}`;
+}
+
+/** The quoted message over a reply, looked up among the messages loaded in the view. */
+function quoteNode(v, replyToId) {
+  const original = v.messages.get(`m:${replyToId}`);
+  if (!original) return el("div", { class: "quote missing", dataset: { replyTo: replyToId } }, "original message not loaded");
+  const text = original.status === 2 ? "message recalled" : preview(original);
+  return el("div", {
+    class: original.status === 2 ? "quote recalled" : "quote", dataset: { replyTo: replyToId }, title: "Show the original",
+    onclick: () => {
+      const row = document.querySelector(`#message-list li.msg[data-msg-id="${replyToId}"]`);
+      if (!row) return;
+      row.scrollIntoView({ block: "center" });
+      row.classList.add("found");
+      setTimeout(() => row.classList.remove("found"), 2000);
+    },
+  }, el("span", { class: "quote-author" }, authorName(original)), el("span", { class: "quote-text" }, text));
+}
+
+function startReply(msg) {
+  replyingTo = { conversationId: openId, msgId: msg.msg_id };
+  renderReplyBar();
+  $("composer").elements.content.focus();
+}
+
+function renderReplyBar() {
+  const bar = $("reply-bar");
+  const conv = convs.get(openId);
+  if (!replyingTo || replyingTo.conversationId !== openId || !conv || hasLeft(conv)) {
+    bar.hidden = true;
+    return;
+  }
+  const v = view(openId);
+  const original = v.messages.get(`m:${replyingTo.msgId}`);
+  $("reply-label").textContent = original ? `Replying to ${authorName(original)}` : "Replying";
+  $("reply-preview").textContent = !original ? "original message not loaded"
+    : original.status === 2 ? "message recalled" : preview(original);
+  bar.hidden = false;
+}
+
+function cancelReply() {
+  replyingTo = null;
+  renderReplyBar();
+}
+
+// ---------------------------------------------------------------- edits
+
+function canEdit(msg) {
+  return EDIT_WINDOW_MS > 0 && !msg.editExpired && (!msg.message_type || msg.message_type === "text")
+    && Date.now() - msg.timestamp < EDIT_WINDOW_MS;
+}
+
+function startEdit(msg) {
+  editing = { conversationId: openId, msgId: msg.msg_id, draft: msg.content, error: null, saving: false };
+  pickerFor = null;
+  renderMessages({ keepScroll: true });
+  const input = $("message-list").querySelector(".edit-input");
+  if (input) { input.focus(); input.setSelectionRange(input.value.length, input.value.length); }
+}
+
+function editorNode(msg) {
+  const input = el("textarea", { class: "edit-input", rows: "2", "aria-label": "Edit the message" });
+  input.value = editing.draft;
+  input.addEventListener("input", () => { editing.draft = input.value; });
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); saveEdit(msg); }
+    else if (e.key === "Escape") { e.preventDefault(); cancelEdit(); }
+  });
+  return el("div", { class: "editor" }, input,
+    el("div", { class: "editor-actions" },
+      editing.error ? el("span", { class: "msg-error" }, editing.error) : null,
+      el("button", { type: "button", class: "ghost cancel-edit", onclick: cancelEdit }, "Cancel"),
+      el("button", { type: "button", class: "primary save-edit", disabled: editing.saving, onclick: () => saveEdit(msg) }, "Save")));
+}
+
+function cancelEdit() {
+  editing = null;
+  renderMessages({ keepScroll: true });
+}
+
+async function saveEdit(msg) {
+  if (!editing || editing.saving) return;
+  const current = editing;
+  const content = current.draft;
+  if (!content.trim()) { current.error = "A message cannot be empty (recall it instead)."; renderMessages({ keepScroll: true }); return; }
+  if (content === msg.content) { cancelEdit(); return; }
+  current.saving = true;
+  current.error = null;
+  try {
+    const frame = await client.edit(msg.msg_id, content);
+    onEdited(frame); // also reported as an event (once): applying it twice is harmless
+    if (editing === current) editing = null;
+  } catch (err) {
+    current.saving = false;
+    if (err.code === "edit_expired") {
+      msg.editExpired = true;
+      if (editing === current) editing = null;
+      msg.actionError = "Too late to edit.";
+    } else {
+      current.error = `Not saved: ${err.message}`;
+    }
+  }
+  if (msg.conversation_id === openId || current.conversationId === openId) renderMessages({ keepScroll: true });
+}
+
+function onEdited({ msg_id: msgId, conversation_id: conversationId, content, edited_at: editedAt }) {
+  const v = views.get(conversationId);
+  const msg = v && v.messages.get(`m:${msgId}`);
+  if (msg && msg.status !== 2 && !(msg.edited_at >= editedAt)) {
+    Object.assign(msg, { content, edited_at: editedAt });
+    if (conversationId === openId) renderMessages({ keepScroll: true });
+    if (replyingTo && replyingTo.msgId === msgId) renderReplyBar();
+  }
+  const conv = convs.get(conversationId);
+  if (conv && conv.lastMsgId === msgId && content) {
+    conv.lastMessage = msg ? preview(msg) : String(content).slice(0, 200);
+    renderList();
+  }
+}
+
+// ---------------------------------------------------------------- reactions
+
+function togglePicker(msg) {
+  pickerFor = pickerFor === msg.msg_id ? null : msg.msg_id;
+  renderMessages({ keepScroll: true });
+}
+
+function pickerNode(msg) {
+  return el("div", { class: "picker", role: "menu", "aria-label": "Reactions" },
+    REACTIONS.map((emoji) => el("button", {
+      type: "button", class: "pick", role: "menuitem", dataset: { emoji }, title: emoji,
+      onclick: () => { pickerFor = null; toggleReaction(msg, emoji); },
+    }, emoji)));
+}
+
+function reactionsNode(msg) {
+  const entries = Object.entries(msg.reactions || {}).filter(([, users]) => users && users.length);
+  if (!entries.length) return null;
+  return el("div", { class: "reactions" }, entries.map(([emoji, users]) => {
+    const mineToo = users.includes(session.userId);
+    const names = users.map((id) => (id === session.userId ? "you" : usernames.get(id) || `User ${id}`));
+    return el("button", {
+      type: "button", class: mineToo ? "reaction-chip mine" : "reaction-chip", dataset: { emoji },
+      title: names.join(", "), "aria-pressed": String(mineToo),
+      onclick: () => toggleReaction(msg, emoji),
+    }, el("span", { class: "emoji" }, emoji), el("span", { class: "count" }, String(users.length)));
+  }));
+}
+
+/** Add our reaction, or take it back if we have it: the answer (a `reaction` frame) updates the view. */
+async function toggleReaction(msg, emoji) {
+  const have = ((msg.reactions || {})[emoji] || []).includes(session.userId);
+  msg.actionError = null;
+  renderMessages({ keepScroll: true });
+  try {
+    onReaction(await client.react(msg.msg_id, emoji, have ? "remove" : "add"));
+  } catch (err) {
+    msg.actionError = `Reaction failed: ${err.message}`;
+    if (msg.conversation_id === openId) renderMessages({ keepScroll: true });
+  }
+}
+
+function onReaction({ msg_id: msgId, conversation_id: conversationId, user_id: userId, emoji, op }) {
+  const v = views.get(conversationId);
+  const msg = v && v.messages.get(`m:${msgId}`);
+  if (!msg || msg.status === 2) return;
+  msg.reactions = { ...(msg.reactions || {}) };
+  for (const key of Object.keys(msg.reactions)) msg.reactions[key] = [...msg.reactions[key]];
+  if (!applyReaction(msg.reactions, { user_id: userId, emoji, op })) return; // a repeat: nothing changes
+  const conv = convs.get(conversationId);
+  if (conv && conv.isGroup && !usernames.has(userId)) loadMemberNames(conv, { throttle: true });
+  if (conversationId === openId) renderMessages({ keepScroll: true });
+}
+
+// ---------------------------------------------------------------- typing
+
+/** Our composer changed: `start` at most every TYPING_EVERY_MS while it has text, `stop` once it is empty. */
+function noteComposerInput() {
+  const conv = openId && convs.get(openId);
+  if (!client || !conv || hasLeft(conv)) return;
+  const hasText = $("composer").elements.content.value.trim() !== "";
+  if (!hasText) { stopTyping(); return; }
+  const now = Date.now();
+  if (myTyping.active && myTyping.conversationId === openId && now - myTyping.lastStart < TYPING_EVERY_MS) return;
+  if (myTyping.conversationId !== openId) stopTyping();
+  if (client.typing(openId, "start")) myTyping = { conversationId: openId, lastStart: now, active: true };
+}
+
+function stopTyping() {
+  if (myTyping.active && client) client.typing(myTyping.conversationId, "stop");
+  myTyping = { conversationId: null, lastStart: 0, active: false };
+}
+
+function onTyping({ conversation_id: conversationId, user_id: userId, state }) {
+  if (userId === session.userId) return;
+  let inConv = typers.get(conversationId);
+  if (state === "start") {
+    if (!inConv) typers.set(conversationId, (inConv = new Map()));
+    inConv.set(userId, Date.now() + TYPING_SHOWN_MS);
+    const conv = convs.get(conversationId);
+    if (conv && conv.isGroup && !usernames.has(userId)) loadMemberNames(conv, { throttle: true });
+  } else if (inConv) {
+    inConv.delete(userId);
+  }
+  renderTyping();
+}
+
+function typingEnded(conversationId, userId) {
+  const inConv = typers.get(conversationId);
+  if (inConv && inConv.delete(userId)) renderTyping();
+}
+
+function renderTyping() {
+  clearTimeout(typingTimer);
+  typingTimer = null;
+  const now = Date.now();
+  let next = Infinity;
+  for (const [cid, inConv] of typers) {
+    for (const [uid, until] of inConv) {
+      if (until <= now) inConv.delete(uid); else next = Math.min(next, until);
+    }
+    if (!inConv.size) typers.delete(cid);
+  }
+  if (next !== Infinity) typingTimer = setTimeout(renderTyping, next - now + 20);
+  const node = $("typing");
+  const conv = openId && convs.get(openId);
+  const inOpen = openId && typers.get(openId);
+  if (!conv || !inOpen || !inOpen.size || hasLeft(conv)) {
+    node.hidden = true;
+    node.textContent = "";
+    return;
+  }
+  const names = [...inOpen.keys()].map((uid) => usernames.get(uid)
+    || (conv.peer && conv.peer.user_id === uid && conv.peer.username) || `User ${uid}`).sort();
+  node.textContent = names.length === 1 ? `${names[0]} is typing…`
+    : names.length === 2 ? `${names[0]} and ${names[1]} are typing…`
+      : `${names.length} people are typing…`;
+  node.hidden = false;
+}
+
+// ---------------------------------------------------------------- mentions
+
+/** The "@part" just before the caret in a group's composer: offer the members whose name starts so. */
+function updateMentions() {
+  const textarea = $("composer").elements.content;
+  const conv = openId && convs.get(openId);
+  if (!conv || !conv.isGroup || !conv.members || textarea.selectionStart !== textarea.selectionEnd) { closeMentions(); return; }
+  const caret = textarea.selectionStart;
+  const match = /(^|\s)@([\p{L}\p{N}_.-]*)$/u.exec(textarea.value.slice(0, caret));
+  if (!match) { closeMentions(); return; }
+  const part = match[2].toLowerCase();
+  const items = conv.members.filter((m) => m.user_id !== session.userId && m.username.toLowerCase().startsWith(part))
+    .sort((a, b) => a.username.localeCompare(b.username)).slice(0, MENTIONS_SHOWN);
+  if (!items.length) { closeMentions(); return; }
+  const previous = mention && mention.items[mention.index];
+  const index = Math.max(0, previous ? items.findIndex((m) => m.user_id === previous.user_id) : 0);
+  mention = { start: caret - match[2].length - 1, end: caret, items, index };
+  renderMentions();
+}
+
+function renderMentions() {
+  const list = $("mention-list");
+  if (!mention) { list.hidden = true; list.replaceChildren(); return; }
+  list.replaceChildren(...mention.items.map((m, i) => el("li", {
+    class: i === mention.index ? "mention-option active" : "mention-option", role: "option",
+    "aria-selected": String(i === mention.index), dataset: { userId: m.user_id },
+    onmousedown: (e) => { e.preventDefault(); chooseMention(i); }, // keep the composer's focus
+  }, avatar(m.username), el("span", { class: "mention-name" }, m.username))));
+  list.hidden = false;
+}
+
+function closeMentions() {
+  mention = null;
+  renderMentions();
+}
+
+function chooseMention(i) {
+  if (!mention) return;
+  const member = mention.items[i];
+  const textarea = $("composer").elements.content;
+  const text = textarea.value;
+  const insert = `@${member.username} `;
+  textarea.value = text.slice(0, mention.start) + insert + text.slice(mention.end).replace(/^ /, "");
+  const caret = mention.start + insert.length;
+  textarea.setSelectionRange(caret, caret);
+  closeMentions();
+  autosize(textarea);
+  textarea.focus();
+}
+
+/** The ids of the group's members named "@username" in the text. */
+function mentionsIn(conv, content) {
+  if (!conv.isGroup || !conv.members) return [];
+  const ids = [];
+  for (const m of conv.members) {
+    const pattern = new RegExp(`(^|[^\\p{L}\\p{N}_.-])@${escapeRegExp(m.username)}(?![\\p{L}\\p{N}_-]|\\.[\\p{L}\\p{N}_-])`, "u");
+    if (pattern.test(content) && !ids.includes(m.user_id)) ids.push(m.user_id);
+  }
+  return ids;
 }
 
 // ---------------------------------------------------------------- pictures and files
@@ -833,16 +1221,21 @@ function onSend(event) {
   if (!content.trim() || !openId) return;
   const conv = convs.get(openId);
   const target = conv.isGroup ? { groupId: conv.groupId } : { to: conv.peer.user_id };
+  const replyTo = replyingTo && replyingTo.conversationId === openId ? replyingTo.msgId : null;
+  const mentions = mentionsIn(conv, content);
   let sent;
   try {
-    sent = client.send({ ...target, content });
+    sent = client.send({ ...target, content, replyTo, mentions });
   } catch (err) {
     showError($("sidebar-error"), err.message);
     return;
   }
   textarea.value = "";
   autosize(textarea);
-  queueLocal(openId, conv, sent, { message_type: "text", content, extra: {} });
+  stopTyping();
+  closeMentions();
+  cancelReply();
+  queueLocal(openId, conv, sent, { message_type: "text", content, extra: {}, reply_to: replyTo, mentions });
 }
 
 /** Our own message, shown as "sending" until its ack. */
@@ -850,6 +1243,7 @@ function queueLocal(conversationId, conv, sent, fields) {
   const v = view(conversationId);
   const msg = { client_msg_id: sent.clientMsgId, conversation_id: conversationId, from: session.userId,
                 to: conv.isGroup ? null : conv.peer.user_id, group_id: conv.isGroup ? conv.groupId : null,
+                reply_to: null, mentions: [], edited_at: null, reactions: {},
                 ...fields, timestamp: Date.now(), status: 0, state: "sending", localSeq: ++localSeq };
   v.messages.set(`c:${sent.clientMsgId}`, msg);
   Object.assign(conv, { lastMessage: preview(msg), lastFrom: conv.isGroup ? session.userId : null, lastTime: msg.timestamp });
@@ -911,6 +1305,7 @@ function onMessage(msg) {
     conv.presence = { user_id: msg.from, online: true, last_seen: Date.now() }; // they just wrote
     if (conv.id === openId) renderHeader();
   }
+  if (msg.from !== session.userId) typingEnded(conv.id, msg.from); // their message ends "… is typing"
   const previousLast = conv.lastMsgId;
   if (!conv.lastMsgId || compareIds(msg.msg_id, conv.lastMsgId) >= 0) {
     Object.assign(conv, { lastMsgId: msg.msg_id, lastTime: msg.timestamp, lastMessage: preview(msg),
@@ -1027,14 +1422,15 @@ async function recallMessage(msg) {
   }
 }
 
-/** Re-render the open conversation when one of its Recall buttons has just run out. */
+/** Re-render the open conversation when one of its Recall or Edit buttons has just run out. */
 function hideExpiredRecalls() {
   const v = openId && views.get(openId);
   if (!v) return;
   const now = Date.now();
   for (const msg of v.messages.values()) {
     const age = now - msg.timestamp;
-    if (msg.from === session.userId && msg.msg_id && msg.status !== 2 && age >= RECALL_WINDOW_MS && age < RECALL_WINDOW_MS + 6000) {
+    const ranOut = (windowMs) => windowMs > 0 && age >= windowMs && age < windowMs + 6000;
+    if (msg.from === session.userId && msg.msg_id && msg.status !== 2 && (ranOut(RECALL_WINDOW_MS) || ranOut(EDIT_WINDOW_MS))) {
       renderMessages({ keepScroll: true });
       return;
     }
@@ -1124,6 +1520,7 @@ async function openMembers() {
 
 /** Names (for labels, previews, readers) and join times (for receipts) of a group's current members. */
 function noteMembers(conv, members) {
+  conv.members = members.map((m) => ({ user_id: m.user_id, username: m.username })); // for @-mentions
   for (const m of members) {
     usernames.set(m.user_id, m.username);
     if (m.joined_at) conv.joinedAt.set(m.user_id, m.joined_at); // kept after they leave: still true
@@ -1141,7 +1538,12 @@ async function loadMemberNames(conv, { throttle = false } = {}) {
     const group = groups.get(conv.groupId);
     if (group) group.member_count = (answer.members || []).length;
     renderList();
-    if (openId === conv.id) { renderHeader(); renderMessages({ keepScroll: true }); }
+    if (openId === conv.id) {
+      renderHeader();
+      renderMessages({ keepScroll: true });
+      renderTyping();
+      if (document.activeElement === $("composer").elements.content) updateMentions(); // an "@" typed meanwhile
+    }
   } catch (err) {
     // names fall back to "User <id>"; a 403 means we are no longer a member: the list says so
     if (err instanceof ApiError && err.status === 403) scheduleListRefresh(0, { withGroups: true });
@@ -1254,8 +1656,25 @@ function init() {
   $("search").addEventListener("submit", onSearch);
   $("search-close").addEventListener("click", () => { $("search-panel").hidden = true; });
   const textarea = $("composer").elements.content;
-  textarea.addEventListener("input", () => autosize(textarea));
+  textarea.addEventListener("input", () => { autosize(textarea); noteComposerInput(); updateMentions(); });
+  textarea.addEventListener("click", updateMentions);
+  textarea.addEventListener("blur", () => setTimeout(() => { if (document.activeElement !== textarea) closeMentions(); }, 100));
+  $("reply-cancel").addEventListener("click", cancelReply);
+  document.addEventListener("click", (e) => { // a click elsewhere closes the reaction picker
+    if (pickerFor && !e.target.closest(".picker, .react-btn")) { pickerFor = null; renderMessages({ keepScroll: true }); }
+  });
   textarea.addEventListener("keydown", (e) => {
+    if (mention && !e.isComposing) { // the autocomplete has the keys it needs
+      if (e.key === "ArrowDown" || e.key === "ArrowUp") {
+        e.preventDefault();
+        mention.index = (mention.index + (e.key === "ArrowDown" ? 1 : mention.items.length - 1)) % mention.items.length;
+        renderMentions();
+        return;
+      }
+      if (e.key === "Enter" || e.key === "Tab") { e.preventDefault(); chooseMention(mention.index); return; }
+      if (e.key === "Escape") { e.preventDefault(); closeMentions(); return; }
+    }
+    if (e.key === "Escape" && replyingTo) { cancelReply(); return; }
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
       e.preventDefault();
       $("composer").requestSubmit();
@@ -1263,6 +1682,7 @@ function init() {
   });
   $("load-older").addEventListener("click", () => openId && loadHistory(openId, true));
   $("back").addEventListener("click", () => {
+    stopTyping();
     openId = null;
     closeConversationView();
     renderList();

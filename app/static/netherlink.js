@@ -1,5 +1,5 @@
 // NetherLink web client: one WebSocket to a gateway, reconnect, heartbeats,
-// idempotent sends, gap-free sync from a stored cursor, read, recall.
+// idempotent sends, gap-free sync from a stored cursor, read, recall, edit, reactions, typing.
 // A plain ES module with no dependencies: import it from /static/netherlink.js.
 // The wire protocol is docs/protocol.md; this module's API is docs/web-client.md.
 //
@@ -190,11 +190,15 @@ export class NetherLinkClient extends EventTarget {
     this._pendingSends = new Map(); // client_msg_id -> {frame, resolve, reject, timer, attempts}
     this._pendingReads = new Map(); // conversation_id -> msg_id (highest asked, not yet read_ok'd)
     this._pendingRecalls = new Map(); // msg_id -> [{resolve, reject}]
+    this._pendingEdits = new Map(); // "<msg_id>\n<content>" -> {msgId, content, waiters: [{resolve, reject}]}
+    this._pendingReacts = new Map(); // "<msg_id>\n<emoji>\n<op>" -> {msgId, emoji, op, waiters}
+    this._typingIds = new Map();    // client_msg_id of a typing frame -> conversation_id (its errors name it)
     this._toConfirm = new Map(); // conversation_id -> greatest msg_id to confirm with `received`
     this._confirmed = new Map(); // conversation_id -> greatest msg_id confirmed
     this._confirmTimer = null;
     this._requests = [];            // non-send requests in flight on this socket, oldest first
-    this._seen = new Map();         // msg_id -> {status, held}: de-duplication, recalls seen early
+    this._seen = new Map();         // msg_id -> {status, held, editedAt, content, reactions, ops}: de-duplication,
+                                    // recalls, edits and reactions seen early
     this._seenEvents = new Set();   // group_event event_ids already reported
     this._cmidPrefix = `web-${randomHex(6)}-${Date.now().toString(36)}`;
     this._cmidCounter = 0;
@@ -463,6 +467,9 @@ export class NetherLinkClient extends EventTarget {
       case "receipt": return this._emit("receipt", frame);
       case "recalled": return this._onRecalled(frame, "live");
       case "group_event": return this._onGroupEvent(frame, "live");
+      case "edited": return this._onEdited(frame, "live");
+      case "reaction": return this._onReaction(frame, "live");
+      case "typing": return this._emit("typing", { ...frame, source: "live" });
       default: return;
     }
   }
@@ -498,11 +505,15 @@ export class NetherLinkClient extends EventTarget {
     for (const [clientMsgId] of this._pendingSends) this._transmit(clientMsgId);
     for (const [conversationId, msgId] of this._pendingReads) this._sendRead(conversationId, msgId);
     for (const msgId of this._pendingRecalls.keys()) this._sendRecall(msgId);
+    for (const key of this._pendingEdits.keys()) this._sendEdit(key);   // the same edit again: the same answer
+    for (const key of this._pendingReacts.keys()) this._sendReact(key); // idempotent
   }
 
   _onAck(ack) {
     const pending = this._pendingSends.get(ack.client_msg_id);
+    const isNew = !this._seen.has(ack.msg_id);
     this._remember(ack.msg_id, 0, true);
+    if (isNew) this._seen.get(ack.msg_id).reactions = {}; // just stored: no reaction yet
     if (!pending) return; // a second ack for a retried send
     this._settleSend(ack.client_msg_id, ack);
   }
@@ -518,6 +529,13 @@ export class NetherLinkClient extends EventTarget {
 
   _onError(error) {
     const cmid = error.client_msg_id;
+    if (cmid && this._typingIds.has(cmid)) {
+      // A refused typing frame (it carries a client_msg_id for this): no request of the queue.
+      const conversationId = this._typingIds.get(cmid);
+      this._typingIds.delete(cmid);
+      this._emit("error", { ...error, request: { type: "typing", conversationId } });
+      return;
+    }
     if (cmid && this._pendingSends.has(cmid)) {
       const pending = this._pendingSends.get(cmid);
       clearTimeout(pending.timer);
@@ -544,6 +562,16 @@ export class NetherLinkClient extends EventTarget {
       for (const w of waiters) {
         const err = new Error(error.message || error.code);
         err.code = error.code;
+        w.reject(err);
+      }
+    } else if (request && (request.type === "edit" || request.type === "react")) {
+      const pendings = request.type === "edit" ? this._pendingEdits : this._pendingReacts;
+      const pending = pendings.get(request.key);
+      pendings.delete(request.key);
+      for (const w of pending ? pending.waiters : []) {
+        const err = new Error(error.message || error.code);
+        err.code = error.code;
+        if (error.retry_after_ms !== undefined) err.retryAfterMs = error.retry_after_ms;
         w.reject(err);
       }
     } else if (request && request.type === "read") {
@@ -595,6 +623,13 @@ export class NetherLinkClient extends EventTarget {
       message.status = 2; message.content = ""; message.extra = {};
     }
     if (known && known.held) {
+      if (message.status !== 2 && message.edited_at && !(known.editedAt >= message.edited_at)) {
+        // A copy with a later edit than we reported (its `edited` was missed): report the edit.
+        known.editedAt = message.edited_at;
+        known.content = message.content;
+        this._emit("edited", { msg_id: frame.msg_id, conversation_id: frame.conversation_id, content: message.content,
+                               edited_at: message.edited_at, source });
+      }
       if ((message.status || 0) > known.status) {
         known.status = message.status;
         if (message.status === 2) this._emit("recalled", { msg_id: frame.msg_id, conversation_id: frame.conversation_id, source });
@@ -602,8 +637,70 @@ export class NetherLinkClient extends EventTarget {
       }
       return; // a duplicate (live and sync, history, or a re-dispatch)
     }
+    if (known && known.editedAt && !(message.edited_at >= known.editedAt)) {
+      // An edit seen before this (older) copy of its message: show the latest content.
+      message.edited_at = known.editedAt;
+      if (message.status !== 2) message.content = known.content;
+    }
+    let reactions = copyReactions(message.reactions);
+    if (known && known.ops) for (const op of known.ops) applyReaction(reactions, op); // seen before the message
+    if (message.status === 2) reactions = {};
+    message.reactions = reactions;
     this._remember(frame.msg_id, message.status || 0, true);
+    const entry = this._seen.get(frame.msg_id);
+    if (entry) {
+      entry.reactions = copyReactions(reactions);
+      entry.ops = null;
+      if (message.edited_at && !(entry.editedAt >= message.edited_at)) {
+        entry.editedAt = message.edited_at;
+        entry.content = message.content;
+      }
+    }
     this._emit("message", { ...message, source });
+  }
+
+  _onEdited(frame, source) {
+    const key = `${frame.msg_id}\n${frame.content}`;
+    const pending = this._pendingEdits.get(key);
+    if (pending) {
+      this._pendingEdits.delete(key);
+      for (const w of pending.waiters) w.resolve(frame);
+      this._dropRequest((r) => r.type === "edit" && r.key === key);
+    }
+    // Live frames and sync entries come in either order: the latest edited_at wins.
+    const known = this._seen.get(frame.msg_id);
+    if (known && known.editedAt >= frame.edited_at) return; // this edit or a later one applied already
+    this._remember(frame.msg_id, 0, false);
+    const entry = this._seen.get(frame.msg_id);
+    if (entry) { entry.editedAt = frame.edited_at; entry.content = frame.content; }
+    this._emit("edited", { ...frame, source });
+  }
+
+  _onReaction(frame, source) {
+    if (frame.user_id === this.userId) {
+      const key = `${frame.msg_id}\n${frame.emoji}\n${frame.op}`;
+      const pending = this._pendingReacts.get(key);
+      if (pending) {
+        this._pendingReacts.delete(key);
+        for (const w of pending.waiters) w.resolve(frame);
+        this._dropRequest((r) => r.type === "react" && r.key === key);
+      }
+    }
+    const op = { user_id: frame.user_id, emoji: frame.emoji, op: frame.op };
+    const known = this._seen.get(frame.msg_id);
+    let reactions = null;
+    if (known && known.held && known.reactions) {
+      if (!applyReaction(known.reactions, op)) return; // a duplicate (live and sync): nothing changes
+      reactions = copyReactions(known.reactions);
+    } else {
+      // Not reported by this module (shown from history, or not seen yet): remember the change for a
+      // copy of the message that comes later, and report it.
+      this._remember(frame.msg_id, 0, false);
+      const entry = this._seen.get(frame.msg_id);
+      if (entry && !entry.held) (entry.ops || (entry.ops = [])).push(op);
+      if (entry && entry.ops && entry.ops.length > 200) entry.ops.shift();
+    }
+    this._emit("reaction", { ...frame, source, reactions });
   }
 
   _onRecalled(frame, source) {
@@ -615,6 +712,7 @@ export class NetherLinkClient extends EventTarget {
     const known = this._seen.get(frame.msg_id);
     if (known && known.status === 2) return; // applied already
     this._remember(frame.msg_id, 2, known ? known.held : false);
+    this._seen.get(frame.msg_id).reactions = known && known.held ? {} : null; // a recalled message has none
     this._emit("recalled", { ...frame, source });
   }
 
@@ -663,6 +761,8 @@ export class NetherLinkClient extends EventTarget {
       else if (entry.type === "recalled") this._onRecalled(entry, "sync");
       else if (entry.type === "receipt") this._emit("receipt", { ...entry, source: "sync" });
       else if (entry.type === "group_event") this._onGroupEvent(entry, "sync");
+      else if (entry.type === "edited") this._onEdited(entry, "sync");
+      else if (entry.type === "reaction") this._onReaction(entry, "sync");
     }
     // Stored only once the batch is handled: a crash in between repeats it, never skips it.
     this._cursor = batch.cursor;
@@ -685,14 +785,17 @@ export class NetherLinkClient extends EventTarget {
    * Send a message. Returns {clientMsgId, promise}: the promise resolves with the ack
    * (msg_id, conversation_id, timestamp) and rejects with an Error whose `code` is the
    * server's error code. Until the ack, the same frame (same client_msg_id) is re-sent
-   * after `ackTimeout` and after every reconnect.
+   * after `ackTimeout` and after every reconnect. `replyTo`: the msg_id this message answers;
+   * `mentions`: user ids mentioned (groups only).
    */
-  send({ to, groupId, content, messageType = "text", extra = {}, clientMsgId } = {}) {
+  send({ to, groupId, content, messageType = "text", extra = {}, clientMsgId, replyTo, mentions } = {}) {
     if ((to == null) === (groupId == null)) throw new TypeError("send needs exactly one of 'to' or 'groupId'");
     if (typeof content !== "string" || content === "") throw new TypeError("'content' must be a non-empty string");
     const cmid = clientMsgId || this.newClientMsgId();
     const frame = { type: "send", client_msg_id: cmid, content, message_type: messageType, extra: extra || {} };
     if (to != null) frame.to = String(to); else frame.group_id = String(groupId);
+    if (replyTo != null) frame.reply_to = String(replyTo);
+    if (mentions && mentions.length) frame.mentions = mentions.map(String); // group sends only (protocol.md §21)
     if (JSON.stringify(frame).length > this.options.maxFrameChars) {
       throw new RangeError("message too large for one frame");
     }
@@ -764,6 +867,58 @@ export class NetherLinkClient extends EventTarget {
     if (this._sendRaw({ type: "recall", msg_id: msgId })) this._requests.push({ type: "recall", msgId });
   }
 
+  /** Edit one of your messages (within MESSAGE_EDIT_WINDOW_SECONDS). Resolves with the `edited` frame;
+   *  rejects with code (`edit_expired`, `forbidden`, `not_found`, `invalid_frame`, `too_large`, `rate_limited`). */
+  edit(msgId, content) {
+    msgId = String(msgId);
+    if (typeof content !== "string" || content === "") throw new TypeError("'content' must be a non-empty string");
+    return this._queueRequest(this._pendingEdits, `${msgId}\n${content}`, { msgId, content }, (key) => this._sendEdit(key));
+  }
+
+  _sendEdit(key) {
+    const pending = this._pendingEdits.get(key);
+    if (pending && this._sendRaw({ type: "edit", msg_id: pending.msgId, content: pending.content })) {
+      this._requests.push({ type: "edit", key, msgId: pending.msgId });
+    }
+  }
+
+  /** Add (`op` "add") or remove ("remove") your reaction `emoji` on a message. Resolves with the `reaction`
+   *  frame that answers it; rejects with code (`invalid_frame`, `forbidden`, `not_found`, `rate_limited`). */
+  react(msgId, emoji, op = "add") {
+    msgId = String(msgId);
+    if (op !== "add" && op !== "remove") throw new TypeError("'op' must be \"add\" or \"remove\"");
+    return this._queueRequest(this._pendingReacts, `${msgId}\n${emoji}\n${op}`, { msgId, emoji, op },
+                              (key) => this._sendReact(key));
+  }
+
+  _sendReact(key) {
+    const pending = this._pendingReacts.get(key);
+    if (pending && this._sendRaw({ type: "react", msg_id: pending.msgId, emoji: pending.emoji, op: pending.op })) {
+      this._requests.push({ type: "react", key, msgId: pending.msgId });
+    }
+  }
+
+  _queueRequest(pendings, key, fields, transmit) {
+    return new Promise((resolve, reject) => {
+      let pending = pendings.get(key);
+      if (!pending) pendings.set(key, (pending = { ...fields, waiters: [] }));
+      pending.waiters.push({ resolve, reject });
+      if (pending.waiters.length === 1) transmit(key); // else: asked already, one answer settles all
+    });
+  }
+
+  /** Tell the conversation's other parties that the user is typing (`"start"`, repeat at most every 5 s
+   *  while typing) or stopped (`"stop"`). Fire and forget: returns false when offline. */
+  typing(conversationId, state = "start") {
+    if (state !== "start" && state !== "stop") throw new TypeError("'state' must be 'start' or 'stop'");
+    // Success has no answer; the client_msg_id makes a refusal's `error` name this frame (protocol.md §10).
+    const cmid = this.newClientMsgId();
+    if (!this._sendRaw({ type: "typing", conversation_id: String(conversationId), state, client_msg_id: cmid })) return false;
+    this._typingIds.set(cmid, String(conversationId));
+    if (this._typingIds.size > 100) this._typingIds.delete(this._typingIds.keys().next().value);
+    return true;
+  }
+
   // -- storage ---------------------------------------------------------------------
 
   _key(name) { return `${this.options.storagePrefix}${name}:${this.userId}`; }
@@ -783,6 +938,28 @@ export class NetherLinkClient extends EventTarget {
       if (this.storage) this.storage.setItem(key, value);
     } catch { /* full or unavailable: memory only */ }
   }
+}
+
+/** A copy of a `reactions` object ({emoji: [user_id, …]}). */
+function copyReactions(reactions) {
+  const out = {};
+  for (const [emoji, users] of Object.entries(reactions || {})) if (Array.isArray(users) && users.length) out[emoji] = [...users];
+  return out;
+}
+
+/** Apply one {user_id, emoji, op} to a reactions object; true if it changed it. */
+export function applyReaction(reactions, { user_id: userId, emoji, op }) {
+  const users = reactions[emoji] || [];
+  const at = users.indexOf(userId);
+  if (op === "add") {
+    if (at >= 0) return false;
+    reactions[emoji] = [...users, userId];
+    return true;
+  }
+  if (at < 0) return false;
+  users.splice(at, 1);
+  if (users.length) reactions[emoji] = users; else delete reactions[emoji];
+  return true;
 }
 
 function trimSlash(url) { return String(url || "").replace(/\/+$/, ""); }
