@@ -192,7 +192,7 @@ export class NetherLinkClient extends EventTarget {
     this._pendingRecalls = new Map(); // msg_id -> [{resolve, reject}]
     this._pendingEdits = new Map(); // "<msg_id>\n<content>" -> {msgId, content, waiters: [{resolve, reject}]}
     this._pendingReacts = new Map(); // "<msg_id>\n<emoji>\n<op>" -> {msgId, emoji, op, waiters}
-    this._typingIds = new Map();    // client_msg_id of a typing frame -> conversation_id (its errors name it)
+    this._typingIds = new Map();    // client_msg_id of a typing or received frame -> {type, conversationId} (its errors name it)
     this._toConfirm = new Map(); // conversation_id -> greatest msg_id to confirm with `received`
     this._confirmed = new Map(); // conversation_id -> greatest msg_id confirmed
     this._confirmTimer = null;
@@ -530,10 +530,10 @@ export class NetherLinkClient extends EventTarget {
   _onError(error) {
     const cmid = error.client_msg_id;
     if (cmid && this._typingIds.has(cmid)) {
-      // A refused typing frame (it carries a client_msg_id for this): no request of the queue.
-      const conversationId = this._typingIds.get(cmid);
+      // A refused typing or received frame (each carries a client_msg_id for this): no request of the queue.
+      const request = this._typingIds.get(cmid);
       this._typingIds.delete(cmid);
-      this._emit("error", { ...error, request: { type: "typing", conversationId } });
+      this._emit("error", { ...error, request });
       return;
     }
     if (cmid && this._pendingSends.has(cmid)) {
@@ -593,8 +593,14 @@ export class NetherLinkClient extends EventTarget {
       this._confirmTimer = null;
       for (const [cid, upTo] of this._toConfirm) {
         if (this._confirmed.get(cid) && compareIds(upTo, this._confirmed.get(cid)) <= 0) continue;
-        // No reply on success; not queued as a request (it gets none to match).
-        if (this._sendRaw({ type: "received", conversation_id: cid, msg_id: upTo })) this._confirmed.set(cid, upTo);
+        // No reply on success; not queued as a request (it gets none to match). The client_msg_id makes a
+        // refusal's `error` name this frame, as for typing (protocol.md §10).
+        const cmid = this.newClientMsgId();
+        if (this._sendRaw({ type: "received", conversation_id: cid, msg_id: upTo, client_msg_id: cmid })) {
+          this._confirmed.set(cid, upTo);
+          this._typingIds.set(cmid, { type: "received", conversationId: cid });
+          if (this._typingIds.size > 100) this._typingIds.delete(this._typingIds.keys().next().value);
+        }
       }
       this._toConfirm.clear();
     }, 1000);
@@ -914,7 +920,7 @@ export class NetherLinkClient extends EventTarget {
     // Success has no answer; the client_msg_id makes a refusal's `error` name this frame (protocol.md §10).
     const cmid = this.newClientMsgId();
     if (!this._sendRaw({ type: "typing", conversation_id: String(conversationId), state, client_msg_id: cmid })) return false;
-    this._typingIds.set(cmid, String(conversationId));
+    this._typingIds.set(cmid, { type: "typing", conversationId: String(conversationId) });
     if (this._typingIds.size > 100) this._typingIds.delete(this._typingIds.keys().next().value);
     return true;
   }
