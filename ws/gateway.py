@@ -446,7 +446,6 @@ class Gateway:
             relay_typing(self.storage, conn.user_id, conversation_id, state)
             conn.recent_typing.relayed(conversation_id, state)
 
-
     def _on_edit(self, conn: Connection, frame: dict) -> None:
         msg_id, content = parse_edit(frame, self.settings.message_max_content_bytes)
         take(self.storage, "edit", conn.user_id, self.send_limit, "edits")  # its own budget: sends are not slowed

@@ -10,16 +10,15 @@ from dataclasses import dataclass
 
 from sqlalchemy import insert, select, update
 
+from app.chat.changes import lock_for_change
 from app.chat.conversations import invalidate_conversation_lists, message_preview
-from app.chat.groups import current_membership
-from app.chat.reactions import require_not_blocked_by_peer
-from app.chat.recall import await_persisted, parties_of
+from app.chat.recall import await_persisted
 from app.chat.search import IndexedMessage, index_messages, unindex_message
-from app.chat.sync import append_entries, entries_of
+from app.chat.sync import append_missing, append_missing_later
 from app.push.planning import refresh_unsent_payloads
-from app.errors import EditExpired, Forbidden, InvalidInput, NotFound
+from app.errors import EditExpired, InvalidInput
 from app.storage import Storage
-from models import ENTRY_EDIT, STATUS_RECALLED, Conversation, Message, MessageEdit, User
+from models import ENTRY_EDIT, Conversation, Message, MessageEdit, User
 
 
 @dataclass(frozen=True)
@@ -40,17 +39,8 @@ def edit_message(storage: Storage, user_id: int, msg_id: int, content: str, wind
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     await_persisted(storage, msg_id, now_ms)
     with storage.session() as session:
-        msg = session.scalar(select(Message).where(Message.id == msg_id).with_for_update())
-        parties = parties_of(session, msg) if msg is not None else []
-        if msg is None or (user_id not in parties and user_id != msg.sender_id):
-            raise NotFound(f"message {msg_id} does not exist")
-        if msg.sender_id != user_id:
-            raise Forbidden("only the sender can edit a message")
-        if msg.is_group and current_membership(session, msg.group_id, user_id) is None:
-            raise Forbidden("you are no longer a member of this group")
-        if msg.status == STATUS_RECALLED:
-            raise Forbidden("a recalled message cannot be edited")
-        require_not_blocked_by_peer(session, msg, user_id)
+        msg, parties = lock_for_change(session, user_id, msg_id, "a recalled message cannot be edited",
+                                       sender_only="only the sender can edit a message")
         latest = session.scalar(select(MessageEdit).where(MessageEdit.message_id == msg.id)
                                 .order_by(MessageEdit.id.desc()).limit(1))
         if latest is not None and content == msg.content == latest.content:
@@ -61,15 +51,8 @@ def edit_message(storage: Storage, user_id: int, msg_id: int, content: str, wind
             if now_ms - msg.timestamp > window_seconds * 1000:
                 raise EditExpired(f"messages can be edited for {window_seconds} s after sending")
             edit_id, edited_at = _apply(session, msg, user_id, content, now_ms), now_ms
-        missing = _without_edit_entry(session, msg.id, edit_id, parties)
-        chunk = storage.settings.group_fanout_chunk
-        append_entries(session, storage.is_mysql, [(missing[:chunk], msg.id, msg.conversation_id)],
-                       kind=ENTRY_EDIT, ref_id=edit_id)
-    for start in range(chunk, len(missing), chunk):  # a big group: the rest in bounded transactions
-        with storage.session() as session:
-            todo = _without_edit_entry(session, msg.id, edit_id, missing[start:start + chunk])
-            append_entries(session, storage.is_mysql, [(todo, msg.id, msg.conversation_id)],
-                           kind=ENTRY_EDIT, ref_id=edit_id)
+        rest = append_missing(session, storage, parties, msg.id, msg.conversation_id, ENTRY_EDIT, edit_id)
+    append_missing_later(storage, rest, msg.id, msg.conversation_id, ENTRY_EDIT, edit_id)  # a big group
     storage.fence_writes([user_id])  # the editor reads their edit back at once
     invalidate_conversation_lists(storage, parties)
     refresh_unsent_payloads(storage, msg.id)  # a push planned but not sent yet shows the new text
@@ -96,11 +79,6 @@ def _list_preview(session, msg: Message, content: str) -> str:
     # A group's list shows who wrote it (app.chat.group_messages).
     name = session.scalar(select(User.username).where(User.id == msg.sender_id)) or "someone"
     return f"{name}: {preview}"
-
-
-def _without_edit_entry(session, msg_id: int, edit_id: int, user_ids: list[int]) -> list[int]:
-    done = entries_of(session, msg_id, ENTRY_EDIT, user_ids, ref_id=edit_id)
-    return [uid for uid in user_ids if uid not in done]
 
 
 def message_versions(storage: Storage, msg_id: int) -> list[dict]:

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, select
 
-from app.accounts.blocks import BLOCKED_SEND_MESSAGE, blocked_by_sql
-from app.chat.groups import current_membership
-from app.chat.recall import await_persisted, parties_of
-from app.chat.sync import append_entries, entries_of
-from app.errors import Forbidden, InvalidInput, NotFound
+from app.chat.changes import lock_for_change
+from app.chat.recall import await_persisted
+from app.chat.sync import append_missing, append_missing_later
+from app.errors import InvalidInput
 from app.storage import Storage
-from models import ENTRY_REACTION, STATUS_RECALLED, Message, MessageReaction, MessageReactionEvent
+from models import ENTRY_REACTION, Message, MessageReaction, MessageReactionEvent
 
 ADD, REMOVE = "add", "remove"
 MAX_EMOJI_BYTES = 32
@@ -74,16 +73,7 @@ def react(storage: Storage, user_id: int, msg_id: int, emoji: str, op: str,
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     await_persisted(storage, msg_id, now_ms)
     with storage.session() as session:
-        msg = session.scalar(select(Message).where(Message.id == msg_id).with_for_update())
-        parties = parties_of(session, msg) if msg is not None else []
-        # A group member who joined later has no entry of it: for them it does not exist.
-        if msg is None or (user_id not in parties and user_id != msg.sender_id):
-            raise NotFound(f"message {msg_id} does not exist")
-        if msg.is_group and current_membership(session, msg.group_id, user_id) is None:
-            raise Forbidden("you are no longer a member of this group")
-        if msg.status == STATUS_RECALLED:
-            raise Forbidden("a recalled message takes no reactions")
-        require_not_blocked_by_peer(session, msg, user_id)
+        msg, parties = lock_for_change(session, user_id, msg_id, "a recalled message takes no reactions")
         key = (MessageReaction.message_id == msg.id, MessageReaction.user_id == user_id,
                MessageReaction.emoji == emoji)
         present = session.scalar(select(MessageReaction.user_id).where(*key)) is not None
@@ -95,16 +85,9 @@ def react(storage: Storage, user_id: int, msg_id: int, emoji: str, op: str,
                 MessageReactionEvent.message_id == msg.id, MessageReactionEvent.user_id == user_id,
                 MessageReactionEvent.emoji == emoji, MessageReactionEvent.op == op)
                 .order_by(MessageReactionEvent.id.desc()).limit(1))
-        missing = _without_entry(session, msg.id, event_id, parties) if event_id is not None else []
-        chunk = storage.settings.group_fanout_chunk
-        if missing:
-            append_entries(session, storage.is_mysql, [(missing[:chunk], msg.id, msg.conversation_id)],
-                           kind=ENTRY_REACTION, ref_id=event_id)
-    for start in range(chunk, len(missing), chunk):  # a big group: the rest in bounded transactions
-        with storage.session() as session:
-            todo = _without_entry(session, msg.id, event_id, missing[start:start + chunk])
-            append_entries(session, storage.is_mysql, [(todo, msg.id, msg.conversation_id)],
-                           kind=ENTRY_REACTION, ref_id=event_id)
+        rest = [] if event_id is None else \
+            append_missing(session, storage, parties, msg.id, msg.conversation_id, ENTRY_REACTION, event_id)
+    append_missing_later(storage, rest, msg.id, msg.conversation_id, ENTRY_REACTION, event_id)  # a big group
     if changed:
         storage.fence_writes([user_id])
     return ReactionOutcome(msg.id, msg.conversation_id, parties, user_id, emoji, op, changed)
@@ -130,15 +113,3 @@ def _apply(session, msg: Message, user_id: int, emoji: str, op: str, now_ms: int
         message_id=msg.id, user_id=user_id, emoji=emoji, op=op, at_ms=now_ms)).inserted_primary_key[0]
 
 
-def require_not_blocked_by_peer(session, msg: Message, user_id: int) -> None:
-    """Private chats: a user the peer blocked cannot send them edits or reactions either (as sends)."""
-    if msg.is_group:
-        return
-    peer = msg.receiver_id if msg.sender_id == user_id else msg.sender_id
-    if blocked_by_sql(session, peer, [user_id]):
-        raise Forbidden(BLOCKED_SEND_MESSAGE)
-
-
-def _without_entry(session, msg_id: int, event_id: int, user_ids: list[int]) -> list[int]:
-    done = entries_of(session, msg_id, ENTRY_REACTION, user_ids, ref_id=event_id)
-    return [uid for uid in user_ids if uid not in done]

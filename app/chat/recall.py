@@ -13,7 +13,7 @@ from app.ids import timestamp_of
 from app.storage import Storage
 from app.chat.search import unindex_message
 from app.media.uploads import unlink_media
-from app.chat.sync import append_entries, entries_of
+from app.chat.sync import append_missing, append_missing_later, entries_of
 from app.chat.versions import forget_versions
 from app.chat.unread import forget_unread, rebuild_unread
 from models import ENTRY_MESSAGE, ENTRY_RECALL, STATUS_RECALLED, ChatGroup, Conversation, Message
@@ -45,10 +45,10 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
     role): any message, at any time.
     """
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    _await_persisted(storage, msg_id, now_ms)
+    await_persisted(storage, msg_id, now_ms)
     with storage.session() as session:
         msg = session.scalar(select(Message).where(Message.id == msg_id).with_for_update())
-        parties = _parties(session, msg) if msg is not None else []
+        parties = parties_of(session, msg) if msg is not None else []
         # The sender may recall before the fan-out reached their own stream.
         if msg is None or (not as_admin and user_id not in parties and user_id != msg.sender_id):
             raise NotFound(f"message {msg_id} does not exist")
@@ -64,13 +64,8 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
             now_ms, by = msg.recalled_at, msg.recalled_by or by
         else:
             _mark_recalled(session, msg, now_ms, by)
-        missing = _without_recall_entry(session, msg.id, parties)
-        chunk = storage.settings.group_fanout_chunk
-        append_entries(session, storage.is_mysql, [(missing[:chunk], msg.id, msg.conversation_id)], kind=ENTRY_RECALL)
-    for start in range(chunk, len(missing), chunk):  # a big group: the rest in bounded transactions
-        with storage.session() as session:
-            todo = _without_recall_entry(session, msg.id, missing[start:start + chunk])
-            append_entries(session, storage.is_mysql, [(todo, msg.id, msg.conversation_id)], kind=ENTRY_RECALL)
+        rest = append_missing(session, storage, parties, msg.id, msg.conversation_id, ENTRY_RECALL)
+    append_missing_later(storage, rest, msg.id, msg.conversation_id, ENTRY_RECALL)  # a big group
     if msg.is_group:
         forget_unread(storage, parties)  # recounted from MySQL when next asked for
     else:
@@ -80,16 +75,11 @@ def recall_message(storage: Storage, user_id: int, msg_id: int, now_ms: int | No
     return RecallOutcome(msg.id, msg.conversation_id, parties, now_ms, by, msg.sender_id)
 
 
-def _parties(session, msg: Message) -> list[int]:
+def parties_of(session, msg: Message) -> list[int]:
     """Who has the message: both sides of a private chat; the members it was delivered to in a group."""
     if not msg.is_group:
         return [msg.sender_id, msg.receiver_id]
     return sorted(entries_of(session, msg.id, ENTRY_MESSAGE))
-
-
-def _without_recall_entry(session, msg_id: int, user_ids: list[int]) -> list[int]:
-    done = entries_of(session, msg_id, ENTRY_RECALL, user_ids)
-    return [uid for uid in user_ids if uid not in done]
 
 
 def _mark_recalled(session, msg: Message, now_ms: int, by: str) -> None:
@@ -102,7 +92,7 @@ def _mark_recalled(session, msg: Message, now_ms: int, by: str) -> None:
         .values(last_message=RECALLED_PREVIEW))
 
 
-def _await_persisted(storage: Storage, msg_id: int, now_ms: int) -> None:
+def await_persisted(storage: Storage, msg_id: int, now_ms: int) -> None:
     """An acked message may still be queued for persist: give a recent id a moment."""
     if now_ms - timestamp_of(msg_id) > RECALL_WINDOW_MS:
         return  # too old to be in flight (or not an id of ours): answer at once
@@ -113,6 +103,3 @@ def _await_persisted(storage: Storage, msg_id: int, now_ms: int) -> None:
                 return
         time.sleep(0.05)
 
-
-# Edits and reactions (app.chat.edits, app.chat.reactions) follow the same rules.
-parties_of, await_persisted = _parties, _await_persisted

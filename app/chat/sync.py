@@ -83,6 +83,30 @@ def entries_of(session: Session, msg_id: int, kind: int, user_ids=None, ref_id: 
     return {uid: seq for uid, seq in session.execute(query).all()}
 
 
+def append_missing(session: Session, storage, user_ids: list[int], msg_id: int, conversation_id: str, kind: int,
+                   ref_id: int | None = None) -> list[int]:
+    """Entries of this kind (and ref) for the users whose streams lack one: the first
+    GROUP_FANOUT_CHUNK in the caller's transaction. Returns the others, for
+    `append_missing_later` once that transaction committed. Safe to redo (a retry completes
+    what an interrupted attempt left undone)."""
+    done = entries_of(session, msg_id, kind, user_ids, ref_id=ref_id)
+    missing = [uid for uid in user_ids if uid not in done]
+    chunk = storage.settings.group_fanout_chunk
+    if missing[:chunk]:
+        append_entries(session, storage.is_mysql, [(missing[:chunk], msg_id, conversation_id)], kind=kind,
+                       ref_id=ref_id or 0)
+    return missing[chunk:]
+
+
+def append_missing_later(storage, user_ids: list[int], msg_id: int, conversation_id: str, kind: int,
+                         ref_id: int | None = None) -> None:
+    """The rest of `append_missing` (a big group), in transactions of at most GROUP_FANOUT_CHUNK users."""
+    chunk = storage.settings.group_fanout_chunk
+    for start in range(0, len(user_ids), chunk):
+        with storage.session() as session:
+            append_missing(session, storage, user_ids[start:start + chunk], msg_id, conversation_id, kind, ref_id)
+
+
 def parse_cursor(cursor) -> int:
     if cursor is None:
         return 0
