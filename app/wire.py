@@ -132,22 +132,16 @@ def close_envelope(conn_ids: list[str], code: int, reason: str, sessions: list[s
     return json.dumps(envelope)
 
 
-def close_scope(raw: str) -> set[str] | None:
-    """The sessions a close envelope is limited to (None: every connection it names)."""
-    try:
-        sessions = json.loads(raw).get("sessions")
-    except (ValueError, AttributeError):
-        return None
-    return set(map(str, sessions)) if isinstance(sessions, list) else None
-
-
-def parse_envelope(raw: str) -> tuple[list[str], str | None, int | None, str]:
-    """(connections, frame JSON or None, close code or None, reason); ValueError when malformed."""
+def parse_envelope(raw: str) -> tuple[list[str], str | None, int | None, str, set[str] | None]:
+    """(connections, frame JSON or None, close code or None, reason, the login sessions a close is
+    limited to or None for all); ValueError when malformed."""
     try:
         envelope = json.loads(raw)
         conn_ids = envelope["conns"]
         if "close" in envelope:
-            return conn_ids, None, int(envelope["close"]), str(envelope.get("reason", ""))[:120]
-        return conn_ids, envelope["frame"], None, ""
+            sessions = envelope.get("sessions")
+            return (conn_ids, None, int(envelope["close"]), str(envelope.get("reason", ""))[:120],
+                    set(map(str, sessions)) if isinstance(sessions, list) else None)
+        return conn_ids, envelope["frame"], None, "", None
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError("malformed delivery envelope") from exc

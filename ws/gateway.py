@@ -34,7 +34,7 @@ from app.ratelimit import Limit, LocalBucket, take
 from app.ids import LeasedIds, NodeLease
 from app.storage import Storage
 from app.wire import (
-    ack_frame, close_scope, error_frame, message_frame, parse_envelope, read_ok_frame, receipt_frame, recalled_frame,
+    ack_frame, error_frame, message_frame, parse_envelope, read_ok_frame, receipt_frame, recalled_frame,
     edited_frame, reaction_frame,
 )
 from ws.frames import (
@@ -212,11 +212,10 @@ class Gateway:
         """One envelope from this gateway's delivery channel (app.wire): a frame for some of
         our connections, or a request to close them."""
         try:
-            conn_ids, frame, close_code, reason = parse_envelope(raw)
+            conn_ids, frame, close_code, reason, sessions = parse_envelope(raw)
         except ValueError:
             log.error("gateway %s: malformed delivery envelope dropped", self.gateway_id)
             return
-        sessions = close_scope(raw) if close_code is not None else None
         for conn_id in conn_ids:
             conn = self.connections.get(conn_id)
             if conn is None:

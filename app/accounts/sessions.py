@@ -28,15 +28,13 @@ import uuid
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
-from sqlalchemy import select, update
+from sqlalchemy import delete, insert, or_, select, update
 
 from app.accounts.auth import authenticate, hash_password, issue_token, validate_credentials
 from app.accounts.status import CLOSE_ACCOUNT_GONE, require_active
-from app.chat.delivery import by_gateway
-from app.chat.presence import DELIVERY_CHANNEL, Presence
+from app.chat.delivery import close_connections
 from app.errors import Forbidden, Unauthorized
 from app.storage import Storage
-from app.wire import close_envelope
 from models import AuthRefresh, AuthSession, User
 
 log = logging.getLogger(__name__)
@@ -180,7 +178,7 @@ def revoke_sessions(storage: Storage, user_id: int, session_ids: list[str] | Non
         for sid in revoked:  # over any "ok" a reader cached: refused at once, not in SESSION_CACHE_SECONDS
             pipe.set(CACHE_KEY.format(sid), "revoked", ex=max(1, storage.settings.session_cache_seconds))
         pipe.execute()
-        close_session_sockets(storage, user_id, revoked, "session ended: log in again")
+        close_connections(storage, user_id, CLOSE_ACCOUNT_GONE, "session ended: log in again", sorted(revoked))
     except RedisError as exc:  # the cache was lost with Redis; the gateways' re-check closes the sockets
         log.warning("user %s: sessions revoked, Redis unavailable (%s): sockets close at the next re-check",
                     user_id, exc.__class__.__name__)
@@ -188,18 +186,8 @@ def revoke_sessions(storage: Storage, user_id: int, session_ids: list[str] | Non
     return revoked
 
 
-def close_session_sockets(storage: Storage, user_id: int, session_ids: list[str], reason: str) -> None:
-    """Ask every gateway holding a socket of the user to close those of these sessions (4401)."""
-    live = Presence(storage.redis, storage.settings.presence_ttl_seconds).live_connections([user_id])[user_id]
-    for gateway_id, conn_ids in by_gateway(live).items():
-        storage.redis.publish(DELIVERY_CHANNEL.format(gateway_id),
-                              close_envelope(conn_ids, CLOSE_ACCOUNT_GONE, reason, sessions=sorted(session_ids)))
-
-
 def forget_sessions(storage: Storage, user_id: int) -> None:
     """A deleted account's sessions and refresh tokens go (its tokens were refused already)."""
-    from sqlalchemy import delete
-
     with storage.session() as session:
         ids = list(session.scalars(select(AuthSession.id).where(AuthSession.user_id == user_id)).all())
         if ids:
@@ -265,8 +253,6 @@ def change_password(storage: Storage, user_id: int, session_id: str, old_passwor
 def bulk_access_tokens(storage: Storage, settings, user_ids: list[int]) -> list[str]:
     """An access token of a new session (without a refresh token) for each user: for benches and
     tools that make thousands of users at once."""
-    from sqlalchemy import insert
-
     now = _now_ms()
     sids = [uuid.uuid4().hex for _ in user_ids]
     with storage.session() as session:
@@ -281,8 +267,6 @@ def purge_sessions(storage: Storage, max_batches: int = 50, batch: int = 1000, n
     """Beat housekeeping: expired refresh tokens, and sessions that can no longer be used (ended, or
     idle past REFRESH_TTL_SECONDS + JWT_TTL_SECONDS: every token of theirs has expired). Bounded per
     run, idempotent; returns the rows removed."""
-    from sqlalchemy import delete, or_
-
     settings = storage.settings
     now = _now_ms() if now_ms is None else now_ms
     cutoff = now - (settings.refresh_ttl_seconds + settings.jwt_ttl_seconds) * 1000

@@ -41,10 +41,11 @@ def deliver_to_users(storage: Storage, frame: dict, user_ids: Iterable[int],
     return live
 
 
-def close_connections(storage: Storage, user_id: int, code: int, reason: str) -> int:
-    """Ask the gateways holding this user's sockets to close them (after what is queued);
-    returns how many were asked."""
+def close_connections(storage: Storage, user_id: int, code: int, reason: str,
+                      sessions: list[str] | None = None) -> int:
+    """Ask the gateways holding this user's sockets to close them (after what is queued), or with
+    `sessions` only those opened by these login sessions; returns how many sockets were named."""
     live = Presence(storage.redis, storage.settings.presence_ttl_seconds).live_connections([user_id])[user_id]
     for gateway_id, conn_ids in by_gateway(live).items():
-        storage.redis.publish(DELIVERY_CHANNEL.format(gateway_id), close_envelope(conn_ids, code, reason))
+        storage.redis.publish(DELIVERY_CHANNEL.format(gateway_id), close_envelope(conn_ids, code, reason, sessions))
     return len(live)
