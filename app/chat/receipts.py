@@ -70,7 +70,9 @@ def mark_read(storage: Storage, user_id: int, conversation_id: str, msg_id: int,
             _record(session, storage, peer, conversation_id, user_id, msg_id, RECEIPT_READ, now_ms)
     storage.fence_writes([user_id])
     counts = rebuild_unread(storage, [user_id])[user_id]
-    invalidate_conversation_lists(storage, [user_id] + ([peer] if peer is not None and not conv.is_group else []))
+    # The peer's list shows this position (peer_read_msg_id): only when it moved.
+    invalidate_conversation_lists(storage, [user_id] + ([peer] if moved and peer is not None and not conv.is_group
+                                                        else []))
     return ReadOutcome(conversation_id, msg_id, user_id, peer, counts.get(conversation_id, 0), now_ms)
 
 
