@@ -380,13 +380,24 @@ WINDOW = 5.0
 CONFIRM_EVERY = 1.0  # s: a recipient's `received` frames, at most one per conversation this often (as netherlink.js)
 
 
+def _latencies(records, sent_in) -> dict:
+    """Ack and send-to-live-delivery latency (p50, p99, p99.9) of the messages sent when `sent_in(t)` holds."""
+    picked = [r for r in records if sent_in(r.sent_at)]
+    acks = [r.ack_at - r.sent_at for r in picked if r.ack_at is not None]
+    delivered = [r.delivery_latency for r in picked if r.delivery_latency is not None]
+    out = {"acked": len(acks)}
+    for name, values in (("ack", acks), ("deliver", delivered)):
+        for p in (50, 99, 99.9):
+            out[f"{name}_ms_p{str(p).replace('.', '')}"] = ms(percentile(values, p))
+    return out
+
+
 def _window(records, wall0: float, start: float, end: float) -> dict:
-    """Messages delivered live in [start, end) s after wall0, per second; ack latency of those sent then."""
+    """Messages delivered live in [start, end) s after wall0, per second; ack and delivery latency of those sent then."""
     delivered = sum(1 for r in records if r.delivered_at is not None and start <= r.delivered_at - wall0 < end)
-    acks = [r.ack_at - r.sent_at for r in records if r.ack_at is not None and start <= r.sent_at - wall0 < end]
     return {"start": round(start, 1), "seconds": round(end - start, 1),
             "delivered_per_second": round(delivered / max(end - start, 1e-9), 1),
-            "acked": len(acks), "ack_ms_p50": ms(percentile(acks, 50)), "ack_ms_p99": ms(percentile(acks, 99))}
+            **_latencies(records, lambda sent: start <= sent - wall0 < end)}
 
 
 def window_line(run: Run, wall0: float, index: int) -> None:
@@ -397,7 +408,8 @@ def window_line(run: Run, wall0: float, index: int) -> None:
         records = list(run.records.values())
     w = _window(records, wall0, index * WINDOW, (index + 1) * WINDOW)
     print(f"         window {w['start']:.0f}-{w['start'] + WINDOW:.0f} s: {w['delivered_per_second']} msg/s "
-          f"delivered, ack p99 {w['ack_ms_p99']} ms (acks still coming in count later)", flush=True)
+          f"delivered, ack p99 {w['ack_ms_p99']} ms, delivery p99 {w['deliver_ms_p99']} ms "
+          "(acks and deliveries still coming in count later)", flush=True)
 
 
 def window_stats(records, wall0: float, seconds: float) -> list[dict]:
@@ -416,13 +428,11 @@ def phase_stats(records, wall0: float, seconds: float, phase: float, flushed_at:
     warm = [(a, b) for a, b in warm if b - a >= WINDOW]
     if warm:  # the rest of the run: after the first phase, and after the flush's phase
         parts = [_window(records, wall0, a, b) for a, b in warm]
-        acks = [r.ack_at - r.sent_at for r in records if r.ack_at is not None
-                and any(a <= r.sent_at - wall0 < b for a, b in warm)]
         delivered = sum(p["delivered_per_second"] * p["seconds"] for p in parts)
         span = sum(b - a for a, b in warm)
         phases["warm"] = {"spans": [[round(a, 1), round(b, 1)] for a, b in warm], "seconds": round(span, 1),
-                          "delivered_per_second": round(delivered / span, 1), "acked": len(acks),
-                          "ack_ms_p50": ms(percentile(acks, 50)), "ack_ms_p99": ms(percentile(acks, 99))}
+                          "delivered_per_second": round(delivered / span, 1),
+                          **_latencies(records, lambda sent: any(a <= sent - wall0 < b for a, b in warm))}
     warm = phases.get("warm")
     if warm and warm["delivered_per_second"] and warm["ack_ms_p99"]:
         for name in ("new_deployment", "after_flush"):
@@ -489,6 +499,21 @@ def component_cpu(procs) -> dict[str, float]:
     return totals
 
 
+def profile_components(run: Run, procs, args) -> None:
+    """py-spy on each component's process tree in the warm phase: where its CPU goes (docs/benchmarks.md)."""
+    if run.stop_sending.wait(min(args.phase_seconds, max(0.0, args.seconds - args.py_spy_seconds))):
+        return
+    out = Path(args.py_spy)
+    out.mkdir(parents=True, exist_ok=True)
+    spies = [subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(proc.proc.pid),
+                               "--subprocesses", "--duration", str(max(1, int(args.py_spy_seconds))), "--rate", "100",
+                               "--format", "raw", "--nonblocking", "--output", str(out / f"{proc.name}.txt")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for proc in procs]
+    print(f"py-spy: recording {len(spies)} components for {args.py_spy_seconds:g} s into {out}", flush=True)
+    for spy in spies:
+        spy.wait()
+
+
 def _pids_named(comm: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -529,6 +554,10 @@ def main() -> int:
     parser.add_argument("--mix", type=float, default=0.0, metavar="FRACTION",
                         help="after each send, with this probability, also an edit of one of the user's delivered "
                              "messages or a reaction (add/remove) to one it received (docs/benchmarks.md)")
+    parser.add_argument("--py-spy", dest="py_spy", metavar="DIR",
+                        help="record every component's processes with py-spy (collapsed stacks, one file per "
+                             "component in DIR) for --py-spy-seconds from the end of the first --phase-seconds")
+    parser.add_argument("--py-spy-seconds", type=float, default=20)
     args = parser.parse_args()
     if args.users < 2 or args.gateways < 1 or args.seconds <= 0 or args.rate < 0 or args.max_inflight < 1:
         parser.error("need --users >= 2, --gateways >= 1, --seconds > 0, --rate >= 0, --max-inflight >= 1")
@@ -606,6 +635,9 @@ def main() -> int:
                     print(f"[{time.monotonic() - t0:6.1f}s] Redis flushed (FLUSHDB of the run's db)", flush=True)
 
             threading.Thread(target=flush_redis, name="flush-redis", daemon=True).start()
+
+        if args.py_spy:
+            threading.Thread(target=profile_components, args=(run, procs, args), name="py-spy", daemon=True).start()
 
         def tick(phase: str) -> None:
             nonlocal next_progress, next_ping
@@ -728,9 +760,11 @@ def main() -> int:
         del_span = max(run.last_delivery_at - wall0, 1e-9)
         windows = window_stats(records, wall0, send_seconds)
         phases = phase_stats(records, wall0, send_seconds, args.phase_seconds, flushed_at)
-        print("per 5 s window (start s: delivered msg/s, ack p99 ms):", flush=True)
+        print("per 5 s window (start s: delivered msg/s, ack p50/p99/p99.9 ms, delivery p50/p99/p99.9 ms):", flush=True)
         for w in windows:
-            print(f"  {w['start']:5.0f}: {w['delivered_per_second']:7.1f}  {w['ack_ms_p99']}", flush=True)
+            print(f"  {w['start']:5.0f}: {w['delivered_per_second']:7.1f}  "
+                  f"{w['ack_ms_p50']}/{w['ack_ms_p99']}/{w['ack_ms_p999']}  "
+                  f"{w['deliver_ms_p50']}/{w['deliver_ms_p99']}/{w['deliver_ms_p999']}", flush=True)
         summary = {
             "bench": "load", "flushed_redis_at": None if flushed_at is None else round(flushed_at, 2),
             "phases": phases, "windows": windows, "services": kind, "users": n, "gateways": args.gateways, "rate_target": args.rate,
