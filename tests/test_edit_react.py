@@ -182,3 +182,44 @@ def test_after_the_edit_window_an_edit_gets_edit_expired(services, log_dir, clus
         reader.close()
     finally:
         gateway.stop()
+
+
+def test_a_send_after_an_edit_is_acked_while_the_edit_waits_and_a_sync_waits_for_the_edit(
+        cluster, make_user, connect, storage):
+    """An edit stuck behind another writer's lock on its message holds up none of the sends behind it
+    (docs/protocol.md §1); a sync sent after it waits for it and finds its entry."""
+    from sqlalchemy import select
+
+    from models import Message
+
+    alice, bob = make_user(), make_user()
+    sender, reader = connect(alice, cluster.gw1), connect(bob, cluster.gw2)
+    ack = sender.send_message(bob.user_id, "meet at the station")
+    msg_id = ack["msg_id"]
+    reader.wait_message(msg_id)
+    with storage.session() as session:  # another transaction holds the message row until the block ends
+        session.execute(select(Message.id).where(Message.id == int(msg_id)).with_for_update())
+        sender.send_json({"type": "edit", "msg_id": msg_id, "content": "meet at the bridge", "client_msg_id": "e-1"})
+        later = sender.send_message(bob.user_id, "running late")
+        assert later["type"] == "ack"  # answered while the edit still waits for the row
+        assert reader.wait_message(later["msg_id"])["content"] == "running late"
+        sender.send_json({"type": "sync", "cursor": None, "limit": 100})
+        assert not [f for f in sender.frames if f["type"] in ("edited", "sync_batch", "error")]
+    edited = sender.next_frame(_of(msg_id, "edited"))
+    batch = sender.next_frame(lambda f: f["type"] == "sync_batch")
+    order = [f["type"] for f in sender.frames if f["type"] in ("ack", "edited", "sync_batch")]
+    assert order == ["ack", "ack", "edited", "sync_batch"]
+    assert edited["content"] == "meet at the bridge"
+    assert [e for e in batch["messages"] if e["type"] == "edited" and e["msg_id"] == msg_id]
+
+
+def test_an_edit_refused_beside_the_sends_names_its_client_msg_id(cluster, make_user, connect):
+    alice, bob = make_user(), make_user()
+    sender = connect(alice, cluster.gw1)
+    ack = sender.send_message(bob.user_id, "hello")
+    sender.send_json({"type": "edit", "msg_id": ack["msg_id"], "content": "hello", "client_msg_id": "e-same"})
+    error = sender.next_frame(lambda f: f["type"] == "error")
+    assert (error["code"], error["client_msg_id"]) == ("invalid_frame", "e-same")
+    sender.send_json({"type": "react", "msg_id": "1", "emoji": "👍", "op": "add", "client_msg_id": "r-unknown"})
+    error = sender.next_frame(lambda f: f["type"] == "error")
+    assert (error["code"], error["client_msg_id"]) == ("not_found", "r-unknown")

@@ -52,6 +52,49 @@ CLOSE_RESYNC = 4503
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455 registry: reconnect, to another gateway
 CLOSE_POLICY_VIOLATION = 1008  # kept flooding after being told to slow down
 DRAIN_FLUSH_SECONDS = 5
+# Frames that change what is stored about earlier messages: a connection handles them in their
+# own order beside its other frames, so a send is never held up behind an edit's transaction
+# (docs/protocol.md §1). Their answers are also live frames, and their errors name the frame's
+# client_msg_id.
+BESIDE_SENDS = frozenset({"edit", "react", "received"})
+OVERTAKE_LANE = frozenset({"ping", "typing"})  # and `send`: frames that change nothing stored before them
+BESIDE_SENDS_QUEUE = 32  # frames waiting on one connection's lane before its reader waits too
+
+
+class Lane:
+    """One connection's frames of BESIDE_SENDS, run one at a time in arrival order by a greenlet
+    that lives while there is work. A full lane makes the reader wait: the frame budget and
+    this bound keep one client from queueing without end."""
+
+    def __init__(self):
+        self._work: collections.deque = collections.deque()
+        self._worker = None
+        self._room = threading.Semaphore(BESIDE_SENDS_QUEUE)
+
+    def put(self, job) -> None:
+        self._room.acquire()
+        self._work.append(job)
+        if self._worker is None:  # greenlets switch only where they block: no race with the worker's exit
+            self._worker = gevent.spawn(self._run)
+
+    def idle(self) -> bool:
+        return self._worker is None
+
+    def join(self, timeout: float) -> None:
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while self._work:
+                job = self._work.popleft()
+                try:
+                    job()
+                finally:
+                    self._room.release()
+        finally:
+            self._worker = None
 GATEWAY_ALIVE_EVERY = 5
 LEASE_RENEW_EVERY = 20
 
@@ -71,6 +114,7 @@ class Connection:
         self.gateway_id = gateway_id
         self.connected_at = now_ms()
         self.busy = False  # handling a frame: a drain waits for its answer
+        self.lane = Lane()  # its edits, reactions and delivered receipts (BESIDE_SENDS)
         self.close_code: int | None = None  # the code this gateway closed the socket with
         # Frames wait here for the writer, a greenlet that runs only while there is
         # something to write: an idle connection holds no writer (memory per socket).
@@ -284,8 +328,17 @@ class Gateway:
         except Exception as exc:
             log.warning("gateway %s: could not withdraw liveness (%s)", self.gateway_id, exc.__class__.__name__)
         for conn in list(self.connections.values()):
-            if not conn.busy:  # a busy one closes itself once its frame is answered
+            if conn.busy:  # it closes itself once its frame is answered
+                continue
+            if conn.lane.idle():
                 conn.close_after_queued(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
+            else:
+                gevent.spawn(self._close_for_restart, conn)
+
+    @staticmethod
+    def _close_for_restart(conn: Connection) -> None:
+        conn.lane.join(DRAIN_FLUSH_SECONDS)  # the edits or reactions it queued are answered first
+        conn.close_after_queued(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
 
     # -- one socket -----------------------------------------------------------
 
@@ -321,6 +374,7 @@ class Gateway:
                     self.handle_frame(conn, raw)
                     conn.busy = False
                     if self.draining:  # the frame in progress was answered: send that answer, then go
+                        conn.lane.join(DRAIN_FLUSH_SECONDS)  # and the edits or reactions it had queued
                         conn.close_after_queued(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
                         conn.flush(DRAIN_FLUSH_SECONDS)
                         break
@@ -355,18 +409,32 @@ class Gateway:
             handler = self._handlers.get(kind)
             if handler is None:
                 raise InvalidInput(f"unknown frame type {kind!r}")
-            if kind == "send":
+            if kind in BESIDE_SENDS:
+                conn.lane.put(lambda: self._handle_beside(conn, handler, frame))
+            elif kind == "send":
                 with metrics.timed_send():
                     handler(conn, frame)
             else:
+                if kind not in OVERTAKE_LANE:
+                    conn.lane.join(None)  # a read, recall or sync sees the edits and receipts sent before it
                 handler(conn, frame)
-        except ChatError as err:
-            conn.send(error_frame(err.code, err.message, client_msg_id_of(frame), err.retry_after_ms))
-        except Exception:
-            log.exception("conn %s: frame handling failed", conn.conn_id)
-            conn.send(error_frame("internal", "internal error; retry later", client_msg_id_of(frame)))
+        except Exception as exc:
+            self._answer_failure(conn, frame, exc)
         finally:
             metrics.frame_in(frame.get("type"))
+
+    def _handle_beside(self, conn: Connection, handler, frame: dict) -> None:
+        try:
+            handler(conn, frame)
+        except Exception as exc:
+            self._answer_failure(conn, frame, exc)
+
+    def _answer_failure(self, conn: Connection, frame: dict, exc: Exception) -> None:
+        if isinstance(exc, ChatError):
+            conn.send(error_frame(exc.code, exc.message, client_msg_id_of(frame), exc.retry_after_ms))
+            return
+        log.error("conn %s: frame handling failed", conn.conn_id, exc_info=exc)
+        conn.send(error_frame("internal", "internal error; retry later", client_msg_id_of(frame)))
 
     def _admit(self, conn: Connection) -> RateLimited | None:
         """The connection's frame budget: a refused frame gets rate_limited; a flood is cut off."""

@@ -192,6 +192,7 @@ export class NetherLinkClient extends EventTarget {
     this._pendingRecalls = new Map(); // msg_id -> [{resolve, reject}]
     this._pendingEdits = new Map(); // "<msg_id>\n<content>" -> {msgId, content, waiters: [{resolve, reject}]}
     this._pendingReacts = new Map(); // "<msg_id>\n<emoji>\n<op>" -> {msgId, emoji, op, waiters}
+    this._changeIds = new Map();    // client_msg_id of an edit or react frame -> {type, key} (its errors name it)
     this._typingIds = new Map();    // client_msg_id of a typing or received frame -> {type, conversationId} (its errors name it)
     this._toConfirm = new Map(); // conversation_id -> greatest msg_id to confirm with `received`
     this._confirmed = new Map(); // conversation_id -> greatest msg_id confirmed
@@ -536,6 +537,21 @@ export class NetherLinkClient extends EventTarget {
       this._emit("error", { ...error, request });
       return;
     }
+    if (cmid && this._changeIds.has(cmid)) {
+      const { type, key } = this._changeIds.get(cmid);
+      this._changeIds.delete(cmid);
+      const pendings = type === "edit" ? this._pendingEdits : this._pendingReacts;
+      const pending = pendings.get(key);
+      pendings.delete(key);
+      for (const w of pending ? pending.waiters : []) {
+        const err = new Error(error.message || error.code);
+        err.code = error.code;
+        if (error.retry_after_ms !== undefined) err.retryAfterMs = error.retry_after_ms;
+        w.reject(err);
+      }
+      this._emit("error", { ...error, request: { type, key } });
+      return;
+    }
     if (cmid && this._pendingSends.has(cmid)) {
       const pending = this._pendingSends.get(cmid);
       clearTimeout(pending.timer);
@@ -562,16 +578,6 @@ export class NetherLinkClient extends EventTarget {
       for (const w of waiters) {
         const err = new Error(error.message || error.code);
         err.code = error.code;
-        w.reject(err);
-      }
-    } else if (request && (request.type === "edit" || request.type === "react")) {
-      const pendings = request.type === "edit" ? this._pendingEdits : this._pendingReacts;
-      const pending = pendings.get(request.key);
-      pendings.delete(request.key);
-      for (const w of pending ? pending.waiters : []) {
-        const err = new Error(error.message || error.code);
-        err.code = error.code;
-        if (error.retry_after_ms !== undefined) err.retryAfterMs = error.retry_after_ms;
         w.reject(err);
       }
     } else if (request && request.type === "read") {
@@ -671,7 +677,6 @@ export class NetherLinkClient extends EventTarget {
     if (pending) {
       this._pendingEdits.delete(key);
       for (const w of pending.waiters) w.resolve(frame);
-      this._dropRequest((r) => r.type === "edit" && r.key === key);
     }
     // Live frames and sync entries come in either order: the latest edited_at wins.
     const known = this._seen.get(frame.msg_id);
@@ -689,7 +694,6 @@ export class NetherLinkClient extends EventTarget {
       if (pending) {
         this._pendingReacts.delete(key);
         for (const w of pending.waiters) w.resolve(frame);
-        this._dropRequest((r) => r.type === "react" && r.key === key);
       }
     }
     const op = { user_id: frame.user_id, emoji: frame.emoji, op: frame.op };
@@ -881,10 +885,13 @@ export class NetherLinkClient extends EventTarget {
     return this._queueRequest(this._pendingEdits, `${msgId}\n${content}`, { msgId, content }, (key) => this._sendEdit(key));
   }
 
+  // Edits and reactions are answered beside the other requests, not in their order (docs/protocol.md §1):
+  // each carries a client_msg_id, which its error names.
   _sendEdit(key) {
     const pending = this._pendingEdits.get(key);
-    if (pending && this._sendRaw({ type: "edit", msg_id: pending.msgId, content: pending.content })) {
-      this._requests.push({ type: "edit", key, msgId: pending.msgId });
+    const cmid = this.newClientMsgId();
+    if (pending && this._sendRaw({ type: "edit", msg_id: pending.msgId, content: pending.content, client_msg_id: cmid })) {
+      this._rememberChange(cmid, "edit", key);
     }
   }
 
@@ -897,10 +904,17 @@ export class NetherLinkClient extends EventTarget {
                               (key) => this._sendReact(key));
   }
 
+  _rememberChange(cmid, type, key) {
+    this._changeIds.set(cmid, { type, key });
+    if (this._changeIds.size > 100) this._changeIds.delete(this._changeIds.keys().next().value); // answered long ago
+  }
+
   _sendReact(key) {
     const pending = this._pendingReacts.get(key);
-    if (pending && this._sendRaw({ type: "react", msg_id: pending.msgId, emoji: pending.emoji, op: pending.op })) {
-      this._requests.push({ type: "react", key, msgId: pending.msgId });
+    const cmid = this.newClientMsgId();
+    if (pending && this._sendRaw({ type: "react", msg_id: pending.msgId, emoji: pending.emoji, op: pending.op,
+                                   client_msg_id: cmid })) {
+      this._rememberChange(cmid, "react", key);
     }
   }
 

@@ -322,7 +322,7 @@ def test_the_module_applies_edits_and_reactions_once_in_either_order(cluster, mo
                                  "source": "live"}]
 
 
-def test_the_module_matches_edit_and_react_answers_and_errors_in_order(cluster, module_page):
+def test_the_module_matches_edit_and_react_answers_and_errors_by_client_msg_id(cluster, module_page):
     result = run(module_page, cluster.gw1.http, """
       const { make, sockets, until } = env;
       const { client, events } = make();
@@ -343,9 +343,12 @@ def test_the_module_matches_edit_and_react_answers_and_errors_in_order(cluster, 
       ws.serverSend({ type: "read_ok", conversation_id: "p_7_42", msg_id: "100" });
       ws.serverSend({ type: "edited", msg_id: "100", conversation_id: "p_7_42", content: "fixed", edited_at: 9 });
       ws.serverSend({ type: "reaction", msg_id: "100", conversation_id: "p_7_42", user_id: "42", emoji: "👍", op: "add" });
-      ws.serverSend({ type: "error", code: "edit_expired", message: "messages can be edited for 900 s after sending" });
+      // Edits and reactions are answered beside the other requests: an error names the frame's client_msg_id.
+      const lateFrame = ws.frames("edit")[1];
+      ws.serverSend({ type: "error", code: "edit_expired", message: "messages can be edited for 900 s after sending",
+                      client_msg_id: lateFrame.client_msg_id });
       const errors = events.filter(([t]) => t === "error").map(([, d]) => [d.code, d.request && d.request.type]);
-      return { send: ws.frames("send")[0], typingFrame, typed, edit: await edit, like: await like, late: await late,
+      return { send: ws.frames("send")[0], typingFrame, lateFrame, typed, edit: await edit, like: await like, late: await late,
                frames: ws.sent.map((f) => f.type), errors };
     """)
     assert result["send"]["reply_to"] == "90" and result["send"]["mentions"] == ["2"]
@@ -355,6 +358,7 @@ def test_the_module_matches_edit_and_react_answers_and_errors_in_order(cluster, 
     assert result["late"] == ["err", "edit_expired"]
     assert result["errors"] == [["forbidden", "typing"], ["edit_expired", "edit"]]
     assert result["frames"][-3:] == ["edit", "react", "edit"]
+    assert result["lateFrame"]["client_msg_id"] and result["lateFrame"]["msg_id"] == "101"
 
 
 def test_edit_is_offered_only_within_the_servers_edit_window(services, log_dir, cluster, make_user, open_page):
