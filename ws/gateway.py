@@ -52,6 +52,8 @@ CLOSE_RESYNC = 4503
 CLOSE_SERVICE_RESTART = 1012  # RFC 6455 registry: reconnect, to another gateway
 CLOSE_POLICY_VIOLATION = 1008  # kept flooding after being told to slow down
 DRAIN_FLUSH_SECONDS = 5
+GATEWAY_ALIVE_EVERY = 5
+LEASE_RENEW_EVERY = 20
 # Frames that change what is stored about earlier messages: a connection handles them in their
 # own order beside its other frames, so a send is never held up behind an edit's transaction
 # (docs/protocol.md §1). Their answers are also live frames, and their errors name the frame's
@@ -80,7 +82,7 @@ class Lane:
     def idle(self) -> bool:
         return self._worker is None
 
-    def join(self, timeout: float) -> None:
+    def join(self, timeout: float | None) -> None:
         worker = self._worker
         if worker is not None:
             worker.join(timeout)
@@ -95,8 +97,6 @@ class Lane:
                     self._room.release()
         finally:
             self._worker = None
-GATEWAY_ALIVE_EVERY = 5
-LEASE_RENEW_EVERY = 20
 
 
 class Connection:
@@ -114,13 +114,24 @@ class Connection:
         self.gateway_id = gateway_id
         self.connected_at = now_ms()
         self.busy = False  # handling a frame: a drain waits for its answer
-        self.lane = Lane()  # its edits, reactions and delivered receipts (BESIDE_SENDS)
+        self.lane: Lane | None = None  # its edits, reactions and receipts (BESIDE_SENDS); made by the first one
         self.close_code: int | None = None  # the code this gateway closed the socket with
         # Frames wait here for the writer, a greenlet that runs only while there is
         # something to write: an idle connection holds no writer (memory per socket).
         self._outbox: collections.deque = collections.deque()
         self._writer: gevent.Greenlet | None = None
         self._accepting = True
+
+    def run_beside(self, job) -> None:
+        """Queue one BESIDE_SENDS frame's handling on this connection's lane."""
+        if self.lane is None:
+            self.lane = Lane()
+        self.lane.put(job)
+
+    def wait_beside(self, timeout: float | None) -> None:
+        """Until the lane's queued frames are handled (at most `timeout` s; None: as long as it takes)."""
+        if self.lane is not None:
+            self.lane.join(timeout)
 
     def send(self, frame: dict | str) -> None:
         data = frame if isinstance(frame, str) else json.dumps(frame, ensure_ascii=False)
@@ -328,16 +339,15 @@ class Gateway:
         except Exception as exc:
             log.warning("gateway %s: could not withdraw liveness (%s)", self.gateway_id, exc.__class__.__name__)
         for conn in list(self.connections.values()):
-            if conn.busy:  # it closes itself once its frame is answered
-                continue
-            if conn.lane.idle():
-                conn.close_after_queued(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
-            else:
-                gevent.spawn(self._close_for_restart, conn)
+            if not conn.busy:  # a busy one closes itself once its frame is answered
+                if conn.lane is None or conn.lane.idle():
+                    self._close_for_restart(conn)
+                else:  # not in this loop: the lane's frames may take a while
+                    gevent.spawn(self._close_for_restart, conn)
 
     @staticmethod
     def _close_for_restart(conn: Connection) -> None:
-        conn.lane.join(DRAIN_FLUSH_SECONDS)  # the edits or reactions it queued are answered first
+        conn.wait_beside(DRAIN_FLUSH_SECONDS)  # the edits, reactions and receipts it queued are answered first
         conn.close_after_queued(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
 
     # -- one socket -----------------------------------------------------------
@@ -374,8 +384,7 @@ class Gateway:
                     self.handle_frame(conn, raw)
                     conn.busy = False
                     if self.draining:  # the frame in progress was answered: send that answer, then go
-                        conn.lane.join(DRAIN_FLUSH_SECONDS)  # and the edits or reactions it had queued
-                        conn.close_after_queued(CLOSE_SERVICE_RESTART, "gateway restarting: reconnect")
+                        self._close_for_restart(conn)
                         conn.flush(DRAIN_FLUSH_SECONDS)
                         break
                 elif token_left > idle_limit:
@@ -410,13 +419,13 @@ class Gateway:
             if handler is None:
                 raise InvalidInput(f"unknown frame type {kind!r}")
             if kind in BESIDE_SENDS:
-                conn.lane.put(lambda: self._handle_beside(conn, handler, frame))
+                conn.run_beside(lambda: self._handle_beside(conn, handler, frame))
             elif kind == "send":
                 with metrics.timed_send():
                     handler(conn, frame)
             else:
                 if kind not in OVERTAKE_LANE:
-                    conn.lane.join(None)  # a read, recall or sync sees the edits and receipts sent before it
+                    conn.wait_beside(None)  # a read, recall or sync sees the edits and receipts sent before it
                 handler(conn, frame)
         except Exception as exc:
             self._answer_failure(conn, frame, exc)

@@ -889,7 +889,7 @@ export class NetherLinkClient extends EventTarget {
   // each carries a client_msg_id, which its error names.
   _sendEdit(key) {
     const pending = this._pendingEdits.get(key);
-    const cmid = this.newClientMsgId();
+    const cmid = pending && this.newClientMsgId();
     if (pending && this._sendRaw({ type: "edit", msg_id: pending.msgId, content: pending.content, client_msg_id: cmid })) {
       this._rememberChange(cmid, "edit", key);
     }
@@ -911,7 +911,7 @@ export class NetherLinkClient extends EventTarget {
 
   _sendReact(key) {
     const pending = this._pendingReacts.get(key);
-    const cmid = this.newClientMsgId();
+    const cmid = pending && this.newClientMsgId();
     if (pending && this._sendRaw({ type: "react", msg_id: pending.msgId, emoji: pending.emoji, op: pending.op,
                                    client_msg_id: cmid })) {
       this._rememberChange(cmid, "react", key);
